@@ -1,0 +1,46 @@
+# One command each: `make test` (what CI runs), `make demo`, `make bench`.
+# Two environments: Django 5.2 LTS on Python 3.11, Django 6.1 on Python 3.12.
+
+SHELL := /bin/bash
+PY311 ?= $(shell scripts/find-python 3.11)
+PY312 ?= $(shell scripts/find-python 3.12)
+VENV_DJ52 := .venv
+VENV_DJ61 := .venv-dj61
+PYTEST_ARGS ?=
+
+.PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
+
+test: system-deps lint test-dj52 test-dj61
+
+system-deps:
+	@scripts/system-deps
+
+$(VENV_DJ52)/.installed: pyproject.toml ci/django52.txt
+	$(PY311) -m venv $(VENV_DJ52)
+	$(VENV_DJ52)/bin/pip install -q --disable-pip-version-check -c ci/django52.txt -e '.[dev]'
+	touch $@
+
+$(VENV_DJ61)/.installed: pyproject.toml ci/django61.txt
+	$(PY312) -m venv $(VENV_DJ61)
+	$(VENV_DJ61)/bin/pip install -q --disable-pip-version-check -c ci/django61.txt -e '.[dev]'
+	touch $@
+
+lint: $(VENV_DJ52)/.installed
+	$(VENV_DJ52)/bin/ruff check secure_pg_backend tests bench example_project
+	$(VENV_DJ52)/bin/ruff format --check secure_pg_backend tests bench example_project
+	$(VENV_DJ52)/bin/mypy
+
+test-dj52: $(VENV_DJ52)/.installed system-deps
+	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-dj61: $(VENV_DJ61)/.installed system-deps
+	$(VENV_DJ61)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV_DJ52)/.installed system-deps
+	$(VENV_DJ52)/bin/python -m example_project.demo
+
+bench: $(VENV_DJ52)/.installed system-deps
+	$(VENV_DJ52)/bin/python bench/run.py
+
+clean:
+	rm -rf $(VENV_DJ52) $(VENV_DJ61) build *.egg-info .mypy_cache .ruff_cache

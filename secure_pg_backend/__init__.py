@@ -1,0 +1,17 @@
+"""secure_pg_backend: a Django PostgreSQL backend that only speaks verified TLS.
+
+Use ``"ENGINE": "secure_pg_backend"``; add ``"secure_pg_backend"`` to
+INSTALLED_APPS for the system checks and the ``dbtls`` command.
+"""
+
+from .errors import InsecureConnectionError, SecurePolicyError
+from .tlsinfo import PeerCertificate, TLSInfo
+
+__version__ = "0.1.0"
+__all__ = [
+    "InsecureConnectionError",
+    "PeerCertificate",
+    "SecurePolicyError",
+    "TLSInfo",
+    "__version__",
+]

@@ -1,0 +1,118 @@
+"""The DatabaseWrapper: Django's PostgreSQL backend with the TLS policy enforced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.postgresql import base as postgresql
+
+from . import logs, policy
+from .client import DatabaseClient
+from .errors import InsecureConnectionError, explain_libpq_error, link_message
+from .tlsinfo import TLSInfo, inspect_connection, read_facts
+from .validation import DatabaseValidation
+
+__all__ = ["DatabaseWrapper"]
+
+_TLS_INFO_ATTR = "_secure_pg_backend_tls_info"
+
+
+class DatabaseWrapper(postgresql.DatabaseWrapper):
+    display_name = "PostgreSQL (verified TLS)"
+    client_class = DatabaseClient
+    validation_class = DatabaseValidation
+
+    _decision: policy.Decision | None = None
+
+    # -- settings -> libpq parameters, before any network I/O ------------------
+    def get_connection_params(self) -> dict[str, Any]:
+        self._decision = policy.enforce(self.alias, self.settings_dict)
+        return policy.apply(self._decision, super().get_connection_params())
+
+    # -- the connection, checked after the handshake ---------------------------
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        try:
+            connection = super().get_new_connection(conn_params)
+        except self.Database.OperationalError as exc:
+            refusal = self._explain(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+        if self.pool is None:  # pooled connections were verified in the pool's configure
+            self._verify(connection)
+        return connection
+
+    def _configure_connection(self, connection: Any) -> bool:
+        # Django's pool calls this for every physical connection it opens.
+        if getattr(connection, _TLS_INFO_ATTR, None) is None:
+            self._verify(connection)
+        return bool(super()._configure_connection(connection))
+
+    def _verify(self, connection: Any) -> TLSInfo:
+        decision = self._decision
+        if decision is None:  # pragma: no cover - get_connection_params always runs first
+            decision = policy.enforce(self.alias, self.settings_dict)
+        pgconn = connection.pgconn
+        facts = read_facts(pgconn)
+        problem = policy.check_link(decision, facts)
+        if problem is not None:
+            connection.close()
+            raise InsecureConnectionError(
+                link_message(self.alias, facts.host, *problem), alias=self.alias, host=facts.host
+            )
+        info = inspect_connection(pgconn, facts, decision)
+        setattr(connection, _TLS_INFO_ATTR, info)
+        logs.announce(info)
+        return info
+
+    def _explain(self, exc: Exception) -> InsecureConnectionError | None:
+        host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
+        return explain_libpq_error(exc, self.alias, host, self.settings_dict.get("PASSWORD"))
+
+    @property
+    def tls_info(self) -> TLSInfo:
+        """What this alias's current connection negotiated (connects if needed)."""
+        if self.connection is None:
+            self.ensure_connection()
+        info: TLSInfo | None = getattr(self.connection, _TLS_INFO_ATTR, None)
+        if info is None:  # pragma: no cover - every connection is verified on creation
+            raise ImproperlyConfigured("connection was not opened by secure_pg_backend")
+        return info
+
+    # -- Django's pool, with refusals reported at once -------------------------
+    @property
+    def pool(self) -> Any:
+        pool_options = self.settings_dict["OPTIONS"].get("pool")
+        if self.alias == NO_DB_ALIAS or not pool_options:
+            return None
+        if self.alias not in self._connection_pools:
+            if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+                raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+            try:
+                from .pool import VerifiedConnectionPool
+            except ImportError as err:
+                raise ImproperlyConfigured(
+                    "Error loading psycopg_pool module.\n"
+                    "Did you install secure-pg-backend[pool] (psycopg[pool])?"
+                ) from err
+            # Same construction as Django's own, with a pool that reports refusals.
+            pool_options = {} if pool_options is True else {**pool_options}
+            connect_kwargs = self.get_connection_params()
+            connect_kwargs["autocommit"] = True
+            pool_options.setdefault(
+                "check",
+                VerifiedConnectionPool.check_connection
+                if self.settings_dict["CONN_HEALTH_CHECKS"]
+                else None,
+            )
+            pool = VerifiedConnectionPool(
+                kwargs=connect_kwargs,
+                open=False,
+                configure=self._configure_connection,
+                explain=self._explain,
+                **pool_options,
+            )
+            self._connection_pools.setdefault(self.alias, pool)
+        return self._connection_pools[self.alias]

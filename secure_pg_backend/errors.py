@@ -1,0 +1,140 @@
+"""Exceptions and the one place refusal messages are worded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.utils import OperationalError
+
+REDACTED = "********"
+
+
+def redact(text: str, secret: object) -> str:
+    """Remove ``secret`` from ``text``: messages may quote user-supplied values."""
+    if isinstance(secret, str) and secret:
+        return text.replace(secret, REDACTED)
+    return text
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: the check id it is reported under, what is wrong, the fix."""
+
+    code: str  # "E001": also the system check id suffix
+    problem: str
+    fix: str
+
+    def render(self, alias: str, host: str | None) -> str:
+        where = f"DATABASES[{alias!r}]"
+        if host:
+            where += f" (host {host!r})"
+        return f"{where}: {self.problem} Fix: {self.fix}"
+
+
+class SecurePolicyError(ImproperlyConfigured):
+    """The settings would allow a connection that is not verified TLS.
+
+    Raised before any network I/O; ``violations`` holds every broken rule.
+    """
+
+    def __init__(
+        self, alias: str, host: str | None, violations: Sequence[Violation], password: object = None
+    ) -> None:
+        self.alias = alias
+        self.host = host
+        self.violations = tuple(violations)
+        lines = [v.render(alias, host) for v in self.violations]
+        head = "secure_pg_backend refused the database settings"
+        if len(lines) == 1:
+            message = f"{head}: {lines[0]}"
+        else:
+            message = head + ":\n" + "\n".join(f"  - {line}" for line in lines)
+        super().__init__(redact(message, password))
+
+
+class InsecureConnectionError(OperationalError):
+    """A connection was made but did not meet the policy (or TLS verification failed).
+
+    The connection has been closed before any query was sent on it. A subclass
+    of Django's ``OperationalError`` so existing error handling keeps working.
+    """
+
+    def __init__(self, message: str, *, alias: str = "", host: str | None = None) -> None:
+        super().__init__(message)
+        self.alias = alias
+        self.host = host
+
+    def copy(self) -> InsecureConnectionError:
+        """A fresh instance, so one refusal can be raised in several threads."""
+        return type(self)(str(self), alias=self.alias, host=self.host)
+
+
+def link_message(alias: str, host: str | None, problem: str, fix: str) -> str:
+    where = f"DATABASES[{alias!r}]"
+    if host:
+        where += f" (host {host!r})"
+    return f"secure_pg_backend refused the connection for {where}: {problem} Fix: {fix}"
+
+
+# libpq's wording (stable across libpq 12-18) -> what it means and how to fix it.
+_LIBPQ_TLS_ERRORS = (
+    (
+        "does not match host name",
+        "the server's certificate is not valid for the host name connected to "
+        "(a machine-in-the-middle, or the wrong name in HOST).",
+        "set HOST to a name listed on the certificate; to reach it by IP, keep the "
+        "name in HOST and put the IP in OPTIONS['hostaddr'].",
+    ),
+    (
+        "certificate has expired",
+        "the server's certificate has expired.",
+        "renew the server certificate.",
+    ),
+    (
+        "certificate verify failed",
+        "the server's certificate is not signed by a CA in the root certificate file "
+        "(or is expired or not yet valid).",
+        "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's "
+        "certificate (see the README's cloud provider table), or renew it if expired.",
+    ),
+    (
+        "server does not support SSL",
+        "the server does not offer TLS.",
+        "enable ssl on the server (ssl = on with a certificate); this backend never "
+        "falls back to plaintext.",
+    ),
+    (
+        "root certificate file",
+        "libpq could not use the root certificate file.",
+        "point OPTIONS['sslrootcert'] at a readable PEM CA bundle.",
+    ),
+    (
+        "ssl error",
+        "the TLS handshake failed.",
+        "check the server's TLS configuration (protocol versions and ciphers) "
+        "against this backend's minimum.",
+    ),
+    (
+        "ssl syscall error",
+        "the TLS connection broke during the handshake.",
+        "check that the port is a PostgreSQL server (or PgBouncer) with TLS enabled.",
+    ),
+)
+
+
+def explain_libpq_error(
+    exc: BaseException, alias: str, host: str | None, password: object = None
+) -> InsecureConnectionError | None:
+    """Turn a libpq TLS failure into an error that names alias, host and the fix."""
+    if isinstance(exc, InsecureConnectionError):
+        return exc
+    text = str(exc)
+    lowered = text.lower()
+    for needle, problem, fix in _LIBPQ_TLS_ERRORS:
+        if needle.lower() in lowered:
+            detail = " ".join(text.split())
+            message = link_message(alias, host, f"{problem} libpq said: {detail}.", fix)
+            return InsecureConnectionError(redact(message, password), alias=alias, host=host)
+    return None

@@ -1,0 +1,88 @@
+"""The start-up log line: INFO for each alias's first connection, DEBUG after."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Any
+
+from .tlsinfo import TLSInfo
+
+logger = logging.getLogger("secure_pg_backend")
+
+EXPIRY_WARNING_DAYS = 30
+
+_announced: set[str] = set()
+_lock = threading.Lock()
+
+
+def _first_time(alias: str) -> bool:
+    if alias in _announced:  # fast path without the lock
+        return False
+    with _lock:
+        if alias in _announced:
+            return False
+        _announced.add(alias)
+        return True
+
+
+def expiry_text(info: TLSInfo, now: dt.datetime | None = None) -> str:
+    cert = info.peer_certificate
+    if cert is None:
+        return ""
+    days = cert.days_left(now)
+    return f"expires {cert.not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
+
+
+def describe(info: TLSInfo) -> str:
+    where = f"{info.host}:{info.port}" if info.port else info.host
+    if info.hostaddr:
+        where += f" ({info.hostaddr})"
+    if not info.tls:
+        link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
+    else:
+        link = f"with {info.protocol} {info.cipher} ({info.key_bits}-bit)"
+    text = (
+        f"database alias {info.alias!r} connected to {where} database {info.database!r} "
+        f"{link}, sslmode={info.sslmode}, root certificate {info.root_cert} "
+        f"({info.root_cert_source})"
+    )
+    expiry = expiry_text(info)
+    return f"{text}; server certificate {expiry}" if expiry else text
+
+
+def extra_fields(info: TLSInfo) -> dict[str, Any]:
+    cert = info.peer_certificate
+    return {
+        "db_alias": info.alias,
+        "db_host": info.host,
+        "db_hostaddr": info.hostaddr,
+        "db_port": info.port,
+        "db_name": info.database,
+        "tls_transport": info.transport,
+        "tls_protocol": info.protocol,
+        "tls_cipher": info.cipher,
+        "tls_key_bits": info.key_bits,
+        "tls_sslmode": info.sslmode,
+        "tls_root_cert": info.root_cert,
+        "tls_root_cert_source": info.root_cert_source,
+        "tls_cert_not_after": cert.not_after.isoformat() if cert else None,
+    }
+
+
+def announce(info: TLSInfo) -> None:
+    """Log a new physical connection; the work happens only if the record is emitted."""
+    level = logging.INFO if _first_time(info.alias) else logging.DEBUG
+    cert = info.peer_certificate if level == logging.INFO else None
+    if cert is not None and cert.days_left() < EXPIRY_WARNING_DAYS:
+        level = logging.WARNING
+    if not logger.isEnabledFor(level):
+        return
+    logger.log(level, "secure_pg_backend: %s", describe(info), extra=extra_fields(info))
+
+
+def reset() -> None:
+    """Forget which aliases were announced (for tests)."""
+    with _lock:
+        _announced.clear()

@@ -1,0 +1,374 @@
+"""Throwaway PostgreSQL servers with real TLS, for tests and demos.
+
+This is a supported module: point your own project's tests at a real TLS
+PostgreSQL instead of a mock. It needs the PostgreSQL server binaries
+(``initdb``, ``pg_ctl``) and, for certificates, ``trustme``
+(``pip install secure-pg-backend[testing]``)::
+
+    from secure_pg_backend.testing import TestCA, TLSPostgres
+
+    ca = TestCA()
+    with TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca) as server:
+        DATABASES = {"default": server.database_settings()}
+
+``postgres`` refuses to run as root, so when the current user is root every
+server command runs as the unprivileged ``postgres`` user (``runuser``) on
+files it owns. Servers listen on loopback only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LeafPair", "TLSPostgres", "TestCA", "find_pg_bin", "free_port"]
+
+SUPERUSER = "postgres"
+SUPERUSER_PASSWORD = "superuser-Pw-9f3e1c"  # distinctive, so tests can grep for leaks
+APP_USER = "app"
+APP_PASSWORD = "app-Pw-7c41d2e8-secret"
+APP_DB = "app"
+
+_PG_BIN_CANDIDATES = (
+    "/usr/lib/postgresql/{v}/bin",
+    "/usr/local/pgsql/bin",
+    "/opt/homebrew/opt/postgresql@{v}/bin",
+)
+
+
+def find_pg_bin() -> Path:
+    """Directory holding ``initdb``/``pg_ctl``: ``$PG_BIN``, Debian's layout, or PATH."""
+    env = os.environ.get("PG_BIN")
+    if env:
+        return Path(env)
+    for version in range(18, 12, -1):
+        for pattern in _PG_BIN_CANDIDATES:
+            path = Path(pattern.format(v=version))
+            if (path / "initdb").exists():
+                return path
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise FileNotFoundError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found; install them "
+        "(Debian: apt-get install postgresql) or set PG_BIN"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LeafPair:
+    """A server certificate chain and its key, as PEM bytes."""
+
+    cert_chain_pem: bytes
+    key_pem: bytes
+
+
+class TestCA:
+    """A throwaway certificate authority (trustme), with a file clients can trust."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, *, rsa: bool = False, directory: Path | None = None) -> None:
+        import trustme
+
+        self._trustme = trustme
+        self.key_type = trustme.KeyType.RSA if rsa else trustme.KeyType.ECDSA
+        self.ca = trustme.CA(key_type=self.key_type)
+        self._dir = directory or Path(tempfile.mkdtemp(prefix="spb-ca-"))
+        self.cert_path = self._dir / f"ca-{id(self):x}.pem"
+        self.ca.cert_pem.write_to_path(str(self.cert_path))
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.ca.cert_pem.bytes()
+
+    def issue(
+        self,
+        *hostnames: str,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+        rsa: bool | None = None,
+    ) -> LeafPair:
+        key_type = self.key_type
+        if rsa is not None:
+            key_type = self._trustme.KeyType.RSA if rsa else self._trustme.KeyType.ECDSA
+        leaf = self.ca.issue_cert(
+            *hostnames, not_before=not_before, not_after=not_after, key_type=key_type
+        )
+        chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+        return LeafPair(cert_chain_pem=chain, key_pem=leaf.private_key_pem.bytes())
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _pg_owner() -> tuple[int, int] | None:
+    if not _as_root():
+        return None
+    entry = pwd.getpwnam(SUPERUSER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _chown_tree(path: Path, owner: tuple[int, int] | None) -> None:
+    if owner is None:
+        return
+    os.chown(path, *owner)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), *owner)
+
+
+def _run_as_owner(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    if _as_root():
+        args = ["runuser", "-u", SUPERUSER, "--", *args]
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
+
+
+_template_lock = threading.Lock()
+_template_dir: Path | None = None
+
+
+def _template_cluster(pg_bin: Path) -> Path:
+    """initdb once per process; every server copies the result (much faster)."""
+    global _template_dir
+    with _template_lock:
+        if _template_dir is not None and _template_dir.exists():
+            return _template_dir
+        base = Path(tempfile.mkdtemp(prefix="spb-pgtemplate-"))
+        owner = _pg_owner()
+        pwfile = base / "pwfile"
+        pwfile.write_text(SUPERUSER_PASSWORD + "\n")
+        data = base / "data"
+        _chown_tree(base, owner)
+        _run_as_owner(
+            [
+                str(pg_bin / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                str(pwfile),
+                "--auth",
+                "scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale",
+                "C",
+                "--no-sync",
+            ]
+        )
+        pwfile.unlink()
+        _template_dir = data
+        return data
+
+
+@dataclass
+class TLSPostgres:
+    """A PostgreSQL server on 127.0.0.1 with TLS from ``leaf`` (or ``ssl=False``).
+
+    ``allow_plaintext`` adds ``host`` lines to pg_hba.conf so that non-TLS TCP
+    clients are also accepted (to show what the backend refuses, and to measure
+    what TLS costs). ``settings`` are extra postgresql.conf lines.
+    """
+
+    leaf: LeafPair | None
+    trust: TestCA | None = None
+    ssl: bool = True
+    allow_plaintext: bool = False
+    settings: Mapping[str, str] = field(default_factory=dict)
+    port: int = 0
+    pg_bin: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.pg_bin = self.pg_bin or find_pg_bin()
+        self.port = self.port or free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="spb-pg-"))
+        self.data = self.base / "data"
+        self.socket_dir = self.base / "sock"
+        self.log_file = self.base / "postgresql.log"
+        self.running = False
+
+    # -- lifecycle -------------------------------------------------------
+    def __enter__(self) -> TLSPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> TLSPostgres:
+        assert self.pg_bin is not None
+        shutil.copytree(_template_cluster(self.pg_bin), self.data, symlinks=True)
+        self.socket_dir.mkdir()
+        self.data.chmod(0o700)
+        self._write_tls_files()
+        self._write_conf()
+        _chown_tree(self.base, _pg_owner())
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
+        self.running = True
+        self._bootstrap()
+        return self
+
+    def stop(self) -> None:
+        if self.running:
+            try:
+                self._pg_ctl("stop", "-m", "immediate", "-w")
+            finally:
+                self.running = False
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def restart(self) -> None:
+        self._pg_ctl("restart", "-m", "fast", "-w", "-l", str(self.log_file))
+
+    def kill(self) -> None:
+        """Stop the server abruptly (outage simulation); ``start_again`` brings it back."""
+        self._pg_ctl("stop", "-m", "immediate", "-w")
+        self.running = False
+
+    def start_again(self) -> None:
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
+        self.running = True
+
+    def rotate_certificate(self, leaf: LeafPair) -> None:
+        """Replace the server certificate and reload the configuration (no restart)."""
+        self.leaf = leaf
+        self._write_tls_files()
+        _chown_tree(self.data, _pg_owner())
+        self._pg_ctl("reload")
+
+    def _pg_ctl(self, *args: str) -> None:
+        assert self.pg_bin is not None
+        _run_as_owner([str(self.pg_bin / "pg_ctl"), "-D", str(self.data), *args])
+
+    # -- configuration ---------------------------------------------------
+    def _write_tls_files(self) -> None:
+        if self.leaf is None:
+            return
+        (self.data / "server.crt").write_bytes(self.leaf.cert_chain_pem)
+        key = self.data / "server.key"
+        key.write_bytes(self.leaf.key_pem)
+        key.chmod(0o600)
+
+    def _write_conf(self) -> None:
+        lines = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "ssl": "on" if self.ssl and self.leaf else "off",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            "max_connections": "120",
+            "log_connections": "off",
+        }
+        if self.ssl and self.leaf:
+            lines["ssl_cert_file"] = "'server.crt'"
+            lines["ssl_key_file"] = "'server.key'"
+        lines.update(self.settings)
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write("\n# secure_pg_backend.testing\n")
+            for key, value in lines.items():
+                conf.write(f"{key} = {value}\n")
+        hba = ["local all all scram-sha-256"]
+        for net in ("127.0.0.1/32", "::1/128"):
+            hba.append(f"hostssl all all {net} scram-sha-256")
+            if self.allow_plaintext or not (self.ssl and self.leaf):
+                hba.append(f"host all all {net} scram-sha-256")
+        (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+
+    def _bootstrap(self) -> None:
+        self.admin_sql(
+            f"CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'",
+            f"CREATE DATABASE {APP_DB} OWNER {APP_USER}",
+        )
+
+    # -- access ------------------------------------------------------------
+    def admin_sql(self, *statements: str, dbname: str = "postgres") -> list[Any]:
+        """Run statements as the superuser over the Unix socket; return the last rows."""
+        import psycopg
+
+        rows: list[Any] = []
+        with psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user=SUPERUSER,
+            password=SUPERUSER_PASSWORD,
+            dbname=dbname,
+            autocommit=True,
+            gssencmode="disable",
+        ) as conn:
+            for statement in statements:
+                cur = conn.execute(statement)  # type: ignore[arg-type]
+                rows = cur.fetchall() if cur.description else []
+        return rows
+
+    @property
+    def root_cert(self) -> str:
+        if self.trust is None:
+            raise ValueError("this server was started without a trusted CA")
+        return str(self.trust.cert_path)
+
+    def database_settings(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        options: Mapping[str, Any] | None = None,
+        engine: str = "secure_pg_backend",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """A ``DATABASES`` entry for this server (app user, app database)."""
+        opts: dict[str, Any] = {}
+        if self.trust is not None:
+            opts["sslrootcert"] = self.root_cert
+        opts.update(options or {})
+        entry: dict[str, Any] = {
+            "ENGINE": engine,
+            "NAME": APP_DB,
+            "USER": APP_USER,
+            "PASSWORD": APP_PASSWORD,
+            "HOST": host,
+            "PORT": str(self.port),
+            "OPTIONS": opts,
+            "TEST": {"NAME": f"test_{APP_DB}_{self.port}"},
+        }
+        entry.update(extra)
+        return entry
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+@contextmanager
+def running(servers: Iterable[TLSPostgres]) -> Iterator[list[TLSPostgres]]:
+    """Start several servers; stop all of them on exit, even after a failure."""
+    started: list[TLSPostgres] = []
+    try:
+        for server in servers:
+            started.append(server.start())
+        yield started
+    finally:
+        for server in started:
+            server.stop()

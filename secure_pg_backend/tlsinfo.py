@@ -1,0 +1,173 @@
+"""Live-link inspection: libpq state in, immutable TLS facts out.
+
+Everything here reads the client side of the established connection through
+libpq; nothing sends SQL. Behind PgBouncer that is the Django-to-PgBouncer leg,
+which is the leg this process is responsible for (``pg_stat_ssl`` would
+describe PgBouncer's own link to the server instead).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+from . import libpq
+from .policy import Decision, LinkFacts
+
+__all__ = ["PeerCertificate", "TLSInfo", "inspect_connection"]
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """The server's leaf certificate as presented in this TLS session."""
+
+    subject: str
+    issuer: str
+    subject_alt_names: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    serial_number: int
+    sha256_fingerprint: str
+
+    @classmethod
+    def from_der(cls, der: bytes) -> PeerCertificate:
+        from cryptography import x509
+
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            sans = tuple(
+                [f"DNS:{n}" for n in san_ext.value.get_values_for_type(x509.DNSName)]
+                + [f"IP:{ip}" for ip in san_ext.value.get_values_for_type(x509.IPAddress)]
+            )
+        except x509.ExtensionNotFound:
+            sans = ()
+        return cls(
+            subject=cert.subject.rfc4514_string(),
+            issuer=cert.issuer.rfc4514_string(),
+            subject_alt_names=sans,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            serial_number=cert.serial_number,
+            sha256_fingerprint=hashlib.sha256(der).hexdigest(),
+        )
+
+    def days_left(self, now: dt.datetime | None = None) -> int:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return (self.not_after - now).days
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["not_before"] = self.not_before.isoformat()
+        data["not_after"] = self.not_after.isoformat()
+        data["subject_alt_names"] = list(self.subject_alt_names)
+        data["serial_number"] = format(self.serial_number, "x")
+        return data
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """What was negotiated on one physical connection, and the policy in force."""
+
+    alias: str
+    transport: str  # "tls" or "unix-socket" (opted in, no TLS)
+    protocol: str | None
+    cipher: str | None
+    key_bits: int | None
+    compression: bool
+    alpn: str | None
+    library: str | None
+    host: str
+    hostaddr: str | None
+    port: int | None
+    database: str
+    sslmode: str
+    min_protocol: str
+    root_cert: str
+    root_cert_source: str
+    _peer_der: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.transport == "tls"
+
+    @cached_property
+    def peer_certificate(self) -> PeerCertificate | None:
+        """Parsed on first access (the DER was copied while the session was live)."""
+        return PeerCertificate.from_der(self._peer_der) if self._peer_der else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; contains no secret (the password is never read)."""
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        cert = self.peer_certificate
+        data["peer_certificate"] = cert.as_dict() if cert else None
+        return data
+
+    def summary(self) -> str:
+        """psql's banner style: ``SSL connection (protocol: TLSv1.3, cipher: …)``."""
+        if not self.tls:
+            return (
+                f"Unix-domain socket {self.host} (no TLS; allowed by OPTIONS['allow_unix_socket'])"
+            )
+        alpn = self.alpn or "none"
+        return (
+            f"SSL connection (protocol: {self.protocol}, cipher: {self.cipher}, "
+            f"bits: {self.key_bits}, compression: {'on' if self.compression else 'off'}, "
+            f"ALPN: {alpn})"
+        )
+
+
+def _decode(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value else ""
+
+
+def read_facts(pgconn: Any) -> LinkFacts:
+    """The few facts the post-handshake check needs: two libpq calls when TLS is on."""
+    ssl_in_use = bool(pgconn.ssl_in_use)
+    protocol = cipher = None
+    if ssl_in_use:
+        get = libpq.functions().ssl_attribute
+        ptr = pgconn.pgconn_ptr
+        raw_protocol, raw_cipher = get(ptr, b"protocol"), get(ptr, b"cipher")
+        protocol = raw_protocol.decode() if raw_protocol else None
+        cipher = raw_cipher.decode() if raw_cipher else None
+    return LinkFacts(
+        host=_decode(pgconn.host),
+        ssl_in_use=ssl_in_use,
+        protocol=protocol,
+        cipher=cipher,
+        used_gssapi=bool(getattr(pgconn, "used_gssapi", False)),
+    )
+
+
+def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLSInfo:
+    """Build the ``TLSInfo`` for an established (already policy-checked) connection."""
+    attrs: dict[str, str | None] = {}
+    der = None
+    if facts.ssl_in_use:
+        attrs = libpq.ssl_attributes(pgconn.pgconn_ptr)
+        der = libpq.peer_certificate_der(pgconn.pgconn_ptr)
+    port = _decode(pgconn.port)
+    bits = attrs.get("key_bits")
+    return TLSInfo(
+        alias=decision.alias,
+        transport="tls" if facts.ssl_in_use else "unix-socket",
+        protocol=facts.protocol,
+        cipher=facts.cipher,
+        key_bits=int(bits) if bits else None,
+        compression=attrs.get("compression") == "on",
+        alpn=attrs.get("alpn") or None,
+        library=attrs.get("library"),
+        host=facts.host,
+        hostaddr=_decode(pgconn.hostaddr) or None,
+        port=int(port) if port.isdigit() else None,
+        database=_decode(pgconn.db),
+        sslmode="verify-full",
+        min_protocol=decision.min_protocol,
+        root_cert=decision.root_cert,
+        root_cert_source=decision.root_cert_source,
+        _peer_der=der,
+    )
