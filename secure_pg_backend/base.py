@@ -25,6 +25,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     validation_class = DatabaseValidation
 
     _decision: policy.Decision | None = None
+    _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
     # -- settings -> libpq parameters, before any network I/O ------------------
     def get_connection_params(self) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # Django's pool calls this for every physical connection it opens.
         if getattr(connection, _TLS_INFO_ATTR, None) is None:
             self._verify(connection)
-        return bool(super()._configure_connection(connection))
+        return bool(super()._configure_connection(connection))  # type: ignore[misc]
 
     def _verify(self, connection: Any) -> TLSInfo:
         decision = self._decision

@@ -39,7 +39,7 @@ def _conninfo_value(value: str) -> str:
 class DatabaseClient(postgresql.DatabaseClient):
     @classmethod
     def settings_to_cmd_args_env(
-        cls, settings_dict: Mapping[str, Any], parameters: Iterable[str]
+        cls, settings_dict: dict[str, Any], parameters: Iterable[str]
     ) -> tuple[list[str], dict[str, str] | None]:
         decision = policy.enforce(_alias_of(settings_dict), settings_dict)
         args, env = super().settings_to_cmd_args_env(settings_dict, parameters)

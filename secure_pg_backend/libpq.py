@@ -16,8 +16,12 @@ import glob
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
+
+# typeshed names no public type for a foreign function pointer
+_CFunc = Any
 
 _NOLOAD = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
 
@@ -78,14 +82,14 @@ def loaded_libpq() -> ctypes.CDLL:
 
 @dataclass(frozen=True)
 class _Functions:
-    ssl_attribute: ctypes._CFuncPtr
-    ssl_struct: ctypes._CFuncPtr
-    peer_certificate: ctypes._CFuncPtr | None
-    i2d_x509: ctypes._CFuncPtr | None
-    x509_free: ctypes._CFuncPtr | None
+    ssl_attribute: _CFunc
+    ssl_struct: _CFunc
+    peer_certificate: _CFunc | None
+    i2d_x509: _CFunc | None
+    x509_free: _CFunc | None
 
 
-def _optional(lib: ctypes.CDLL, *names: str) -> ctypes._CFuncPtr | None:
+def _optional(lib: ctypes.CDLL, *names: str) -> _CFunc | None:
     # A dlopen handle resolves symbols in the library *and its dependencies*, so
     # OpenSSL functions come from the libssl/libcrypto this libpq is linked to.
     for name in names:

@@ -176,7 +176,8 @@ def _root_of_trust(
                 Violation(
                     E_NO_ROOT_CERT,
                     "no root of trust: OPTIONS has no 'sslrootcert', PGSSLROOTCERT is unset "
-                    f"and {default} does not exist, so the server's certificate cannot be verified.",
+                    f"and {default} does not exist, so the server's certificate cannot be "
+                    "verified.",
                     "set OPTIONS['sslrootcert'] to the CA bundle your provider publishes "
                     "(e.g. the RDS global bundle), or to 'system' when the server has a "
                     "certificate from a public CA.",
@@ -410,7 +411,8 @@ def check_link(decision: Decision, facts: LinkFacts) -> tuple[str, str] | None:
     if facts.used_gssapi:
         return (
             "the connection is encrypted with GSSAPI instead of TLS; no certificate was checked.",
-            "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and pg_service.conf).",
+            "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and "
+            "pg_service.conf).",
         )
     if not facts.ssl_in_use:
         if is_socket_host(facts.host):

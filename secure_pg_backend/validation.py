@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -12,11 +12,16 @@ from django.db.utils import DatabaseError
 from .errors import redact
 from .logs import EXPIRY_WARNING_DAYS, expiry_text
 
+if TYPE_CHECKING:
+    from .base import DatabaseWrapper
+
 W_EXPIRY = "secure_pg_backend.W001"
 E_CONNECT = "secure_pg_backend.E010"
 
 
 class DatabaseValidation(BaseDatabaseValidation):
+    connection: DatabaseWrapper
+
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         issues = list(super().check(**kwargs))
         alias = self.connection.alias
