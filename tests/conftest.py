@@ -142,16 +142,25 @@ def start_server() -> Iterator[Callable[..., TLSPostgres]]:
 
 # -- Django connections outside settings.DATABASES ------------------------------
 @pytest.fixture
-def make_wrapper() -> Iterator[Callable[..., Any]]:
-    """Build a DatabaseWrapper for a settings dict, as Django would; closed afterwards."""
+def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., Any]]:
+    """Build a DatabaseWrapper for a settings dict, as Django would; closed afterwards.
+
+    These connections are outside settings.DATABASES (and pytest-django's test
+    database), so database access is unblocked for the test that uses them.
+    """
     made: list[Any] = []
 
     def make(settings_dict: dict[str, Any], alias: str = "secure") -> Any:
-        wrapper = ConnectionHandler({alias: settings_dict})[alias]
+        # ConnectionHandler fills in Django's defaults (TIME_ZONE, CONN_MAX_AGE, ...).
+        handler = ConnectionHandler(
+            {"default": {"ENGINE": "django.db.backends.dummy"}, alias: settings_dict}
+        )
+        wrapper = handler[alias]
         made.append(wrapper)
         return wrapper
 
-    yield make
+    with django_db_blocker.unblock():
+        yield make
     for wrapper in made:
         try:
             wrapper.close()
