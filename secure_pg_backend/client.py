@@ -37,6 +37,11 @@ def _conninfo_value(value: str) -> str:
 
 
 class DatabaseClient(postgresql.DatabaseClient):
+    def runshell(self, parameters: Iterable[str]) -> None:
+        # Refuse with the real alias name before psql starts.
+        policy.enforce(self.connection.alias, self.connection.settings_dict)
+        super().runshell(parameters)
+
     @classmethod
     def settings_to_cmd_args_env(
         cls, settings_dict: dict[str, Any], parameters: Iterable[str]
