@@ -1,0 +1,106 @@
+"""``manage.py dbtls``: psql's SSL banner for every alias; exit 0 only if all are verified TLS.
+
+Meant for humans and for readiness/startup probes: the exit status says whether
+every selected alias connected under the policy, stderr says why one did not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connections
+
+from ...base import DatabaseWrapper
+from ...errors import redact
+from ...logs import expiry_text
+from ...tlsinfo import TLSInfo
+
+
+def describe(info: TLSInfo) -> str:
+    """One line: the banner, then where, what was trusted and the server certificate."""
+    where = f"{info.host}:{info.port}" if info.port else info.host
+    if info.hostaddr and info.hostaddr != info.host:
+        where += f" ({info.hostaddr})"
+    parts = [
+        f"{info.alias}: {info.summary()}",
+        f"host {where}",
+        f"database {info.database!r}",
+        f"root certificate {info.root_cert} ({info.root_cert_source})",
+    ]
+    cert = info.peer_certificate
+    if cert is not None:
+        parts.append(f"server certificate {cert.subject}, {expiry_text(info)}")
+    return "; ".join(parts)
+
+
+class Command(BaseCommand):
+    help = (
+        "Connect every database alias that uses secure_pg_backend (or only --database) and "
+        "show the negotiated TLS. Exits non-zero if any alias did not connect under the policy."
+    )
+    requires_system_checks: list[str] = []  # a probe must not fail on unrelated checks
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--database",
+            action="append",
+            dest="databases",
+            metavar="ALIAS",
+            help="Only this alias (repeatable). Default: every alias using secure_pg_backend.",
+        )
+        parser.add_argument(
+            "--json", action="store_true", help="Print a JSON object keyed by alias."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        ours = [alias for alias in connections if isinstance(connections[alias], DatabaseWrapper)]
+        selected: list[str] = options["databases"] or ours
+        for alias in selected:
+            if alias not in ours:
+                raise CommandError(
+                    f"Database alias {alias!r} does not use the secure_pg_backend ENGINE "
+                    f"(aliases that do: {', '.join(ours) or 'none'}); fix --database or "
+                    "set its ENGINE to 'secure_pg_backend'."
+                )
+        if not selected:
+            raise CommandError(
+                "No database alias uses the secure_pg_backend ENGINE; set "
+                "DATABASES[alias]['ENGINE'] = 'secure_pg_backend'."
+            )
+
+        report: dict[str, dict[str, Any]] = {}
+        failed: list[str] = []
+        for alias in selected:
+            info, error = self._probe(alias)
+            if info is not None:
+                report[alias] = info.as_dict()
+                if not options["json"]:
+                    self.stdout.write(describe(info))
+            else:
+                failed.append(alias)
+                report[alias] = {"error": error}
+                self.stderr.write(f"{alias}: FAILED: {error}")
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2, sort_keys=True))
+        if failed:
+            raise CommandError(
+                f"{len(failed)} of {len(selected)} database aliases did not connect under "
+                f"the TLS policy: {', '.join(failed)}",
+                returncode=1,
+            )
+
+    def _probe(self, alias: str) -> tuple[TLSInfo | None, str]:
+        wrapper = connections[alias]
+        assert isinstance(wrapper, DatabaseWrapper)  # handle() selected only these
+        opened_here = wrapper.connection is None
+        try:
+            return wrapper.tls_info, ""
+        except (DatabaseError, ImproperlyConfigured) as exc:
+            return None, redact(" ".join(str(exc).split()), wrapper.settings_dict.get("PASSWORD"))
+        finally:
+            # Leave a connection the caller already had (e.g. call_command in a request) open.
+            if opened_here:
+                wrapper.close()
