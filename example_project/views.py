@@ -1,0 +1,88 @@
+"""``/tls/``: what every alias using secure_pg_backend negotiated, as a page or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, connections
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+
+from secure_pg_backend.base import DatabaseWrapper
+from secure_pg_backend.errors import redact
+from secure_pg_backend.logs import EXPIRY_WARNING_DAYS, expiry_text
+from secure_pg_backend.tlsinfo import TLSInfo
+
+
+@dataclass
+class AliasReport:
+    alias: str
+    info: TLSInfo | None = None
+    error: str = ""
+    connection_rows: list[tuple[str, str]] = field(default_factory=list)
+    certificate_rows: list[tuple[str, str]] = field(default_factory=list)
+    expiry: str = ""
+    expiring_soon: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return self.info.as_dict() if self.info else {"error": self.error}
+
+
+def _fingerprint(hex_digest: str) -> str:
+    """Colon-separated byte pairs, the way browsers and openssl show fingerprints."""
+    return ":".join(hex_digest[i : i + 2] for i in range(0, len(hex_digest), 2)).upper()
+
+
+def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
+    try:
+        info = wrapper.tls_info
+    except (DatabaseError, ImproperlyConfigured) as exc:
+        text = " ".join(str(exc).split())
+        return AliasReport(alias, error=redact(text, wrapper.settings_dict.get("PASSWORD")))
+    report = AliasReport(alias, info=info)
+    address = f"{info.host}:{info.port}" if info.port else info.host
+    if info.hostaddr and info.hostaddr != info.host:
+        address += f" ({info.hostaddr})"
+    report.connection_rows = [
+        ("Transport", "TLS" if info.tls else "Unix-domain socket, no TLS (opted in)"),
+        ("Protocol", info.protocol or "—"),
+        ("Cipher", info.cipher or "—"),
+        ("Key bits", str(info.key_bits or "—")),
+        ("Compression", "on" if info.compression else "off"),
+        ("ALPN", info.alpn or "none"),
+        ("TLS library", info.library or "—"),
+        ("Server", address),
+        ("Database", info.database),
+        ("sslmode", info.sslmode),
+        ("Minimum protocol", info.min_protocol),
+        ("Root certificate", info.root_cert),
+        ("Root certificate from", info.root_cert_source),
+    ]
+    cert = info.peer_certificate
+    if cert is not None:
+        report.expiry = expiry_text(info)
+        report.expiring_soon = cert.days_left() < EXPIRY_WARNING_DAYS
+        report.certificate_rows = [
+            ("Subject", cert.subject),
+            ("Issuer", cert.issuer),
+            ("Alternative names", ", ".join(cert.subject_alt_names) or "—"),
+            ("Valid from", f"{cert.not_before:%Y-%m-%d %H:%M} UTC"),
+            ("Valid until", f"{cert.not_after:%Y-%m-%d %H:%M} UTC ({report.expiry})"),
+            ("Serial number", format(cert.serial_number, "x")),
+            ("SHA-256 fingerprint", _fingerprint(cert.sha256_fingerprint)),
+        ]
+    return report
+
+
+def tls(request: HttpRequest) -> HttpResponse:
+    reports = [
+        _report(alias, wrapper)
+        for alias in connections
+        if isinstance(wrapper := connections[alias], DatabaseWrapper)
+    ]
+    status = 503 if any(r.error for r in reports) else 200  # usable by a load balancer too
+    if request.GET.get("format") == "json":
+        return JsonResponse({r.alias: r.as_json() for r in reports}, status=status)
+    return render(request, "example_project/tls.html", {"reports": reports}, status=status)
