@@ -13,7 +13,7 @@ import configparser
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import SecurePolicyError, Violation
@@ -98,7 +98,6 @@ class Evaluation:
     host: str | None
     violations: tuple[Violation, ...] = ()
     decision: Decision | None = None
-    notes: tuple[str, ...] = field(default=())
 
 
 def is_socket_host(host: str) -> bool:
@@ -113,7 +112,7 @@ def _split_hosts(value: Any) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(value).split(","))
 
 
-def _service_entry(name: str, environ: Mapping[str, str]) -> tuple[dict[str, str] | None, str]:
+def _service_entry(name: str, environ: Mapping[str, str]) -> dict[str, str] | None:
     """Find a pg_service.conf section the way libpq does (user file, then system file)."""
     candidates = []
     if environ.get("PGSERVICEFILE"):
@@ -131,8 +130,8 @@ def _service_entry(name: str, environ: Mapping[str, str]) -> tuple[dict[str, str
         except (OSError, configparser.Error):
             continue
         if parser.has_section(name):
-            return dict(parser.items(name)), path
-    return None, ""
+            return dict(parser.items(name))
+    return None
 
 
 def _check_root_file(path: str, origin: str) -> Violation | None:
@@ -212,7 +211,6 @@ def evaluate(
     environ = os.environ if environ is None else environ
     options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
     violations: list[Violation] = []
-    notes: list[str] = []
 
     sslmode = options.get("sslmode", SSLMODE)
     if sslmode != SSLMODE:
@@ -299,9 +297,7 @@ def evaluate(
     service_name = options.get("service")
     service: dict[str, str] | None = None
     if service_name:
-        service, service_path = _service_entry(str(service_name), environ)
-        if service is not None:
-            notes.append(f"service {service_name!r} read from {service_path}")
+        service = _service_entry(str(service_name), environ)
     host_value = settings_dict.get("HOST") or options.get("host")
     if not host_value and service is not None:
         host_value = service.get("host")
@@ -309,11 +305,10 @@ def evaluate(
     hostaddr = options.get("hostaddr") or (service or {}).get("hostaddr")
     host_display = ",".join(hosts) or (str(hostaddr) if hostaddr else None)
 
-    if not hosts and hostaddr:
-        pass  # TCP to hostaddr; libpq itself demands a host name for verify-full
-    elif not hosts and service_name and service is None:
-        notes.append("service file not found; the post-handshake check decides")
-    elif not flags[ALLOW_UNIX_SOCKET]:
+    # No host but a hostaddr is plain TCP; a service file we cannot read is left
+    # to libpq, and the post-handshake check refuses a socket it may pick.
+    tcp_or_unknown = not hosts and bool(hostaddr or (service_name and service is None))
+    if not tcp_or_unknown and not flags[ALLOW_UNIX_SOCKET]:
         sockets = [h for h in hosts or ("",) if is_socket_host(h)]
         if sockets:
             shown = ", ".join(repr(h) for h in sockets)
@@ -336,7 +331,7 @@ def evaluate(
         violations.append(root_violation)
 
     if violations:
-        return Evaluation(alias, host_display, tuple(violations), None, tuple(notes))
+        return Evaluation(alias, host_display, tuple(violations), None)
     decision = Decision(
         alias=alias,
         hosts=hosts,
@@ -346,7 +341,7 @@ def evaluate(
         allow_unix_socket=flags[ALLOW_UNIX_SOCKET],
         allow_legacy_ciphers=flags[ALLOW_LEGACY_CIPHERS],
     )
-    return Evaluation(alias, host_display, (), decision, tuple(notes))
+    return Evaluation(alias, host_display, (), decision)
 
 
 def enforce(
