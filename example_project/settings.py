@@ -41,6 +41,7 @@ TEMPLATES = [
     }
 ]
 USE_TZ = True
+TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

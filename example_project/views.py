@@ -15,6 +15,8 @@ from secure_pg_backend.errors import redact
 from secure_pg_backend.logs import EXPIRY_WARNING_DAYS, expiry_text
 from secure_pg_backend.tlsinfo import TLSInfo
 
+MONO_LABELS = ("Serial number", "SHA-256 fingerprint")
+
 
 @dataclass
 class AliasReport:
@@ -30,9 +32,12 @@ class AliasReport:
         return self.info.as_dict() if self.info else {"error": self.error}
 
 
-def _fingerprint(hex_digest: str) -> str:
-    """Colon-separated byte pairs, the way browsers and openssl show fingerprints."""
-    return ":".join(hex_digest[i : i + 2] for i in range(0, len(hex_digest), 2)).upper()
+def _colon_hex(hex_digits: str, per_line: int = 16) -> str:
+    """Colon-separated bytes, as browsers and openssl show them; newlines keep rows readable."""
+    hex_digits = hex_digits.upper().rjust(len(hex_digits) + len(hex_digits) % 2, "0")
+    pairs = [hex_digits[i : i + 2] for i in range(0, len(hex_digits), 2)]
+    lines = [":".join(pairs[i : i + per_line]) for i in range(0, len(pairs), per_line)]
+    return ":\n".join(lines)
 
 
 def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
@@ -69,9 +74,9 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
             ("Issuer", cert.issuer),
             ("Alternative names", ", ".join(cert.subject_alt_names) or "—"),
             ("Valid from", f"{cert.not_before:%Y-%m-%d %H:%M} UTC"),
-            ("Valid until", f"{cert.not_after:%Y-%m-%d %H:%M} UTC ({report.expiry})"),
-            ("Serial number", format(cert.serial_number, "x")),
-            ("SHA-256 fingerprint", _fingerprint(cert.sha256_fingerprint)),
+            ("Valid until", f"{cert.not_after:%Y-%m-%d %H:%M} UTC"),
+            ("Serial number", _colon_hex(format(cert.serial_number, "x"))),
+            ("SHA-256 fingerprint", _colon_hex(cert.sha256_fingerprint)),
         ]
     return report
 
@@ -85,4 +90,5 @@ def tls(request: HttpRequest) -> HttpResponse:
     status = 503 if any(r.error for r in reports) else 200  # usable by a load balancer too
     if request.GET.get("format") == "json":
         return JsonResponse({r.alias: r.as_json() for r in reports}, status=status)
-    return render(request, "example_project/tls.html", {"reports": reports}, status=status)
+    context = {"reports": reports, "mono_labels": MONO_LABELS}
+    return render(request, "example_project/tls.html", context, status=status)
