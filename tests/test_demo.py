@@ -1,0 +1,104 @@
+"""``python -m example_project.demo`` end to end, in a child process, as ``make demo`` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from secure_pg_backend.testing import free_port
+
+from .conftest import assert_no_secret
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DB_"))}
+
+
+def _db_port(stdout: str) -> int:
+    match = re.search(r"PostgreSQL listening on 127\.0\.0\.1:(\d+)", stdout)
+    assert match, stdout
+    return int(match.group(1))
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_non_interactive_part() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "example_project.demo", "--no-serve"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out, err = done.stdout, done.stderr
+    assert_no_secret(out, err)
+    assert "DATABASE_URL=postgres://app:********@localhost:" in out
+    assert "Applying auth.0001_initial... OK" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("default: ")]
+    assert line.startswith("default: SSL connection (protocol: TLSv1.3, cipher: TLS_")
+    port = _db_port(out)
+    assert f"host localhost:{port} (127.0.0.1)" in line
+    assert "(OPTIONS['sslrootcert'])" in line
+    assert re.search(
+        r"server certificate .*O=trustme.*, expires \d{4}-\d\d-\d\d, in \d+ days$", line
+    )
+    # LOGGING shows the backend's start-up line on the console (stderr).
+    assert f"INFO secure_pg_backend: database alias 'default' connected to localhost:{port}" in err
+    assert out.rstrip().endswith("Stopped; the throwaway database and its certificates are gone.")
+    assert not _accepts(port), "the demo left PostgreSQL running"
+
+
+def test_serves_the_page_and_stops_cleanly_on_sigterm() -> None:
+    web_port = free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "example_project.demo", "--port", str(web_port)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        data = None
+        deadline = time.monotonic() + 120
+        for _ in range(600):
+            if time.monotonic() > deadline or demo.poll() is not None:
+                break
+            try:
+                url = f"http://127.0.0.1:{web_port}/tls/?format=json"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    data = json.loads(response.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        assert data is not None, "the demo never served /tls/"
+        assert data["default"]["transport"] == "tls"
+        assert data["default"]["host"] == "localhost"
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0, err
+    assert_no_secret(out, err)
+    assert "Stopping PostgreSQL" in out
+    assert not _accepts(_db_port(out)), "SIGTERM left PostgreSQL running"
+    assert not _accepts(web_port), "SIGTERM left the web server running"
