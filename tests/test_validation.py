@@ -1,0 +1,91 @@
+"""Online checks (``manage.py check --database ALIAS``): W001 expiry soon, E010 no secure link."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+from django.core.checks import Error, Warning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db import connections
+
+from secure_pg_backend.testing import TLSPostgres
+
+from .conftest import assert_no_secret
+from .test_dbtls import aliases, leaf_certificate
+
+__all__ = ["aliases"]  # the fixture, shared with test_dbtls
+
+
+def test_certificate_expiring_within_30_days_is_w001(
+    aliases: Callable[..., None], expiring_server: TLSPostgres
+) -> None:
+    aliases(soon=expiring_server.database_settings())
+    issues = connections["soon"].validation.check()
+    assert [i.id for i in issues] == ["secure_pg_backend.W001"]
+    (warning,) = issues
+    assert isinstance(warning, Warning)
+    cert = leaf_certificate(expiring_server)
+    assert warning.msg.startswith("The server certificate of database alias 'soon'")
+    assert cert.subject.rfc4514_string() in warning.msg
+    assert f"expires {cert.not_valid_after_utc:%Y-%m-%d}, in 10 days" in warning.msg
+    assert warning.hint and "Renew" in warning.hint
+    assert warning.obj == "DATABASES['soon']"
+
+
+def test_manage_py_check_database_prints_the_warning(
+    aliases: Callable[..., None], expiring_server: TLSPostgres
+) -> None:
+    aliases(soon=expiring_server.database_settings())
+    out, err = io.StringIO(), io.StringIO()
+    call_command("check", databases=["soon"], stdout=out, stderr=err)  # warnings do not fail
+    assert "secure_pg_backend.W001" in err.getvalue()
+    assert "in 10 days" in err.getvalue()
+
+
+def test_a_good_server_has_no_issue(aliases: Callable[..., None], good_server: TLSPostgres) -> None:
+    aliases(fine=good_server.database_settings())
+    assert connections["fine"].validation.check() == []
+
+
+@pytest.mark.parametrize(
+    ("server_fixture", "needle"),
+    [("mitm_server", "certificate verify failed"), ("expired_server", "expired")],
+)
+def test_failed_secure_connection_is_e010(
+    aliases: Callable[..., None], request: pytest.FixtureRequest, server_fixture: str, needle: str
+) -> None:
+    server: TLSPostgres = request.getfixturevalue(server_fixture)
+    aliases(broken=server.database_settings())
+    issues = connections["broken"].validation.check()
+    assert [i.id for i in issues] == ["secure_pg_backend.E010"]
+    (error,) = issues
+    assert isinstance(error, Error)
+    assert "Database alias 'broken' could not connect under the TLS policy" in error.msg
+    assert "(host '127.0.0.1')" in error.msg
+    assert needle in error.msg and "Fix:" in error.msg
+    assert_no_secret(error.msg, error.hint or "")
+
+
+def test_manage_py_check_database_fails_on_e010(
+    aliases: Callable[..., None], mitm_server: TLSPostgres
+) -> None:
+    aliases(broken=mitm_server.database_settings())
+    with pytest.raises(SystemCheckError) as caught:
+        call_command("check", databases=["broken"], stdout=io.StringIO())
+    assert "secure_pg_backend.E010" in str(caught.value)
+    assert "certificate verify failed" in str(caught.value)
+    assert_no_secret(str(caught.value))
+
+
+def test_refused_settings_are_e010_without_leaking_the_password(
+    aliases: Callable[..., None], good_server: TLSPostgres
+) -> None:
+    entry = good_server.database_settings(options={"sslmode": "require"})
+    aliases(weak=entry)
+    (error,) = connections["weak"].validation.check()
+    assert error.id == "secure_pg_backend.E010"
+    assert "OPTIONS['sslmode'] is 'require'" in error.msg
+    assert_no_secret(error.msg)
