@@ -32,7 +32,8 @@ class DatabaseValidation(BaseDatabaseValidation):
             issues.append(
                 checks.Error(
                     f"Database alias {alias!r} could not connect under the TLS policy: {message}",
-                    hint="See the README's troubleshooting table for this message.",
+                    hint="The message ends with the fix; the README's Troubleshooting table "
+                    "explains every refusal.",
                     obj=f"DATABASES[{alias!r}]",
                     id=E_CONNECT,
                 )

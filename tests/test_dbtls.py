@@ -168,6 +168,8 @@ def test_alias_not_using_the_engine_is_an_error(
     _, _, error = run("--database", "stock")
     assert error is not None
     assert "'stock' does not use the secure_pg_backend ENGINE" in str(error)
+    _, _, error = run("--database", "nosuch")
+    assert error is not None and "'nosuch' is not in DATABASES" in str(error)
 
 
 def test_an_open_connection_is_left_open(aliases: Callable[..., None]) -> None:

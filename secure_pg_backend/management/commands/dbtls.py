@@ -59,6 +59,11 @@ class Command(BaseCommand):
         ours = [alias for alias in connections if isinstance(connections[alias], DatabaseWrapper)]
         selected: list[str] = options["databases"] or ours
         for alias in selected:
+            if alias not in connections:
+                raise CommandError(
+                    f"Database alias {alias!r} is not in DATABASES (aliases: "
+                    f"{', '.join(connections)}); fix --database."
+                )
             if alias not in ours:
                 raise CommandError(
                     f"Database alias {alias!r} does not use the secure_pg_backend ENGINE "
