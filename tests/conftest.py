@@ -8,6 +8,7 @@ up. Other servers start on first use and live for the session.
 from __future__ import annotations
 
 import atexit
+import copy
 import datetime as dt
 import socket
 import threading
@@ -15,7 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
 from django.conf import settings
+from django.db import connections
 from django.db.utils import ConnectionHandler
 
 from secure_pg_backend import logs
@@ -168,6 +171,32 @@ def make_wrapper(django_db_blocker: Any) -> Iterator[Callable[..., Any]]:
                 wrapper.close_pool()
         except Exception:
             pass
+
+
+def leaf_certificate(server: TLSPostgres) -> x509.Certificate:
+    assert server.leaf is not None
+    return x509.load_pem_x509_certificates(server.leaf.cert_chain_pem)[0]
+
+
+@pytest.fixture
+def aliases(django_db_blocker: Any) -> Iterator[Callable[..., None]]:
+    """Add aliases to django.db.connections for one test (as if they were in DATABASES)."""
+    added: list[str] = []
+
+    def add(**entries: dict[str, Any]) -> None:
+        default = connections.settings["default"]
+        configured = connections.configure_settings(copy.deepcopy({"default": default, **entries}))
+        connections.settings.update({alias: configured[alias] for alias in entries})
+        added.extend(entries)
+
+    with django_db_blocker.unblock():
+        yield add
+        for alias in added:
+            if hasattr(connections._connections, alias):
+                connections[alias].close()
+                delattr(connections._connections, alias)
+            del connections.settings[alias]
+        connections["default"].close()
 
 
 @pytest.fixture(autouse=True)

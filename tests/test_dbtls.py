@@ -2,53 +2,24 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from cryptography import x509
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
-from .conftest import assert_no_secret
+from .conftest import assert_no_secret, leaf_certificate
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def leaf_certificate(server: TLSPostgres) -> x509.Certificate:
-    assert server.leaf is not None
-    return x509.load_pem_x509_certificates(server.leaf.cert_chain_pem)[0]
-
-
-@pytest.fixture
-def aliases(django_db_blocker: Any) -> Iterator[Callable[..., None]]:
-    """Add aliases to django.db.connections for one test (as if they were in DATABASES)."""
-    added: list[str] = []
-
-    def add(**entries: dict[str, Any]) -> None:
-        default = connections.settings["default"]
-        configured = connections.configure_settings(copy.deepcopy({"default": default, **entries}))
-        connections.settings.update({alias: configured[alias] for alias in entries})
-        added.extend(entries)
-
-    with django_db_blocker.unblock():
-        yield add
-        for alias in added:
-            if hasattr(connections._connections, alias):
-                connections[alias].close()
-                delattr(connections._connections, alias)
-            del connections.settings[alias]
-        connections["default"].close()
 
 
 def run(*args: str) -> tuple[str, str, CommandError | None]:

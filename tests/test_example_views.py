@@ -13,10 +13,7 @@ from django.test import Client, override_settings
 
 from secure_pg_backend.testing import TLSPostgres
 
-from .conftest import assert_no_secret
-from .test_dbtls import aliases, leaf_certificate
-
-__all__ = ["aliases"]  # the fixture, shared with test_dbtls
+from .conftest import assert_no_secret, leaf_certificate
 
 TEMPLATES = [
     {

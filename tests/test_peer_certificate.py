@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from secure_pg_backend import logs
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
-from .test_dbtls import leaf_certificate
+from .conftest import leaf_certificate
 
 
 def _sans(cert: x509.Certificate) -> set[str]:

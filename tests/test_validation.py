@@ -13,10 +13,7 @@ from django.db import connections
 
 from secure_pg_backend.testing import TLSPostgres
 
-from .conftest import assert_no_secret
-from .test_dbtls import aliases, leaf_certificate
-
-__all__ = ["aliases"]  # the fixture, shared with test_dbtls
+from .conftest import assert_no_secret, leaf_certificate
 
 
 def test_certificate_expiring_within_30_days_is_w001(
