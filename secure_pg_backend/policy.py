@@ -298,6 +298,22 @@ def evaluate(
     service: dict[str, str] | None = None
     if service_name:
         service = _service_entry(str(service_name), environ)
+    # libpq fills every keyword not passed explicitly from the service entry (named in
+    # OPTIONS, else by PGSERVICE), so a service file could turn on the key log that OPTIONS
+    # may not. requiressl there is moot: the explicit sslmode outranks it.
+    keylog_service = str(service_name or environ.get("PGSERVICE") or "")
+    keylog_entry = service if service_name else None
+    if keylog_service and not service_name:
+        keylog_entry = _service_entry(keylog_service, environ)
+    if keylog_entry and "sslkeylogfile" in keylog_entry:
+        violations.append(
+            Violation(
+                E_WEAKENING,
+                f"the pg_service.conf entry {keylog_service!r} sets 'sslkeylogfile'; it "
+                f"{WEAKENING_KEYWORDS['sslkeylogfile']}.",
+                "remove sslkeylogfile from that service entry.",
+            )
+        )
     host_value = settings_dict.get("HOST") or options.get("host")
     if not host_value and service is not None:
         host_value = service.get("host")
