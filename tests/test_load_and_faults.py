@@ -35,6 +35,21 @@ DEADLINE = 60.0  # per scenario; far above what each needs
 NO_HANG = 20.0  # one request, connect_timeout=3: anything near this would be a hang
 
 
+REPORT: list[str] = []  # counts for the README's security table, printed after the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and REPORT:
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+            reporter.write_line("")
+            for line in REPORT:
+                reporter.write_line(f"load and faults: {line}")
+
+
 class VerifiedLog(logging.Handler):
     """Collects the backend's per-connection records (emitted only after the checks passed)."""
 
@@ -171,6 +186,7 @@ def test_pool_under_load_every_connection_verified(
     assert sum(r.queries for r in results) == THREADS * QUERIES
     assert server_transactions(server) >= THREADS * QUERIES  # they really reached the server
     opened = assert_every_session_verified(server, verified_log, "load_pool", minimum=2)
+    REPORT.append(f"pool: {THREADS}x{QUERIES} queries, 0 errors, {opened} sessions, all verified")
     assert opened <= 8 + 2  # the pool reused its connections (a little churn is allowed)
 
 
@@ -205,6 +221,9 @@ def test_conn_max_age_0_under_load_every_connection_verified(
         server, verified_log, "load_plain", minimum=THREADS * QUERIES // per_request
     )
     assert opened == THREADS * QUERIES // per_request  # exactly one per request
+    REPORT.append(
+        f"CONN_MAX_AGE=0: {THREADS}x{QUERIES} queries, 0 errors, {opened} sessions, all verified"
+    )
 
 
 # -- an outage in the middle of the load --------------------------------------------
@@ -273,6 +292,10 @@ def test_restart_during_load_fails_cleanly_and_reverifies(
     assert max(d for r in results for d in r.durations) < NO_HANG
     assert_no_secret(*(str(e) for e in errors))
     sessions = assert_every_session_verified(server, verified_log, "restart", minimum=threads * 2)
+    REPORT.append(
+        f"restart: {sum(r.queries for r in results)} queries, {len(errors)} clean failures "
+        f"during the outage, {sessions} sessions, all verified"
+    )
     assert sessions >= 2 * threads  # every thread opened (and verified) a new connection
 
 
