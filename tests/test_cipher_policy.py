@@ -85,13 +85,6 @@ def test_opt_out_relaxes_only_the_cipher_rule() -> None:
 
 
 # -- real servers ------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _network_allowed(django_db_blocker: Any) -> Iterator[None]:
-    """These wrappers are not Django's test database: let them connect."""
-    with django_db_blocker.unblock():
-        yield
-
-
 @pytest.fixture(scope="module")
 def tls12_server(ca: TestCA) -> Iterator[Callable[[str, bool], TLSPostgres]]:
     """One real server per (ssl_ciphers, RSA leaf), started on first use."""
@@ -136,7 +129,7 @@ def test_legacy_cipher_server_is_refused(
     rsa: bool,
 ) -> None:
     server = tls12_server(ciphers, rsa)
-    wrapper = make_wrapper(server.database_settings(), "default")
+    wrapper = make_wrapper(server.database_settings())
     with pytest.raises(InsecureConnectionError) as caught:
         wrapper.ensure_connection()
     message = str(caught.value)
@@ -177,7 +170,7 @@ def test_opt_out_keeps_a_raised_minimum_protocol(
 ) -> None:
     server = tls12_server("AES128-SHA", True)
     options = {"allow_legacy_ciphers": True, "ssl_min_protocol_version": "TLSv1.3"}
-    wrapper = make_wrapper(server.database_settings(options=options), "default")
+    wrapper = make_wrapper(server.database_settings(options=options))
     with pytest.raises(InsecureConnectionError, match="TLS handshake failed"):
         wrapper.ensure_connection()
 
@@ -196,7 +189,7 @@ def test_tls12_forward_secret_aead_is_accepted(
     ciphers: str,
     rsa: bool,
 ) -> None:
-    wrapper = make_wrapper(tls12_server(ciphers, rsa).database_settings(), "default")
+    wrapper = make_wrapper(tls12_server(ciphers, rsa).database_settings())
     info = wrapper.tls_info
     assert (info.protocol, info.cipher) == ("TLSv1.2", ciphers)
     with wrapper.cursor() as cur:
@@ -207,6 +200,6 @@ def test_tls12_forward_secret_aead_is_accepted(
 def test_default_tls13_server_is_accepted(
     good_server: TLSPostgres, make_wrapper: Callable[..., Any]
 ) -> None:
-    info = make_wrapper(good_server.database_settings(), "default").tls_info
+    info = make_wrapper(good_server.database_settings()).tls_info
     assert info.protocol == "TLSv1.3"
     assert info.cipher is not None and info.cipher.startswith("TLS_")

@@ -244,10 +244,11 @@ def test_restart_during_load_fails_cleanly_and_reverifies(
     ok_after = [0] * threads
     stop = threading.Event()
     deadline = time.monotonic() + DEADLINE
-    index = iter(range(threads))
+    index, index_lock = iter(range(threads)), threading.Lock()
 
     def work(result: WorkerResult) -> None:
-        me = next(index)
+        with index_lock:
+            me = next(index)
         for _ in range(5000):
             if stop.is_set() or time.monotonic() > deadline:
                 break

@@ -10,7 +10,9 @@ then the service entry, then hostaddr, then PGHOST, then its default socket).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,7 +21,7 @@ from unittest import mock
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.db.utils import ConnectionHandler
+from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +30,7 @@ from secure_pg_backend.testing import TestCA, TLSPostgres
 
 # -- fixed files the strategies point at (made once; hypothesis needs no fixtures) --
 _FILES = Path(tempfile.mkdtemp(prefix="spb-props-"))
+atexit.register(shutil.rmtree, _FILES, True)
 CA_FILE = _FILES / "ca.pem"
 CA_FILE.write_text(
     "-----BEGIN CERTIFICATE-----\nnot parsed by the policy\n-----END CERTIFICATE-----\n"
@@ -310,7 +313,5 @@ def test_conninfo_in_name_is_just_a_name(good_server: TLSPostgres) -> None:
     """NAME is passed as one quoted value: it cannot smuggle sslmode or host into libpq."""
     entry = good_server.database_settings(NAME="sslmode=disable host=/tmp dbname=app")
     wrapper = ConnectionHandler({"default": entry})["default"]
-    from django.db.utils import OperationalError
-
     with pytest.raises(OperationalError, match='database "sslmode=disable host=/tmp dbname=app"'):
         wrapper.ensure_connection()
