@@ -315,10 +315,14 @@ def evaluate(
             )
         )
     host_value = settings_dict.get("HOST") or options.get("host")
-    if not host_value and service is not None:
+    # An explicit OPTIONS value, even "", outranks the service entry in libpq
+    # (psycopg passes "" on; only None is dropped): host="" means the default socket.
+    if not host_value and service is not None and options.get("host") is None:
         host_value = service.get("host")
     hosts = _split_hosts(host_value)
-    hostaddr = options.get("hostaddr") or (service or {}).get("hostaddr")
+    hostaddr = options.get("hostaddr")
+    if hostaddr is None:
+        hostaddr = (service or {}).get("hostaddr")
     host_display = ",".join(hosts) or (str(hostaddr) if hostaddr else None)
 
     # No host but a hostaddr is plain TCP; a service file we cannot read is left
