@@ -186,17 +186,21 @@ def _service(params: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str,
 def effective_hosts(params: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
     """Where libpq would connect; [] when it goes by IP address or cannot start at all."""
     service = _service(params, environ)
-    named = params.get("service") or environ.get("PGSERVICE")
-    if named and service is None:
+    if (params.get("service") or environ.get("PGSERVICE")) and service is None:
         return []  # "definition of service not found": libpq fails before connecting
-    host = params.get("host") or (service or {}).get("host")
-    if not host and (params.get("hostaddr") or (service or {}).get("hostaddr")):
-        return []
-    if not host and environ.get("PGHOSTADDR"):
-        return []
-    if not host:
-        host = environ.get("PGHOST", "")  # "" is libpq's default socket directory
-    return [part.strip() for part in str(host).split(",")]
+
+    def pick(keyword: str, variable: str) -> str:
+        # An explicit value (even "") wins, then the service entry, then the environment;
+        # psycopg drops None values.
+        if params.get(keyword) is not None:
+            return str(params[keyword])
+        if service is not None and keyword in service:
+            return service[keyword]
+        return environ.get(variable, "")
+
+    if pick("hostaddr", "PGHOSTADDR"):
+        return []  # hostaddr wins over host for routing: TCP to that address
+    return [part.strip() for part in pick("host", "PGHOST").split(",")]  # "": default socket
 
 
 def assert_safe(
@@ -281,6 +285,25 @@ def test_service_entry_cannot_turn_on_the_key_log(good_server: TLSPostgres, tmp_
         assert wrapper.tls_info.protocol == "TLSv1.3"
     wrapper.close()
     assert not keys.exists()
+
+
+def test_explicit_empty_host_is_not_filled_from_the_service(
+    good_server: TLSPostgres, tmp_path: Path
+) -> None:
+    """Found by the property: OPTIONS host="" made libpq use its default socket, not the
+    service entry's TCP host that the policy had checked."""
+    service_file = tmp_path / "svc.conf"
+    service_file.write_text(f"[tcp]\nhost=127.0.0.1\nport={good_server.port}\n")
+    entry = good_server.database_settings(HOST="", PORT="", options={"service": "tcp"})
+    with mock.patch.dict(os.environ, {"PGSERVICEFILE": str(service_file)}):
+        wrapper = ConnectionHandler({"default": entry})["default"]
+        assert wrapper.tls_info.port == good_server.port  # the service's TCP host: fine
+        wrapper.close()
+        entry["OPTIONS"]["host"] = ""
+        wrapper = ConnectionHandler({"default": entry})["default"]
+        with pytest.raises(ImproperlyConfigured, match="Unix-domain socket"):
+            wrapper.ensure_connection()
+        assert wrapper.connection is None
 
 
 def test_environment_cannot_lower_the_link(good_server: TLSPostgres, ca: TestCA) -> None:
