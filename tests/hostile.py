@@ -161,8 +161,16 @@ class HostileServer:
     def settle(self, timeout: float = 10.0) -> None:
         """Wait (bounded) until every handler has finished recording its connection."""
         deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for _ in range(50):
+            threads = list(self._threads)
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            time.sleep(0.01)  # let the acceptor hand over a connection it just took
+            backlog, _, _ = select.select([self.sock], [], [], 0)
+            if (not backlog and len(self._threads) == len(threads)) or (
+                time.monotonic() > deadline
+            ):
+                return
 
     def all_bytes(self) -> bytes:
         return b"".join(bytes(r.raw) + bytes(r.decrypted) for r in self.recordings)

@@ -68,7 +68,9 @@ def _network_allowed(django_db_blocker: Any) -> Iterator[None]:
         yield
 
 
-def _wrapper(port: int, ca: TestCA, host: str = "127.0.0.1", **options: Any) -> Any:
+def _wrapper(
+    port: int, ca: TestCA, host: str = "127.0.0.1", alias: str = "default", **options: Any
+) -> Any:
     entry = {
         "ENGINE": "secure_pg_backend",
         "NAME": PROBE_DB,
@@ -82,7 +84,7 @@ def _wrapper(port: int, ca: TestCA, host: str = "127.0.0.1", **options: Any) -> 
             **options,
         },
     }
-    return ConnectionHandler({"default": entry})["default"]
+    return ConnectionHandler({"default": entry, alias: entry})[alias]
 
 
 def _attack(server: HostileServer, wrapper: Any) -> tuple[OperationalError, float]:
@@ -96,6 +98,8 @@ def _attack(server: HostileServer, wrapper: Any) -> tuple[OperationalError, floa
     finally:
         elapsed = time.monotonic() - start
         wrapper.close()
+        if wrapper.pool is not None:  # stop its background retries before we count
+            wrapper.close_pool()
     # After a connect_timeout, psycopg's half-open PGconn is kept alive by the frames of the
     # exception's traceback; dropping them and collecting closes the socket now instead of
     # leaving the hostile server waiting for its own deadline.
@@ -237,11 +241,8 @@ def test_require_auth_stops_a_cleartext_password_phish(ca: TestCA) -> None:
 def test_pool_refuses_a_hostile_server_promptly(ca: TestCA) -> None:
     """Django's pool reports the certificate failure itself, not a PoolTimeout later."""
     with HostileServer("tls", TestCA().issue("localhost", "127.0.0.1")) as server:
-        wrapper = _wrapper(server.port, ca, pool={"min_size": 1, "max_size": 2, "timeout": 30})
-        try:
-            error, _ = _attack(server, wrapper)
-        finally:
-            wrapper.close_pool()
+        pool = {"min_size": 1, "max_size": 2, "timeout": 30}
+        error, _ = _attack(server, _wrapper(server.port, ca, alias="hostile_pool", pool=pool))
     assert isinstance(error, InsecureConnectionError)
     assert "certificate verify failed" in str(error)
     assert _leaked(server) == []
