@@ -16,6 +16,7 @@ connect/close cycles.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -61,35 +62,48 @@ MARKER = "select 'secure_pg_backend bench marker'"
 
 @dataclass(frozen=True)
 class Plan:
-    rounds: int
+    """Rounds and calls per variant per round. Timed A/B comparisons use many short rounds:
+    a burst of load from another process then spoils a few rounds, which the median drops,
+    instead of landing in every round's mean."""
+
+    connect_rounds: int
     connect_iters: int
+    query_rounds: int
     query_iters: int
-    tls_info_iters: int
+    micro_rounds: int  # tls_info and the backend's own work, timed in batches
+    micro_iters: int
+    request_rounds: int
+    request_iters: dict[str, int]
     rss_warmup: int
     rss_cycles: int
     count_connections: int
-    request_iters: dict[str, int]
 
 
 FULL = Plan(
-    rounds=31,
-    connect_iters=20,
-    query_iters=300,
-    tls_info_iters=100_000,
+    connect_rounds=401,
+    connect_iters=4,
+    query_rounds=501,
+    query_iters=20,
+    micro_rounds=31,
+    micro_iters=100_000,
+    request_rounds=31,
+    request_iters={REQ_AGE0: 20, REQ_AGE60: 200, REQ_POOL: 200},
     rss_warmup=500,
     rss_cycles=10_000,
     count_connections=10,
-    request_iters={REQ_AGE0: 20, REQ_AGE60: 200, REQ_POOL: 200},
 )
 QUICK = Plan(
-    rounds=5,
-    connect_iters=5,
-    query_iters=50,
-    tls_info_iters=10_000,
+    connect_rounds=15,
+    connect_iters=2,
+    query_rounds=25,
+    query_iters=10,
+    micro_rounds=5,
+    micro_iters=10_000,
+    request_rounds=5,
+    request_iters={REQ_AGE0: 5, REQ_AGE60: 50, REQ_POOL: 50},
     rss_warmup=50,
     rss_cycles=300,
     count_connections=2,
-    request_iters={REQ_AGE0: 5, REQ_AGE60: 50, REQ_POOL: 50},
 )
 
 
@@ -122,13 +136,19 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def interleaved(
-    variants: dict[str, Loop], rounds: int, iters: int | dict[str, int]
+    variants: dict[str, Loop],
+    rounds: int,
+    iters: int | dict[str, int],
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-round mean seconds per iteration, for each variant.
+    """Per-round mean seconds per iteration, for each variant, timed in batches.
 
-    Every round runs every variant once; the order rotates each round (AB, BA, ...), so
-    drift and "who ran first" affect all variants alike. One untimed warm-up round first.
-    The collector runs between batches, not inside them (as ``timeit`` does).
+    Every round runs each variant's batch once, the order rotating each round (AB, BA, ...),
+    so drift and "who goes first" affect all variants alike; batches (not single calls)
+    keep each variant's server process warm, as in real use. One untimed warm-up batch
+    first; the collector runs between batches, not inside them (as ``timeit`` does).
+    ``cpu``, if given, also gets this thread's CPU time per iteration (no waiting, no
+    preemption: the client's own work, much less noisy than wall time).
     """
     names = list(variants)
     per_round: dict[str, list[float]] = {name: [] for name in names}
@@ -142,20 +162,45 @@ def interleaved(
             for name in names[shift:] + names[:shift]:
                 gc.collect()
                 gc.disable()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 variants[name](counts[name])
                 elapsed = time.perf_counter() - start
+                elapsed_cpu = time.thread_time() - start_cpu
                 gc.enable()
                 per_round[name].append(elapsed / counts[name])
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(elapsed_cpu / counts[name])
     finally:
         if gc_was_enabled:
             gc.enable()
     return per_round
 
 
-def compare(a: str, b: str, per_round: dict[str, list[float]]) -> dict[str, Any]:
+Step = Callable[[], None]
+
+
+def repeat(step: Step) -> Loop:
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    return run
+
+
+def ab(make: Callable[[str], Step], a: str, b: str, rounds: int, iters: int) -> dict[str, Any]:
+    """Compare two aliases on the same operation: interleaved rounds, ratio a/b of medians."""
+    cpu: dict[str, list[float]] = {}
+    per_round = interleaved({a: repeat(make(a)), b: repeat(make(b))}, rounds, iters, cpu)
+    return compare(a, b, per_round, cpu)
+
+
+def compare(
+    a: str, b: str, per_round: dict[str, list[float]], cpu: dict[str, list[float]] | None = None
+) -> dict[str, Any]:
     """Medians, min/max (microseconds) and the ratio a/b of medians."""
     out: dict[str, Any] = {}
+    if cpu:
+        out["client_cpu_median_us"] = {name: statistics.median(cpu[name]) * 1e6 for name in (a, b)}
     for name in (a, b):
         out[name] = {k: v * 1e6 if k != "n" else v for k, v in summary(per_round[name]).items()}
     out["ratio"] = out[a]["median"] / out[b]["median"]
@@ -165,35 +210,33 @@ def compare(a: str, b: str, per_round: dict[str, list[float]]) -> dict[str, Any]
     return out
 
 
-def connect_loop(alias: str) -> Loop:
+def connect_step(alias: str) -> Step:
     from django.db import connections
 
     conn = connections[alias]
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            conn.ensure_connection()
-            conn.close()
+    def step() -> None:
+        conn.ensure_connection()
+        conn.close()
 
-    return run
+    return step
 
 
-def select_one_loop(alias: str) -> Loop:
+def select_one_step(alias: str) -> Step:
     from django.db import connections
 
     conn = connections[alias]
     conn.ensure_connection()
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            with conn.cursor() as cursor:
-                cursor.execute("select 1")
-                cursor.fetchone()
+    def step() -> None:
+        with conn.cursor() as cursor:
+            cursor.execute("select 1")
+            cursor.fetchone()
 
-    return run
+    return step
 
 
-def orm_loop(alias: str) -> Loop:
+def orm_step(alias: str) -> Step:
     from django.contrib.contenttypes.models import ContentType
     from django.db import connections
 
@@ -202,11 +245,10 @@ def orm_loop(alias: str) -> Loop:
         app_label="contenttypes", model="contenttype"
     )
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            queryset.first()  # a fresh query each time: first() clones the queryset
+    def step() -> None:
+        queryset.first()  # a fresh query each time: first() clones the queryset
 
-    return run
+    return step
 
 
 def request_loop(alias: str) -> Loop:
@@ -438,13 +480,14 @@ def _row(label: str, cmp: dict[str, Any], a: str, b: str) -> str:
 
 
 def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
-    m = results["machine"]
+    m, p = results["machine"], results["plan"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']}, "
         f"Django {m['django']}, psycopg {m['psycopg']}, libpq {m['libpq']}"
         f" ({m['libpq_openssl']}), PostgreSQL {m['postgresql_server']} server; {m['tls']}.",
-        f"Mode: {results['mode']}, {results['plan']['rounds']} rounds, "
-        f"run took {results['duration_s']:.0f} s.",
+        f"Mode: {results['mode']}: connect {p['connect_rounds']} rounds x "
+        f"{p['connect_iters']} calls per ENGINE, queries {p['query_rounds']} x "
+        f"{p['query_iters']}; run took {results['duration_s']:.0f} s.",
         "",
         "| Secure vs stock (µs, median of per-round means, min-max) "
         "| secure_pg_backend | stock postgresql | ratio |",
@@ -469,11 +512,17 @@ def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         f"| TCP data per new connection (kernel TCP_INFO) | {flow(w_s)} | {flow(w_t)} "
         f"| extra round trips: {wire['extra_round_trips'] or 0:g} |",
     ]
+    cpu = results["connect"]["client_cpu_median_us"]
+    lines += [
+        "",
+        f"Client CPU time per connect (this thread, median of per-round means): secure "
+        f"{cpu[SECURE]:,.0f} µs, stock {cpu[STOCK]:,.0f} µs ({cpu[SECURE] - cpu[STOCK]:+,.0f} µs).",
+    ]
     own = results["own_work"]
     extra_us = own[SECURE]["median"] - own[STOCK]["median"] + own["verify"]["median"]
     lines += [
         "",
-        f"The secure backend's own work per new connection, timed alone: {extra_us:.1f} µs "
+        f"The secure backend's own work per new connection, timed hot in a loop: {extra_us:.1f} µs "
         f"(policy in `get_connection_params`: {own[SECURE]['median']:.1f} µs vs stock "
         f"{own[STOCK]['median']:.1f} µs; post-handshake check and `TLSInfo`: "
         f"{own['verify']['median']:.1f} µs), "
@@ -560,40 +609,20 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
     results: dict[str, Any] = {
         "mode": mode,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "plan": {
-            "rounds": plan.rounds,
-            "connect_iters": plan.connect_iters,
-            "query_iters": plan.query_iters,
-            "tls_info_iters": plan.tls_info_iters,
-            "rss_warmup": plan.rss_warmup,
-            "rss_cycles": plan.rss_cycles,
-            "count_connections": plan.count_connections,
-            "request_iters": plan.request_iters,
-        },
+        "plan": dataclasses.asdict(plan),
     }
     results["machine"] = machine()
     for alias in connections:
         connections[alias].close()
 
+    connects = plan.connect_rounds, plan.connect_iters
+    queries = plan.query_rounds, plan.query_iters
     say("1/6 connect latency (secure vs stock)")
-    per_round = interleaved(
-        {SECURE: connect_loop(SECURE), STOCK: connect_loop(STOCK)},
-        plan.rounds,
-        plan.connect_iters,
-    )
-    results["connect"] = compare(SECURE, STOCK, per_round)
+    results["connect"] = ab(connect_step, SECURE, STOCK, *connects)
 
     say("2/6 query latency (select 1, ORM)")
-    per_round = interleaved(
-        {SECURE: select_one_loop(SECURE), STOCK: select_one_loop(STOCK)},
-        plan.rounds,
-        plan.query_iters,
-    )
-    results["select_one"] = compare(SECURE, STOCK, per_round)
-    per_round = interleaved(
-        {SECURE: orm_loop(SECURE), STOCK: orm_loop(STOCK)}, plan.rounds, plan.query_iters
-    )
-    results["orm"] = compare(SECURE, STOCK, per_round)
+    results["select_one"] = ab(select_one_step, SECURE, STOCK, *queries)
+    results["orm"] = ab(orm_step, SECURE, STOCK, *queries)
 
     say("3/6 statements and round trips per new connection")
     results["wire"] = wire_per_connection(COUNTING_SERVER, plan.count_connections)
@@ -606,7 +635,7 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
         for _ in range(n):
             conn.tls_info  # noqa: B018 - the read is what is measured
 
-    per_call = interleaved({"tls_info": read_tls_info}, plan.rounds, plan.tls_info_iters)
+    per_call = interleaved({"tls_info": read_tls_info}, plan.micro_rounds, plan.micro_iters)
     results["tls_info"] = {
         k: v * 1e6 if k != "n" else v for k, v in summary(per_call["tls_info"]).items()
     }
@@ -630,8 +659,8 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
 
     per_round = interleaved(
         {SECURE: params_loop(secure), STOCK: params_loop(stock), "verify": verify_loop},
-        plan.rounds,
-        plan.query_iters * 10,
+        plan.micro_rounds,
+        plan.micro_iters // 10,
     )
     results["own_work"] = {
         name: {k: v * 1e6 if k != "n" else v for k, v in summary(values).items()}
@@ -640,15 +669,16 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
     secure.close()
 
     say(f"5/6 RSS over {plan.rss_cycles:,} secure connect/close cycles")
-    cycle = connect_loop(SECURE)
-    cycle(plan.rss_warmup)
+    cycle = connect_step(SECURE)
+    for _ in range(plan.rss_warmup):
+        cycle()
     gc.collect()
     before = rss_bytes()
     trace = []
-    step = max(1, plan.rss_cycles // 10)
-    for done in range(0, plan.rss_cycles, step):
-        cycle(min(step, plan.rss_cycles - done))
-        trace.append(rss_bytes())
+    for done in range(1, plan.rss_cycles + 1):
+        cycle()
+        if done % max(1, plan.rss_cycles // 10) == 0:
+            trace.append(rss_bytes())
     gc.collect()
     after = rss_bytes()
     results["rss"] = {
@@ -661,21 +691,13 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
     }
 
     say("6/6 what TLS costs: TLS vs sslmode=disable, and the request loop")
-    per_round = interleaved(
-        {STOCK: connect_loop(STOCK), PLAIN: connect_loop(PLAIN)}, plan.rounds, plan.connect_iters
-    )
-    results["tls_cost_connect"] = compare(STOCK, PLAIN, per_round)
-    per_round = interleaved(
-        {STOCK: select_one_loop(STOCK), PLAIN: select_one_loop(PLAIN)},
-        plan.rounds,
-        plan.query_iters,
-    )
-    results["tls_cost_query"] = compare(STOCK, PLAIN, per_round)
+    results["tls_cost_connect"] = ab(connect_step, STOCK, PLAIN, *connects)
+    results["tls_cost_query"] = ab(select_one_step, STOCK, PLAIN, *queries)
     for alias in connections:
         connections[alias].close()
     per_round = interleaved(
         {alias: request_loop(alias) for alias in (REQ_AGE0, REQ_AGE60, REQ_POOL)},
-        plan.rounds,
+        plan.request_rounds,
         plan.request_iters,
     )
     results["requests"] = {
