@@ -103,7 +103,11 @@ class PgBouncer:
         self._write_files()
         self._run([str(self.binary), "-d", "-q", str(self.ini)])
         self.running = True
-        self._wait_listening(timeout)
+        try:
+            self._wait_listening(timeout)
+        except BaseException:
+            self.stop()  # a daemon outlives us otherwise
+            raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
