@@ -88,11 +88,6 @@ _LIBPQ_TLS_ERRORS = (
         "name in HOST and put the IP in OPTIONS['hostaddr'].",
     ),
     (
-        "certificate has expired",
-        "the server's certificate has expired.",
-        "renew the server certificate.",
-    ),
-    (
         "certificate verify failed",
         "the server's certificate is not signed by a CA in the root certificate file "
         "(or is expired or not yet valid).",

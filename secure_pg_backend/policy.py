@@ -336,9 +336,10 @@ def evaluate(
                 Violation(
                     E_SOCKET,
                     (
-                        "HOST is empty, so libpq would use PGHOST or its default Unix socket"
-                        if not hosts
-                        else f"HOST names a Unix-domain socket ({shown})"
+                        f"HOST names a Unix-domain socket ({shown})"
+                        if any(sockets)
+                        else "the host is empty, so libpq would use PGHOST or its default "
+                        "Unix-domain socket"
                     )
                     + "; libpq ignores sslmode on sockets and would connect without TLS.",
                     "set HOST to the server's DNS name (as on its certificate), or, for a "

@@ -41,7 +41,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("E003", {}, {"ssl_min_protocol_version": "TLSv1.1"}, "'TLSv1.1'"),
     ("E003", {}, {"ssl_max_protocol_version": "TLSv1"}, "ssl_max_protocol_version"),
     ("E004", {"HOST": "/var/run/postgresql"}, {}, "Unix-domain socket"),
-    ("E004", {"HOST": ""}, {}, "HOST is empty"),
+    ("E004", {"HOST": ""}, {}, "the host is empty"),
     ("E006", {}, {"sslrootcert": "/nonexistent/ca.pem"}, "does not exist"),
     ("E007", {}, {"requiressl": "1"}, "'requiressl'"),
     ("E007", {}, {"sslkeylogfile": "/tmp/keys.log"}, "'sslkeylogfile'"),
