@@ -449,7 +449,8 @@ def machine() -> dict[str, Any]:
         openssl = fn(0).decode()
     except Exception:
         pass
-    info = connections[SECURE].tls_info
+    secure: Any = connections[SECURE]  # a secure_pg_backend wrapper
+    info = secure.tls_info
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -459,7 +460,7 @@ def machine() -> dict[str, Any]:
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__})",
         "libpq": _version(psycopg.pq.version()),
         "libpq_openssl": openssl,
-        "postgresql_server": _version(connections[SECURE].pg_version),
+        "postgresql_server": _version(secure.pg_version),
         "tls": f"{info.protocol} {info.cipher}",
         "server_key": "ECDSA P-256 (trustme)",
         "auth": "scram-sha-256 over TCP 127.0.0.1",
@@ -557,7 +558,7 @@ def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         lines.append(f"| {label} | {r['median']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) |")
     lines += ["", "| Target | measured | result |", "| --- | --- | --- |"]
     if results["mode"] == "quick":
-        lines.insert(-3, "--quick: a smoke run, too short for the ratios; targets not enforced.")
+        lines[-3:-3] = ["", "--quick: a smoke run, too short for the ratios; targets not enforced."]
     for t in targets:
         verdict = {True: "PASS", False: "FAIL", None: "n/a (too short)"}[t["ok"]]
         lines.append(f"| {t['name']} | {t['measured']} | {verdict} |")
@@ -632,7 +633,7 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
     results["wire"] = wire_per_connection(COUNTING_SERVER, plan.count_connections)
 
     say("4/6 tls_info read cost")
-    conn = connections[SECURE]
+    conn: Any = connections[SECURE]
     conn.ensure_connection()
 
     def read_tls_info(n: int) -> None:
@@ -647,7 +648,8 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
 
     # Not a target: the secure backend's own per-connection work, timed in isolation,
     # explains the connect ratio without the handshake's noise around it.
-    secure, stock = connections[SECURE], connections[STOCK]
+    secure: Any = connections[SECURE]
+    stock = connections[STOCK]
     secure.ensure_connection()
 
     def params_loop(wrapper: Any) -> Loop:
@@ -709,7 +711,8 @@ def run(plan: Plan, mode: str) -> dict[str, Any]:
     }
     for alias in connections:
         connections[alias].close()
-    connections[REQ_POOL].close_pool()
+    pooled: Any = connections[REQ_POOL]
+    pooled.close_pool()
     results["duration_s"] = time.monotonic() - started
     return results
 
