@@ -23,10 +23,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -728,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan, mode = (QUICK, "quick") if args.quick else (FULL, "full")
 
-    ca = TestCA()
+    ca_dir = Path(tempfile.mkdtemp(prefix="spb-bench-ca-"))  # removed at the end
+    ca = TestCA(directory=ca_dir)
     say("starting two throwaway TLS PostgreSQL servers")
     # Timed runs use a server without statement logging; counting uses one that logs all.
     main_server = TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca, allow_plaintext=True)
@@ -752,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         COUNTING_SERVER.stop()
         main_server.stop()
+        shutil.rmtree(ca_dir, ignore_errors=True)
 
     targets = check_targets(results)
     results["targets"] = targets
