@@ -16,7 +16,25 @@ from .validation import DatabaseValidation
 
 __all__ = ["DatabaseWrapper"]
 
+# Stored on each psycopg connection: what the check saw, then the TLSInfo built from it.
+_LINK_ATTR = "_secure_pg_backend_link"
 _TLS_INFO_ATTR = "_secure_pg_backend_tls_info"
+
+
+def _tls_info_of(connection: Any) -> TLSInfo:
+    """Build (once) the TLSInfo of a verified connection, while its TLS session is live.
+
+    Built on first use rather than at connect time: a connection nobody inspects and
+    nobody logs costs only the two libpq calls the policy check needs.
+    """
+    info: TLSInfo | None = getattr(connection, _TLS_INFO_ATTR, None)
+    if info is None:
+        link = getattr(connection, _LINK_ATTR, None)
+        if link is None:  # pragma: no cover - every connection is verified on creation
+            raise ImproperlyConfigured("connection was not opened by secure_pg_backend")
+        info = inspect_connection(connection.pgconn, *link)
+        setattr(connection, _TLS_INFO_ATTR, info)
+    return info
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
@@ -25,11 +43,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     validation_class = DatabaseValidation
 
     _decision: policy.Decision | None = None
+    _decision_key: tuple[Any, ...] | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
     # -- settings -> libpq parameters, before any network I/O ------------------
     def get_connection_params(self) -> dict[str, Any]:
-        self._decision = policy.enforce(self.alias, self.settings_dict)
+        key = policy.fingerprint(self.settings_dict)
+        if key is None or key != self._decision_key or self._decision is None:
+            self._decision = policy.enforce(self.alias, self.settings_dict)
+            self._decision_key = key
         return policy.apply(self._decision, super().get_connection_params())
 
     # -- the connection, checked after the handshake ---------------------------
@@ -47,26 +69,24 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def _configure_connection(self, connection: Any) -> bool:
         # Django's pool calls this for every physical connection it opens.
-        if getattr(connection, _TLS_INFO_ATTR, None) is None:
+        if getattr(connection, _LINK_ATTR, None) is None:
             self._verify(connection)
         return bool(super()._configure_connection(connection))  # type: ignore[misc]
 
-    def _verify(self, connection: Any) -> TLSInfo:
+    def _verify(self, connection: Any) -> None:
+        """The post-handshake check: libpq state only, no SQL, no round trip."""
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             decision = policy.enforce(self.alias, self.settings_dict)
-        pgconn = connection.pgconn
-        facts = read_facts(pgconn)
+        facts = read_facts(connection.pgconn)
         problem = policy.check_link(decision, facts)
         if problem is not None:
             connection.close()
             raise InsecureConnectionError(
                 link_message(self.alias, facts.host, *problem), alias=self.alias, host=facts.host
             )
-        info = inspect_connection(pgconn, facts, decision)
-        setattr(connection, _TLS_INFO_ATTR, info)
-        logs.announce(info)
-        return info
+        setattr(connection, _LINK_ATTR, (facts, decision))
+        logs.announce(self.alias, lambda: _tls_info_of(connection))
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
@@ -78,9 +98,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self.connection is None:
             self.ensure_connection()
         info: TLSInfo | None = getattr(self.connection, _TLS_INFO_ATTR, None)
-        if info is None:  # pragma: no cover - every connection is verified on creation
-            raise ImproperlyConfigured("connection was not opened by secure_pg_backend")
-        return info
+        return info if info is not None else _tls_info_of(self.connection)
 
     # -- Django's pool, with refusals reported at once -------------------------
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .tlsinfo import TLSInfo
@@ -71,14 +72,21 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
     }
 
 
-def announce(info: TLSInfo) -> None:
-    """Log a new physical connection; the work happens only if the record is emitted."""
-    level = logging.INFO if _first_time(info.alias) else logging.DEBUG
-    cert = info.peer_certificate if level == logging.INFO else None
-    if cert is not None and cert.days_left() < EXPIRY_WARNING_DAYS:
-        level = logging.WARNING
+def announce(alias: str, build: Callable[[], TLSInfo]) -> None:
+    """Log a new physical connection; ``build`` runs only if a record will be emitted."""
+    if _first_time(alias):
+        if not logger.isEnabledFor(logging.WARNING):
+            return
+        info = build()
+        cert = info.peer_certificate
+        expiring = cert is not None and cert.days_left() < EXPIRY_WARNING_DAYS
+        level = logging.WARNING if expiring else logging.INFO
+    else:
+        level = logging.DEBUG
     if not logger.isEnabledFor(level):
         return
+    if level == logging.DEBUG:
+        info = build()
     logger.log(level, "secure_pg_backend: %s", describe(info), extra=extra_fields(info))
 
 

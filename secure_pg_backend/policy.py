@@ -28,6 +28,7 @@ __all__ = [
     "check_link",
     "enforce",
     "evaluate",
+    "fingerprint",
     "is_socket_host",
     "libpq_environment",
 ]
@@ -363,6 +364,38 @@ def evaluate(
         allow_legacy_ciphers=flags[ALLOW_LEGACY_CIPHERS],
     )
     return Evaluation(alias, host_display, (), decision)
+
+
+# Environment variables the rules above read. A decision may be reused while these,
+# HOST and OPTIONS are unchanged; add any variable a new rule reads.
+ENVIRONMENT_INPUTS = (
+    "PGSSLROOTCERT",
+    "PGSERVICEFILE",
+    "PGSYSCONFDIR",
+    "PGSERVICE",
+    "SSL_CERT_FILE",
+    "HOME",
+)
+
+
+def fingerprint(
+    settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> tuple[Any, ...] | None:
+    """A key under which a decision can be reused, or None when it must be re-evaluated.
+
+    With a service file involved the decision also depends on that file's contents,
+    so it is never reused. Files the decision names (the root certificate) are read
+    again by libpq on every connection, which reports them missing in its own words.
+    """
+    environ = os.environ if environ is None else environ
+    options = settings_dict.get("OPTIONS") or {}
+    if options.get("service") or environ.get("PGSERVICE"):
+        return None
+    return (
+        settings_dict.get("HOST"),
+        repr(options),
+        tuple(environ.get(name) for name in ENVIRONMENT_INPUTS),
+    )
 
 
 def enforce(

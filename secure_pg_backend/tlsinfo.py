@@ -147,9 +147,10 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     """Build the ``TLSInfo`` for an established (already policy-checked) connection."""
     attrs: dict[str, str | None] = {}
     der = None
-    if facts.ssl_in_use:
-        attrs = libpq.ssl_attributes(pgconn.pgconn_ptr)
-        der = libpq.peer_certificate_der(pgconn.pgconn_ptr)
+    ptr = pgconn.pgconn_ptr  # None once the connection is closed: nothing left to read
+    if facts.ssl_in_use and ptr:
+        attrs = libpq.ssl_attributes(ptr)
+        der = libpq.peer_certificate_der(ptr)
     port = _decode(pgconn.port)
     bits = attrs.get("key_bits")
     return TLSInfo(

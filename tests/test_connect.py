@@ -336,3 +336,33 @@ def test_only_one_libpq_is_loaded(make_wrapper: Wrapper, good_server: TLSPostgre
         libpqs = {line.split()[-1] for line in maps if "/libpq" in line}
     assert len(libpqs) == 1, libpqs
     assert "psycopg_binary" in next(iter(libpqs))
+
+
+def test_changed_settings_are_evaluated_again(
+    make_wrapper: Wrapper, good_server: TLSPostgres
+) -> None:
+    # The decision is reused between connections only while its inputs are unchanged.
+    wrapper = make_wrapper(good_server.database_settings(), alias="mutable")
+    wrapper.ensure_connection()
+    wrapper.close()
+    wrapper.settings_dict["OPTIONS"]["sslmode"] = "require"
+    with pytest.raises(ImproperlyConfigured, match="'require'"):
+        wrapper.ensure_connection()
+
+
+def test_changed_environment_is_evaluated_again(
+    make_wrapper: Wrapper,
+    good_server: TLSPostgres,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PGSSLROOTCERT", good_server.root_cert)
+    settings = good_server.database_settings()
+    del settings["OPTIONS"]["sslrootcert"]
+    wrapper = make_wrapper(settings, alias="envroot")
+    assert wrapper.tls_info.root_cert_source == "PGSSLROOTCERT"
+    wrapper.close()
+    monkeypatch.delenv("PGSSLROOTCERT")
+    with pytest.raises(ImproperlyConfigured, match="sslrootcert"):
+        wrapper.ensure_connection()

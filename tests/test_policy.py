@@ -418,3 +418,20 @@ def test_link_below_minimum_fails() -> None:
         strict, facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256")
     )
     assert problem is not None and "below the minimum TLSv1.3" in problem[0]
+
+
+# -- reusing a decision -----------------------------------------------------------------------
+def test_fingerprint_changes_with_every_input(root_cert: str) -> None:
+    settings = entry(root_cert)
+    key = policy.fingerprint(settings, {})
+    assert key == policy.fingerprint(entry(root_cert), {})
+    assert key != policy.fingerprint(entry(root_cert, sslmode="require"), {})
+    assert key != policy.fingerprint(entry(root_cert, host="other.example.com"), {})
+    for name in policy.ENVIRONMENT_INPUTS:
+        assert key != policy.fingerprint(settings, {name: "x"}), name
+
+
+def test_no_fingerprint_when_a_service_file_is_involved(root_cert: str) -> None:
+    # The service file's contents are an input too, so such decisions are never reused.
+    assert policy.fingerprint(entry(root_cert, service="svc"), {}) is None
+    assert policy.fingerprint(entry(root_cert), {"PGSERVICE": "svc"}) is None
