@@ -26,6 +26,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class TestCA:
         self.key_type = trustme.KeyType.RSA if rsa else trustme.KeyType.ECDSA
         self.ca = trustme.CA(key_type=self.key_type)
         self._dir = directory or Path(tempfile.mkdtemp(prefix="spb-ca-"))
+        if directory is None:  # ours: remove it with the CA (or at interpreter exit)
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
         self.cert_path = self._dir / f"ca-{id(self):x}.pem"
         self.ca.cert_pem.write_to_path(str(self.cert_path))
 
