@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error
 
 from . import policy
-from .errors import redact
+from .errors import location, redact
 
 __all__ = ["ENGINES", "check_databases"]
 
@@ -29,9 +29,7 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
         if settings_dict.get("ENGINE") not in ENGINES:
             continue
         result = policy.evaluate(alias, settings_dict)
-        where = f"DATABASES[{alias!r}]"
-        if result.host:
-            where += f" (host {result.host!r})"
+        where = location(alias, result.host)
         password = settings_dict.get("PASSWORD")
         for violation in result.violations:
             errors.append(

@@ -18,6 +18,12 @@ def redact(text: str, secret: object) -> str:
     return text
 
 
+def location(alias: str, host: str | None) -> str:
+    """How every message names the configuration at fault: ``DATABASES['x'] (host 'h')``."""
+    where = f"DATABASES[{alias!r}]"
+    return f"{where} (host {host!r})" if host else where
+
+
 @dataclass(frozen=True)
 class Violation:
     """One broken rule: the check id it is reported under, what is wrong, the fix."""
@@ -27,10 +33,7 @@ class Violation:
     fix: str
 
     def render(self, alias: str, host: str | None) -> str:
-        where = f"DATABASES[{alias!r}]"
-        if host:
-            where += f" (host {host!r})"
-        return f"{where}: {self.problem} Fix: {self.fix}"
+        return f"{location(alias, host)}: {self.problem} Fix: {self.fix}"
 
 
 class SecurePolicyError(ImproperlyConfigured):
@@ -72,9 +75,7 @@ class InsecureConnectionError(OperationalError):
 
 
 def link_message(alias: str, host: str | None, problem: str, fix: str) -> str:
-    where = f"DATABASES[{alias!r}]"
-    if host:
-        where += f" (host {host!r})"
+    where = location(alias, host)
     return f"secure_pg_backend refused the connection for {where}: {problem} Fix: {fix}"
 
 

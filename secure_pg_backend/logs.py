@@ -37,15 +37,12 @@ def expiry_text(info: TLSInfo, now: dt.datetime | None = None) -> str:
 
 
 def describe(info: TLSInfo) -> str:
-    where = f"{info.host}:{info.port}" if info.port else info.host
-    if info.hostaddr:
-        where += f" ({info.hostaddr})"
     if not info.tls:
         link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
     else:
         link = f"with {info.protocol} {info.cipher} ({info.key_bits}-bit)"
     text = (
-        f"database alias {info.alias!r} connected to {where} database {info.database!r} "
+        f"database alias {info.alias!r} connected to {info.endpoint} database {info.database!r} "
         f"{link}, sslmode={info.sslmode}, root certificate {info.root_cert} "
         f"({info.root_cert_source})"
     )

@@ -94,6 +94,14 @@ class TLSInfo:
     def tls(self) -> bool:
         return self.transport == "tls"
 
+    @property
+    def endpoint(self) -> str:
+        """``host:port``, with the address reached when it differs from the name."""
+        where = f"{self.host}:{self.port}" if self.port else self.host
+        if self.hostaddr and self.hostaddr != self.host:
+            where += f" ({self.hostaddr})"
+        return where
+
     @cached_property
     def peer_certificate(self) -> PeerCertificate | None:
         """Parsed on first access (the DER was copied while the session was live)."""

@@ -21,12 +21,9 @@ from ...tlsinfo import TLSInfo
 
 def describe(info: TLSInfo) -> str:
     """One line: the banner, then where, what was trusted and the server certificate."""
-    where = f"{info.host}:{info.port}" if info.port else info.host
-    if info.hostaddr and info.hostaddr != info.host:
-        where += f" ({info.hostaddr})"
     parts = [
         f"{info.alias}: {info.summary()}",
-        f"host {where}",
+        f"host {info.endpoint}",
         f"database {info.database!r}",
         f"root certificate {info.root_cert} ({info.root_cert_source})",
     ]
