@@ -17,13 +17,18 @@ from typing import Any
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
+from .errors import InsecureConnectionError
+
 
 class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
     def __init__(
-        self, *args: Any, explain: Callable[[Exception], Exception | None], **kwargs: Any
+        self,
+        *args: Any,
+        explain: Callable[[Exception], InsecureConnectionError | None],
+        **kwargs: Any,
     ) -> None:
         self._explain = explain
-        self._refusal: Exception | None = None
+        self._refusal: InsecureConnectionError | None = None
         super().__init__(*args, **kwargs)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
@@ -38,7 +43,7 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
                 waiting = list(self._waiting)
                 self._waiting.clear()
             for client in waiting:
-                client.fail(refusal)
+                client.fail(refusal.copy())
             raise refusal from exc
         self._refusal = None
         return conn
@@ -51,5 +56,5 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
                 if not idle:
                     self._maybe_grow_pool()  # keep trying, so a fixed server heals us
             if not idle:
-                raise refusal.copy() if hasattr(refusal, "copy") else refusal
+                raise refusal.copy()  # one instance per raising thread
         return super().getconn(timeout)
