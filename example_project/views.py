@@ -12,7 +12,7 @@ from django.shortcuts import render
 
 from secure_pg_backend.base import DatabaseWrapper
 from secure_pg_backend.errors import redact
-from secure_pg_backend.logs import EXPIRY_WARNING_DAYS, expiry_text
+from secure_pg_backend.logs import expiry_text
 from secure_pg_backend.tlsinfo import TLSInfo
 
 MONO_LABELS = ("Serial number", "SHA-256 fingerprint")
@@ -47,9 +47,6 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
         text = " ".join(str(exc).split())
         return AliasReport(alias, error=redact(text, wrapper.settings_dict.get("PASSWORD")))
     report = AliasReport(alias, info=info)
-    address = f"{info.host}:{info.port}" if info.port else info.host
-    if info.hostaddr and info.hostaddr != info.host:
-        address += f" ({info.hostaddr})"
     report.connection_rows = [
         ("Transport", "TLS" if info.tls else "Unix-domain socket, no TLS (opted in)"),
         ("Protocol", info.protocol or "—"),
@@ -58,7 +55,7 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
         ("Compression", "on" if info.compression else "off"),
         ("ALPN", info.alpn or "none"),
         ("TLS library", info.library or "—"),
-        ("Server", address),
+        ("Server", info.endpoint),
         ("Database", info.database),
         ("sslmode", info.sslmode),
         ("Minimum protocol", info.min_protocol),
@@ -68,7 +65,7 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
     cert = info.peer_certificate
     if cert is not None:
         report.expiry = expiry_text(info)
-        report.expiring_soon = cert.days_left() < EXPIRY_WARNING_DAYS
+        report.expiring_soon = cert.expires_soon()
         report.certificate_rows = [
             ("Subject", cert.subject),
             ("Issuer", cert.issuer),

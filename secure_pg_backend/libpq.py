@@ -124,11 +124,12 @@ def functions() -> _Functions:
     return _Functions(ssl_attribute, ssl_struct, peer, i2d, free)
 
 
-_ATTRIBUTES = (b"library", b"protocol", b"cipher", b"key_bits", b"compression", b"alpn")
+# protocol and cipher are read by the post-handshake check itself (tlsinfo.read_facts).
+_ATTRIBUTES = (b"library", b"key_bits", b"compression", b"alpn")
 
 
 def ssl_attributes(pgconn_ptr: int) -> dict[str, str | None]:
-    """``PQsslAttribute`` for the standard names; values are None when unset."""
+    """``PQsslAttribute`` for the names the check did not read; None when unset."""
     get = functions().ssl_attribute
     out: dict[str, str | None] = {}
     for name in _ATTRIBUTES:

@@ -12,8 +12,6 @@ from .tlsinfo import TLSInfo
 
 logger = logging.getLogger("secure_pg_backend")
 
-EXPIRY_WARNING_DAYS = 30
-
 _announced: set[str] = set()
 _lock = threading.Lock()
 
@@ -76,7 +74,7 @@ def announce(alias: str, build: Callable[[], TLSInfo]) -> None:
             return
         info = build()
         cert = info.peer_certificate
-        expiring = cert is not None and cert.days_left() < EXPIRY_WARNING_DAYS
+        expiring = cert is not None and cert.expires_soon()
         level = logging.WARNING if expiring else logging.INFO
     else:
         level = logging.DEBUG

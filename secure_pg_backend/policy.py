@@ -296,21 +296,19 @@ def evaluate(
     # Where will libpq connect? HOST wins over OPTIONS['host'] (Django's order),
     # then the service file; PGHOST and libpq's default socket are refused.
     service_name = options.get("service")
-    service: dict[str, str] | None = None
-    if service_name:
-        service = _service_entry(str(service_name), environ)
+    service = _service_entry(str(service_name), environ) if service_name else None
     # libpq fills every keyword not passed explicitly from the service entry (named in
     # OPTIONS, else by PGSERVICE), so a service file could turn on the key log that OPTIONS
     # may not. requiressl there is moot: the explicit sslmode outranks it.
-    keylog_service = str(service_name or environ.get("PGSERVICE") or "")
-    keylog_entry = service if service_name else None
-    if keylog_service and not service_name:
-        keylog_entry = _service_entry(keylog_service, environ)
-    if keylog_entry and "sslkeylogfile" in keylog_entry:
+    filler_name = service_name or environ.get("PGSERVICE")
+    filler = service if service_name else None
+    if filler_name and not service_name:
+        filler = _service_entry(str(filler_name), environ)
+    if filler and "sslkeylogfile" in filler:
         violations.append(
             Violation(
                 E_WEAKENING,
-                f"the pg_service.conf entry {keylog_service!r} sets 'sslkeylogfile'; it "
+                f"the pg_service.conf entry {str(filler_name)!r} sets 'sslkeylogfile'; it "
                 f"{WEAKENING_KEYWORDS['sslkeylogfile']}.",
                 "remove sslkeylogfile from that service entry.",
             )

@@ -27,8 +27,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,16 +361,3 @@ class TLSPostgres:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-@contextmanager
-def running(servers: Iterable[TLSPostgres]) -> Iterator[list[TLSPostgres]]:
-    """Start several servers; stop all of them on exit, even after a failure."""
-    started: list[TLSPostgres] = []
-    try:
-        for server in servers:
-            started.append(server.start())
-        yield started
-    finally:
-        for server in started:
-            server.stop()

@@ -17,7 +17,10 @@ from typing import Any
 from . import libpq
 from .policy import Decision, LinkFacts
 
-__all__ = ["PeerCertificate", "TLSInfo", "inspect_connection"]
+__all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
+
+# Log line, system check W001 and the example page all warn from this many days out.
+EXPIRY_WARNING_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class PeerCertificate:
     def days_left(self, now: dt.datetime | None = None) -> int:
         now = now or dt.datetime.now(dt.timezone.utc)
         return (self.not_after - now).days
+
+    def expires_soon(self, now: dt.datetime | None = None) -> bool:
+        return self.days_left(now) < EXPIRY_WARNING_DAYS
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -10,7 +10,7 @@ from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
 from .errors import redact
-from .logs import EXPIRY_WARNING_DAYS, expiry_text
+from .logs import expiry_text
 
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
@@ -40,7 +40,7 @@ class DatabaseValidation(BaseDatabaseValidation):
             )
             return issues
         cert = info.peer_certificate
-        if cert is not None and cert.days_left() < EXPIRY_WARNING_DAYS:
+        if cert is not None and cert.expires_soon():
             issues.append(
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
