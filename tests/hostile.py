@@ -19,8 +19,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from secure_pg_backend.testing import LeafPair
+
+if TYPE_CHECKING:
+    from typing import Self
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 GSSENC_REQUEST_CODE = 80877104
@@ -93,7 +97,58 @@ class _Conn:
         return out
 
 
-class HostileServer:
+class _LoopbackServer:
+    """A listener on 127.0.0.1 with one handler thread per connection, bounded in time.
+
+    Subclasses set their own state, then call ``super().__init__()`` (which starts
+    accepting), and implement ``_register`` (per-connection bookkeeping, in the
+    acceptor) and ``_handle`` (the conversation, in its own thread).
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(5)
+        for thread in list(self._threads):
+            thread.join(5)
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        deadline = time.monotonic() + 600
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            state = self._register()
+            thread = threading.Thread(target=self._handle, args=(client, state), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _register(self) -> Any:
+        raise NotImplementedError
+
+    def _handle(self, client: socket.socket, state: Any) -> None:
+        raise NotImplementedError
+
+
+class HostileServer(_LoopbackServer):
     """A fake PostgreSQL server that misbehaves in one chosen way.
 
     ``behaviour``:
@@ -116,15 +171,7 @@ class HostileServer:
         self.context = self._context(leaf, max_protocol) if leaf else None
         self.recordings: list[Recording] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
+        super().__init__()
 
     @staticmethod
     def _context(leaf: LeafPair, max_protocol: str | None) -> ssl.SSLContext:
@@ -145,19 +192,6 @@ class HostileServer:
         return ctx
 
     # -- lifecycle ---------------------------------------------------------------
-    def __enter__(self) -> HostileServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(5)
-        for thread in list(self._threads):
-            thread.join(5)
-        self.sock.close()
-
     def settle(self, timeout: float = 10.0) -> None:
         """Wait (bounded) until every handler has finished recording its connection."""
         deadline = time.monotonic() + timeout
@@ -176,21 +210,13 @@ class HostileServer:
         return b"".join(bytes(r.raw) + bytes(r.decrypted) for r in self.recordings)
 
     # -- serving -----------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        deadline = time.monotonic() + 600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                continue
-            record = Recording()
-            with self._lock:
-                self.recordings.append(record)
-            thread = threading.Thread(target=self._serve, args=(client, record), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _register(self) -> Recording:
+        record = Recording()
+        with self._lock:
+            self.recordings.append(record)
+        return record
 
-    def _serve(self, client: socket.socket, record: Recording) -> None:
+    def _handle(self, client: socket.socket, record: Recording) -> None:
         with client:
             conn = _Conn(client, record, time.monotonic() + CONNECTION_DEADLINE)
             try:
@@ -296,7 +322,7 @@ def _cleartext_password_request() -> bytes:
     return b"R" + struct.pack("!ii", 8, 3)
 
 
-class RecordingProxy:
+class RecordingProxy(_LoopbackServer):
     """A transparent TCP proxy that records what the client sends before TLS starts.
 
     Plaintext is recorded until the server answers the SSLRequest with ``S``; after that it
@@ -309,45 +335,22 @@ class RecordingProxy:
         self.first_tls_bytes: list[bytes] = []  # per connection: the client's first TLS bytes
         self.server_answers: list[bytes] = []  # per connection: the server's 1-byte answer
         self.after_tls: list[bytearray] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(5)
-        for thread in list(self._threads):
-            thread.join(5)
-        self.sock.close()
+        super().__init__()
 
     def settle(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _accept_loop(self) -> None:
-        deadline = time.monotonic() + 600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                continue
-            index = len(self.before_tls)
-            self.before_tls.append(b"")
-            self.first_tls_bytes.append(b"")
-            self.server_answers.append(b"")
-            self.after_tls.append(bytearray())
-            thread = threading.Thread(target=self._relay, args=(client, index), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _register(self) -> int:
+        index = len(self.before_tls)
+        self.before_tls.append(b"")
+        self.first_tls_bytes.append(b"")
+        self.server_answers.append(b"")
+        self.after_tls.append(bytearray())
+        return index
 
-    def _relay(self, client: socket.socket, index: int) -> None:
+    def _handle(self, client: socket.socket, index: int) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
         with client, upstream:
             tls_started = False
