@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 test: system-deps lint test-dj52 test-dj61
 
 system-deps:
-	@scripts/system-deps
+	@scripts/system-deps test
 
 $(VENV_DJ52)/.installed: pyproject.toml ci/django52.txt
 	$(PY311) -m venv $(VENV_DJ52)
@@ -36,7 +36,8 @@ test-dj52: $(VENV_DJ52)/.installed system-deps
 test-dj61: $(VENV_DJ61)/.installed system-deps
 	$(VENV_DJ61)/bin/python -m pytest $(PYTEST_ARGS)
 
-demo: $(VENV_DJ52)/.installed system-deps
+demo: $(VENV_DJ52)/.installed
+	@scripts/system-deps demo
 	$(VENV_DJ52)/bin/python -m example_project.demo
 
 bench: $(VENV_DJ52)/.installed system-deps
