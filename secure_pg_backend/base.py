@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 
-from . import logs, policy
+from . import logs, policy, signals
 from .client import DatabaseClient
-from .errors import InsecureConnectionError, explain_libpq_error, link_message
+from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
 from .validation import DatabaseValidation
 
-__all__ = ["DatabaseWrapper"]
+__all__ = ["DatabaseWrapper", "VerifiedTLSMixin"]
 
 # Stored on each psycopg connection: what the check saw, then the TLSInfo built from it.
 _LINK_ATTR = "_secure_pg_backend_link"
@@ -37,8 +37,18 @@ def _tls_info_of(connection: Any) -> TLSInfo:
     return info
 
 
-class DatabaseWrapper(postgresql.DatabaseWrapper):
-    display_name = "PostgreSQL (verified TLS)"
+if TYPE_CHECKING:  # the mixin is only ever combined with a postgresql wrapper
+    _WrapperBase = postgresql.DatabaseWrapper
+else:
+    _WrapperBase = object
+
+
+class VerifiedTLSMixin(_WrapperBase):
+    """The whole TLS policy, on top of any wrapper derived from Django's postgresql one.
+
+    Put it first: ``class DatabaseWrapper(VerifiedTLSMixin, other.DatabaseWrapper)``.
+    """
+
     client_class = DatabaseClient
     validation_class = DatabaseValidation
 
@@ -50,7 +60,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def get_connection_params(self) -> dict[str, Any]:
         key = policy.fingerprint(self.settings_dict)
         if key is None or key != self._decision_key or self._decision is None:
-            self._decision = policy.enforce(self.alias, self.settings_dict)
+            try:
+                self._decision = policy.enforce(self.alias, self.settings_dict)
+            except SecurePolicyError as error:
+                signals.connection_refused.send(type(self), alias=self.alias, error=error)
+                raise
             self._decision_key = key
         return policy.apply(self._decision, super().get_connection_params())
 
@@ -62,6 +76,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             refusal = self._explain(exc)
             if refusal is None:
                 raise
+            signals.connection_refused.send(type(self), alias=self.alias, error=refusal)
             raise refusal from exc
         if self.pool is None:  # pooled connections were verified in the pool's configure
             self._verify(connection)
@@ -82,11 +97,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         problem = policy.check_link(decision, facts)
         if problem is not None:
             connection.close()
-            raise InsecureConnectionError(
+            error = InsecureConnectionError(
                 link_message(self.alias, facts.host, *problem), alias=self.alias, host=facts.host
             )
+            signals.connection_refused.send(type(self), alias=self.alias, error=error)
+            raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
         logs.announce(self.alias, lambda: _tls_info_of(connection))
+        signals.connection_verified.send(
+            type(self), alias=self.alias, tls_info=lambda: _tls_info_of(connection)
+        )
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
@@ -135,3 +155,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             )
             self._connection_pools.setdefault(self.alias, pool)
         return self._connection_pools[self.alias]
+
+
+class DatabaseWrapper(VerifiedTLSMixin, postgresql.DatabaseWrapper):
+    display_name = "PostgreSQL (verified TLS)"
