@@ -8,7 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 
-from . import logs, policy, signals
+from . import compat, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
@@ -58,6 +58,7 @@ class VerifiedTLSMixin(_WrapperBase):
 
     # -- settings -> libpq parameters, before any network I/O ------------------
     def get_connection_params(self) -> dict[str, Any]:
+        compat.check_keywords(self.alias, self.settings_dict)  # libpq too old for a keyword
         key = policy.fingerprint(self.settings_dict)
         if key is None or key != self._decision_key or self._decision is None:
             try:

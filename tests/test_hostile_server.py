@@ -20,6 +20,7 @@ import pytest
 from django.db.utils import ConnectionHandler, OperationalError
 
 from secure_pg_backend import InsecureConnectionError
+from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
 from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
@@ -124,6 +125,17 @@ def _attack(server: HostileServer, wrapper: Any) -> tuple[OperationalError, floa
     return error, elapsed
 
 
+def _refused_by_old_libpq(wrapper: Any, keyword: str) -> bool:
+    """On a libpq too old for ``keyword`` (C/Python builds), the clear refusal is the result."""
+    import psycopg
+
+    if psycopg.pq.version() >= NEWER_KEYWORDS[keyword]:
+        return False
+    with pytest.raises(LibpqSupportError, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
+        wrapper.ensure_connection()
+    return True
+
+
 def _leaked(server: HostileServer, needles: tuple[bytes, ...] = NEEDLES) -> list[bytes]:
     found = [n for n in needles if n in server.all_bytes()]
     TALLY.secrets_leaked += len(found)
@@ -185,6 +197,10 @@ def test_untrusted_certificate_is_refused_before_anything_is_sent(
     ca: TestCA, scenario: str
 ) -> None:
     make_leaf, options, reason = CERT_SCENARIOS[scenario]
+    if "sslnegotiation" in options and _refused_by_old_libpq(
+        _wrapper(1, ca, **options), "sslnegotiation"
+    ):
+        return
     with HostileServer("tls", make_leaf(ca)) as server:
         error, _ = _attack(server, _wrapper(server.port, ca, **options))
     assert isinstance(error, InsecureConnectionError)
@@ -232,6 +248,8 @@ def test_right_certificate_then_misbehaviour_fails_cleanly(ca: TestCA, behaviour
 
 def test_require_auth_stops_a_cleartext_password_phish(ca: TestCA) -> None:
     """Defence in depth, passed through to libpq: a stolen server key cannot phish the password."""
+    if _refused_by_old_libpq(_wrapper(1, ca, require_auth="scram-sha-256"), "require_auth"):
+        return
     with HostileServer("tls", ca.issue("localhost", "127.0.0.1")) as server:
         error, _ = _attack(server, _wrapper(server.port, ca, require_auth="scram-sha-256"))
     assert "password" in str(error)

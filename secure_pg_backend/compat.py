@@ -1,0 +1,124 @@
+"""What this process's psycopg and libpq can do, checked up front with a clear error.
+
+Three things go wrong far from their cause without these checks:
+
+* Django's postgresql backend silently falls back to psycopg2 when psycopg 3 is
+  missing; this backend reads psycopg 3's ``PGconn`` and would fail deep inside
+  with a ``ModuleNotFoundError``.
+* The policy forces ``ssl_min_protocol_version``, which libpq only knows from
+  PostgreSQL 13 on. psycopg's C and pure-Python builds use whatever libpq the
+  system has (Debian 12: 15, Ubuntu 22.04: 14, older distributions: 12 or less).
+* A libpq keyword that is newer than the loaded libpq (``sslnegotiation`` on
+  libpq 15, say) fails at connect time with libpq's ``invalid connection
+  option``, which names neither the alias nor the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from .errors import location
+
+__all__ = [
+    "MIN_LIBPQ",
+    "NEWER_KEYWORDS",
+    "LibpqSupportError",
+    "check_keywords",
+    "describe_libpq",
+    "require_libpq",
+    "require_psycopg",
+]
+
+# ssl_min_protocol_version: the first libpq that lets a client refuse TLS 1.0/1.1.
+MIN_LIBPQ = 130000
+
+# libpq keywords added after the floor -> the first libpq that knows them (release notes).
+NEWER_KEYWORDS = {
+    "require_auth": 160000,
+    "sslcertmode": 160000,
+    "load_balance_hosts": 160000,
+    "sslnegotiation": 170000,
+    "sslkeylogfile": 180000,
+    "min_protocol_version": 180000,
+    "max_protocol_version": 180000,
+    "oauth_issuer": 180000,
+    "oauth_client_id": 180000,
+    "oauth_client_secret": 180000,
+    "oauth_scope": 180000,
+}
+
+_INSTALL_FIX = (
+    "install psycopg 3 (pip install 'secure-pg-backend', which brings psycopg[binary]); "
+    "psycopg2 may stay installed next to it, but this backend only runs on psycopg 3."
+)
+
+
+class LibpqSupportError(ImproperlyConfigured):
+    """psycopg or libpq in this process cannot give the guarantees this backend makes."""
+
+
+def require_psycopg() -> None:
+    """Raise one clear error when psycopg 3 cannot be imported."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as error:
+        raise LibpqSupportError(
+            f"secure_pg_backend needs psycopg 3, which cannot be imported ({error}). "
+            f"Fix: {_INSTALL_FIX}"
+        ) from None
+
+
+def _version_text(version: int) -> str:
+    major, rest = divmod(version, 10000)
+    return f"{major}.{rest}" if major >= 10 else f"{major}.{rest // 100}.{rest % 100}"
+
+
+def describe_libpq() -> str:
+    """``libpq 15.18 (psycopg's c build)``: what a message about libpq should name."""
+    import psycopg
+
+    return f"libpq {_version_text(psycopg.pq.version())} (psycopg's {psycopg.pq.__impl__} build)"
+
+
+def require_libpq(version: int | None = None) -> None:
+    """Refuse a libpq that cannot enforce the minimum TLS version."""
+    import psycopg
+
+    version = psycopg.pq.version() if version is None else version
+    if version < MIN_LIBPQ:
+        raise LibpqSupportError(
+            f"secure_pg_backend needs libpq 13 or newer (for ssl_min_protocol_version); "
+            f"psycopg's {psycopg.pq.__impl__} build uses libpq {_version_text(version)}. "
+            "Fix: install psycopg[binary] (it bundles a current libpq), or upgrade the "
+            "system's libpq (Debian/Ubuntu: libpq5) and rebuild psycopg[c]."
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _known_keywords() -> frozenset[str]:
+    """Every connection keyword the loaded libpq accepts (PQconndefaults)."""
+    from psycopg import pq
+
+    return frozenset(opt.keyword.decode() for opt in pq.Conninfo.get_defaults())
+
+
+def check_keywords(alias: str, settings_dict: Mapping[str, Any]) -> None:
+    """Name the OPTIONS keys the loaded libpq is too old for, with the fix."""
+    options = settings_dict.get("OPTIONS") or {}
+    known = _known_keywords()
+    too_new = [key for key in options if key in NEWER_KEYWORDS and key not in known]
+    if not too_new:
+        return
+    needs = max(NEWER_KEYWORDS[key] for key in too_new)
+    keys = ", ".join(f"OPTIONS[{key!r}]" for key in too_new)
+    raise LibpqSupportError(
+        f"secure_pg_backend refused the database settings: "
+        f"{location(alias, settings_dict.get('HOST') or None)}: {keys} needs libpq "
+        f"{_version_text(needs)} or newer, and this process uses {describe_libpq()}. "
+        f"Fix: remove {keys}, or install psycopg[binary] (it bundles a current libpq), "
+        "or upgrade the system's libpq and rebuild psycopg[c]."
+    )

@@ -1,0 +1,87 @@
+"""This process's psycopg and libpq: clear refusals instead of errors from deep inside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import psycopg
+import pytest
+
+from secure_pg_backend import compat
+from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
+
+
+def test_libpq_12_is_refused_with_the_fix() -> None:
+    with pytest.raises(LibpqSupportError) as info:
+        compat.require_libpq(120017)
+    message = str(info.value)
+    assert "needs libpq 13 or newer" in message
+    assert "libpq 12.17" in message
+    assert f"psycopg's {psycopg.pq.__impl__} build" in message
+    assert "Fix: install psycopg[binary]" in message
+
+
+def test_libpq_13_and_this_process_libpq_are_accepted() -> None:
+    compat.require_libpq(130000)
+    compat.require_libpq()  # whatever this environment's psycopg build loaded
+
+
+@pytest.mark.parametrize("keyword", sorted(NEWER_KEYWORDS))
+def test_a_keyword_newer_than_the_loaded_libpq_names_alias_key_and_fix(keyword: str) -> None:
+    # Checked against the real libpq's PQconndefaults: the table's versions must agree with it.
+    settings = {"HOST": "db.example", "OPTIONS": {keyword: "x"}}
+    if psycopg.pq.version() >= NEWER_KEYWORDS[keyword]:
+        compat.check_keywords("default", settings)
+        return
+    with pytest.raises(LibpqSupportError) as info:
+        compat.check_keywords("default", settings)
+    message = str(info.value)
+    assert "DATABASES['default'] (host 'db.example')" in message
+    assert f"OPTIONS['{keyword}'] needs libpq" in message
+    assert compat.describe_libpq() in message
+    assert "Fix: remove" in message
+
+
+def test_every_newer_keyword_is_known_to_a_libpq_that_new() -> None:
+    known = compat._known_keywords()
+    version = psycopg.pq.version()
+    for keyword, since in NEWER_KEYWORDS.items():
+        if version >= since and not keyword.startswith("oauth_"):  # oauth: build option
+            assert keyword in known, keyword
+
+
+def test_version_text() -> None:
+    assert compat._version_text(150018) == "15.18"
+    assert compat._version_text(180000) == "18.0"
+    assert compat._version_text(90624) == "9.6.24"
+
+
+_NO_PSYCOPG = """
+import sys
+sys.modules["psycopg"] = None  # as if only psycopg2 (or nothing) were installed
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS={apps!r},
+    DATABASES={{"default": {{"ENGINE": "secure_pg_backend", "NAME": "app", "HOST": "db.test"}}}},
+)
+django.setup()
+from django.db import connection
+connection.ensure_connection()
+"""
+
+
+@pytest.mark.parametrize("apps", [[], ["secure_pg_backend"]], ids=["engine-only", "installed-app"])
+def test_without_psycopg3_the_engine_says_so_in_one_clear_error(apps: list[str]) -> None:
+    script = textwrap.dedent(_NO_PSYCOPG.format(apps=apps))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("secure_pg_backend.compat.LibpqSupportError: ")
+    assert "secure_pg_backend needs psycopg 3" in last_line
+    assert "psycopg2 may stay installed" in last_line
+    assert "ModuleNotFoundError" not in result.stderr
