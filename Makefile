@@ -1,16 +1,22 @@
 # One command each: `make test` (what CI runs), `make demo`, `make bench`.
-# Two environments: Django 5.2 LTS on Python 3.11, Django 6.1 on Python 3.12.
+# Two main environments: Django 5.2 LTS on Python 3.11, Django 6.1 on Python 3.12.
+# The rest of the support matrix (docs/support.md) is `make test-matrix`, also part of `make test`.
 
 SHELL := /bin/bash
 PY311 ?= $(shell scripts/find-python 3.11)
 PY312 ?= $(shell scripts/find-python 3.12)
+PY310 ?= $(shell scripts/find-python 3.10)
+PY313 ?= $(shell scripts/find-python 3.13)
 VENV_DJ52 := .venv
 VENV_DJ61 := .venv-dj61
 PYTEST_ARGS ?=
 
 .PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
+.PHONY: matrix-venvs test-matrix test-c test-python test-lowest test-pairs
 
-test: system-deps lint test-dj52 test-dj61
+test: system-deps
+	$(MAKE) --no-print-directory -j3 -Otarget matrix-venvs
+	$(MAKE) --no-print-directory lint test-dj52 test-dj61 test-matrix
 
 system-deps:
 	@scripts/system-deps test
@@ -18,6 +24,7 @@ system-deps:
 $(VENV_DJ52)/.installed: pyproject.toml ci/django52.txt
 	$(PY311) -m venv $(VENV_DJ52)
 	$(VENV_DJ52)/bin/pip install -q --disable-pip-version-check -c ci/django52.txt -e '.[dev]'
+	$(VENV_DJ52)/bin/$(PIP) -c ci/django52.txt $(PROMETHEUS)
 	touch $@
 
 $(VENV_DJ61)/.installed: pyproject.toml ci/django61.txt
@@ -44,4 +51,58 @@ bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py
 
 clean:
-	rm -rf $(VENV_DJ52) $(VENV_DJ61) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache
+
+# -- the support matrix (docs/support.md) -------------------------------------------------
+# Full suite: psycopg's C build and pure-Python build against the distribution's libpq, and
+# the lowest versions pyproject allows. Core subset: every other valid Python x Django pair.
+# django-prometheus 2.5 supports Django < 6.1, so only the 5.2 and 6.0 environments get it.
+PIP := pip install -q --disable-pip-version-check
+PROMETHEUS := 'django-prometheus>=2.5'
+# What proves the backend end to end: verified connects and refusals, the live certificate,
+# the libpq/psycopg checks, `system` roots, the pool, PostGIS and the composed backends.
+CORE_TESTS := tests/test_connect.py tests/test_peer_certificate.py tests/test_compat.py \
+	tests/test_system_truststore.py tests/test_pool.py tests/test_postgis.py \
+	tests/test_composition_tenants.py tests/test_composition_prometheus.py
+VENV_C := .venv-c
+VENV_LOWEST := .venv-lowest
+VENV_PAIRS := .venv-py312-dj52 .venv-py313-dj52 .venv-py312-dj60 .venv-py313-dj60
+MATRIX_VENVS := $(VENV_C) $(VENV_LOWEST) $(VENV_PAIRS)
+
+matrix-venvs: $(VENV_DJ52)/.installed $(VENV_DJ61)/.installed $(MATRIX_VENVS:%=%/.installed)
+
+# Python 3.13 + Django 6.1 + psycopg[c] built against libpq-dev (also runs PSYCOPG_IMPL=python).
+$(VENV_C)/.installed: pyproject.toml ci/django61.txt ci/psycopg-c.txt
+	$(PY313) -m venv $(VENV_C)
+	$(VENV_C)/bin/$(PIP) -c ci/django61.txt -e '.[test]' -r ci/psycopg-c.txt
+	touch $@
+
+# Python 3.10 + exactly the lowest bounds (ci/lowest.txt).
+$(VENV_LOWEST)/.installed: pyproject.toml ci/lowest.txt
+	$(PY310) -m venv $(VENV_LOWEST)
+	$(VENV_LOWEST)/bin/$(PIP) -c ci/lowest.txt -e '.[test]' 'django-prometheus==2.5.0'
+	touch $@
+
+# .venv-py313-dj60 = Python 3.13 + ci/django60.txt
+.venv-py%/.installed: pyproject.toml ci/django52.txt ci/django60.txt
+	py=$$(echo '$*' | sed -E 's/^([0-9])([0-9]+)-.*/\1.\2/') && dj=$$(echo '$*' | sed 's/.*-dj//') && \
+	"$$(scripts/find-python $$py)" -m venv .venv-py$* && \
+	.venv-py$*/bin/$(PIP) -c ci/django$$dj.txt -e '.[test]' $(PROMETHEUS)
+	touch $@
+
+test-matrix: test-c test-python test-lowest test-pairs
+
+test-c: $(VENV_C)/.installed system-deps
+	$(VENV_C)/bin/python -c 'import psycopg; assert psycopg.pq.__impl__ == "c", psycopg.pq.__impl__'
+	$(VENV_C)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-python: $(VENV_C)/.installed system-deps
+	PSYCOPG_IMPL=python $(VENV_C)/bin/python -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
+
+test-lowest: $(VENV_LOWEST)/.installed system-deps
+	$(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-pairs: $(VENV_PAIRS:%=%/.installed) system-deps
+	set -e; for venv in $(VENV_PAIRS); do \
+		echo "== $$venv (core)"; $$venv/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS); \
+	done
