@@ -15,22 +15,18 @@ Three things go wrong far from their cause without these checks:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from typing import Any
-
 from django.core.exceptions import ImproperlyConfigured
 
-from .errors import location
+from .errors import Violation
 
 __all__ = [
     "MIN_LIBPQ",
     "NEWER_KEYWORDS",
     "LibpqSupportError",
-    "check_keywords",
     "describe_libpq",
     "require_libpq",
     "require_psycopg",
+    "too_new_violation",
 ]
 
 # ssl_min_protocol_version: the first libpq that lets a client refuse TLS 1.0/1.1.
@@ -98,27 +94,12 @@ def require_libpq(version: int | None = None) -> None:
         )
 
 
-@functools.lru_cache(maxsize=1)
-def _known_keywords() -> frozenset[str]:
-    """Every connection keyword the loaded libpq accepts (PQconndefaults)."""
-    from psycopg import pq
-
-    return frozenset(opt.keyword.decode() for opt in pq.Conninfo.get_defaults())
-
-
-def check_keywords(alias: str, settings_dict: Mapping[str, Any]) -> None:
-    """Name the OPTIONS keys the loaded libpq is too old for, with the fix."""
-    options = settings_dict.get("OPTIONS") or {}
-    known = _known_keywords()
-    too_new = [key for key in options if key in NEWER_KEYWORDS and key not in known]
-    if not too_new:
-        return
-    needs = max(NEWER_KEYWORDS[key] for key in too_new)
-    keys = ", ".join(f"OPTIONS[{key!r}]" for key in too_new)
-    raise LibpqSupportError(
-        f"secure_pg_backend refused the database settings: "
-        f"{location(alias, settings_dict.get('HOST') or None)}: {keys} needs libpq "
-        f"{_version_text(needs)} or newer, and this process uses {describe_libpq()}. "
-        f"Fix: remove {keys}, or install psycopg[binary] (it bundles a current libpq), "
-        "or upgrade the system's libpq and rebuild psycopg[c]."
+def too_new_violation(name: str, keyword: str) -> Violation:
+    """E009 for a libpq keyword this process's libpq is too old for (``inputs.screen``)."""
+    return Violation(
+        "E009",
+        f"{name} needs libpq {_version_text(NEWER_KEYWORDS[keyword])} or newer, and this "
+        f"process uses {describe_libpq()}, which would refuse it.",
+        f"remove {name}, or install psycopg[binary] (it bundles a current libpq), or "
+        "upgrade the system's libpq and rebuild psycopg[c].",
     )

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import ConnectionHandler, OperationalError
 
 from secure_pg_backend import InsecureConnectionError
-from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
+from secure_pg_backend.compat import NEWER_KEYWORDS
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
 from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
@@ -131,7 +132,7 @@ def _refused_by_old_libpq(wrapper: Any, keyword: str) -> bool:
 
     if psycopg.pq.version() >= NEWER_KEYWORDS[keyword]:
         return False
-    with pytest.raises(LibpqSupportError, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
+    with pytest.raises(ImproperlyConfigured, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
         wrapper.ensure_connection()
     return True
 
