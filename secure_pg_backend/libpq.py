@@ -72,7 +72,9 @@ def loaded_libpq() -> ctypes.CDLL:
     if impl == "python":
         from psycopg.pq import _pq_ctypes
 
-        return _pq_ctypes.pq  # type: ignore[attr-defined,no-any-return]
+        # A handle of our own on psycopg's library: a CDLL caches its function objects,
+        # and setting argtypes on psycopg's (PQconninfoFree, ...) would break its calls.
+        return _load_noload([_pq_ctypes.pq._name])  # type: ignore[attr-defined]
     if impl == "binary":
         return _load_noload(_bundled_candidates())
     candidates = _mapped_candidates()

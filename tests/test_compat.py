@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import psycopg
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from secure_pg_backend import compat, inputs, libpq
 from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
 from secure_pg_backend.policy import WEAKENING_KEYWORDS
+from secure_pg_backend.testing import TLSPostgres
 
 
 def test_libpq_12_is_refused_with_the_fix() -> None:
@@ -85,3 +87,16 @@ def test_without_psycopg3_the_engine_says_so_in_one_clear_error(apps: list[str])
     assert "secure_pg_backend needs psycopg 3" in last_line
     assert "psycopg2 may stay installed" in last_line
     assert "ModuleNotFoundError" not in result.stderr
+
+
+def test_psycopg_keeps_working_after_this_backend_used_its_libpq(
+    make_wrapper: Any, good_server: TLSPostgres
+) -> None:
+    # With the pure-Python build both share one ctypes library: ours must not retype psycopg's.
+    wrapper = make_wrapper(good_server.database_settings())
+    assert wrapper.tls_info.sslmode == "verify-full"  # PQconninfo, PQsslAttribute, ... (ours)
+    pgconn = wrapper.connection.pgconn
+    info = {opt.keyword: opt.val for opt in pgconn.info}  # psycopg's PQconninfo + Free
+    assert info[b"sslmode"] == b"verify-full"
+    parsed = {o.keyword: o.val for o in psycopg.pq.Conninfo.parse(b"host=db.test")}
+    assert parsed[b"host"] == b"db.test"  # psycopg's PQconninfoParse + PQconninfoFree
