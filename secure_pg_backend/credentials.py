@@ -124,8 +124,9 @@ def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
         password = provider(alias, settings_dict)
     except Exception as exc:
         # The provider failed before producing a secret: its own message names the cause.
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        message = f"{head} raised {detail} Fix: check the provider's credentials and configuration."
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(".")
+        fix = "check the provider's credentials and configuration."
+        message = f"{head} raised {detail}. Fix: {fix}"
         raise CredentialProviderError(message, alias=alias, host=host) from exc
     if not isinstance(password, str) or not password:
         # Never show the value: a wrongly typed secret is still a secret.
