@@ -147,20 +147,25 @@ def with_password(
     return out
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
 def pool_kwargs(
     alias: str, settings_dict: Mapping[str, Any], params: dict[str, Any]
 ) -> dict[str, Any] | Callable[[], dict[str, Any]]:
     """``kwargs`` for psycopg_pool: a callable asking the provider for each new connection."""
     if load_provider(alias, settings_dict) is None:  # configuration errors surface here
         return params
-    from psycopg_pool import ConnectionPool
+    import psycopg_pool
 
-    if not hasattr(ConnectionPool, "_resolve_kwargs"):  # callable kwargs: psycopg-pool 3.3
+    if _version(psycopg_pool.__version__) < (3, 3):  # the first to accept a callable kwargs
         raise _configuration_error(
             alias,
             settings_dict.get("HOST") or None,
-            f"{FIELD} with OPTIONS['pool'] needs psycopg-pool 3.3 or newer, which asks "
-            "for the connection parameters for each new connection.",
+            f"{FIELD} with OPTIONS['pool'] needs psycopg-pool 3.3 or newer (which asks for "
+            f"the connection parameters for each new connection); {psycopg_pool.__version__} "
+            "is installed.",
             "pip install 'psycopg-pool>=3.3'.",
         )
 
