@@ -14,13 +14,14 @@ Driven by the ``connection_verified`` and ``connection_refused`` signals.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import signals
-from .tlsinfo import TLSInfo
+from .tlsinfo import PeerCertificate, TLSInfo
 
 __all__ = ["install", "server_certificate_not_after"]
 
@@ -33,9 +34,18 @@ _tls_labels: dict[str, tuple[str, str]] = {}
 
 
 def server_certificate_not_after(info: TLSInfo) -> dt.datetime | None:
-    """The one place the expiry is read (parses the certificate; TLSInfo.not_after is cheaper)."""
-    cert = info.peer_certificate
-    return cert.not_after if cert is not None else None
+    """The one place the expiry is read (switch to a cheap ``TLSInfo.not_after`` when it exists).
+
+    Parsed once per distinct certificate, not per connection, and without filling
+    ``info.peer_certificate``: a connection nobody inspects stays as cheap as before.
+    """
+    der = info._peer_der
+    return _not_after(der) if der else None
+
+
+@functools.lru_cache(maxsize=32)
+def _not_after(der: bytes) -> dt.datetime:
+    return PeerCertificate.from_der(der).not_after
 
 
 def _on_verified(sender: object, alias: str, tls_info: Callable[[], TLSInfo], **_: Any) -> None:
