@@ -83,15 +83,16 @@ def _key_violation(name: str, key: Any, allowed: frozenset[str]) -> Violation | 
             "give each libpq keyword as its own OPTIONS key (host, port, sslrootcert, ...).",
         )
     guess = difflib.get_close_matches(str(key).strip().lower(), sorted(allowed), n=1)
-    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    suggestion = f"did you mean {guess[0]!r}?" if guess else "see libpq's parameter list"
+    fix = f"use the exact keyword ({suggestion}) or remove it."
     if isinstance(key, str) and key != key.strip():
-        hint += "(In a DATABASE_URL, '+' and '%20' in a query key decode to spaces.) "
+        fix += " In a DATABASE_URL, '+' and '%20' in a query key decode to spaces."
     return Violation(
         "E009",
         f"{name} is not a libpq keyword, a psycopg or Django connection argument, or an "
         "option of this backend; libpq would skip the whitespace around a key and let a "
         "later duplicate override the TLS settings.",
-        f"{hint}use the exact keyword (see libpq's parameter list) or remove it.",
+        fix,
     )
 
 

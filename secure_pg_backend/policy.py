@@ -74,7 +74,8 @@ class Request:
         if key in self.explicit:
             return option_name(key)
         variable = self.envvars.get(key)
-        if variable and self.environ.get(variable) == self.resolved.get(key):
+        value = self.resolved.get(key)
+        if variable and value is not None and self.environ.get(variable) == value:
             return variable
         service = self.explicit.get("service") or self.environ.get("PGSERVICE")
         if service:
@@ -244,6 +245,12 @@ _HOST_FIX = (
 
 def e012_host_lists(req: Request) -> Violation | None:
     hosts, addrs = _split(req.resolved.get("host")), _split(req.resolved.get("hostaddr"))
+    if addrs and not hosts:
+        problem = (
+            f"{req.origin('hostaddr')} is {req.resolved['hostaddr']!r} but no host name is set; "
+            "verify-full checks the certificate against the host name, so one is needed."
+        )
+        return Violation("E012", problem, _HOST_FIX)
     if addrs and len(hosts) != len(addrs):
         problem = (
             f"{req.origin('hostaddr')} lists {len(addrs)} address(es) but {req.origin('host')} "
