@@ -30,6 +30,7 @@ DJANGO_OPTIONS = frozenset({"pool", "server_side_binding", "isolation_level", "a
 POOL_BYPASSES = frozenset({"conninfo", "kwargs"})
 FIELDS = ("HOST", "PORT", "NAME", "USER", "PASSWORD")
 
+_SCALARS = (str, bytes, int, float, os.PathLike)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -65,6 +66,18 @@ def _character_violation(name: str, value: Any, secret: bool) -> Violation | Non
         f"{name}{shown} contains the control character {found}; libpq reads values as C "
         "strings, so a NUL would cut off the TLS settings that follow it.",
         f"remove the character from {name}.",
+    )
+
+
+def _shape_violation(name: str, key: Any, value: Any, keywords: frozenset[str]) -> Violation | None:
+    # psycopg would send str() of anything; a list (a repeated DATABASE_URL query key, as
+    # dj-database-url returns it) would reach libpq as "[5, 5]".
+    if key not in keywords or value is None or isinstance(value, _SCALARS):
+        return None
+    return Violation(
+        "E011",
+        f"{name} is a {type(value).__name__} ({value!r}); libpq takes exactly one value.",
+        f"give {name} one value (in a DATABASE_URL: the query key once).",
     )
 
 
@@ -122,6 +135,8 @@ def screen(settings_dict: Mapping[str, Any], keywords: frozenset[str]) -> list[V
         secret = key in ("password", "sslpassword")
         found.append(_key_violation(_named(key, name), key, allowed))
         found.append(_character_violation(_named(key, name), value, secret=secret))
+        if not secret:
+            found.append(_shape_violation(_named(key, name), key, value, keywords))
     found.extend(_pool_violations(options.get("pool")))
     return [v for v in found if v is not None]
 

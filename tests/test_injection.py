@@ -163,6 +163,18 @@ def test_nul_in_port_never_reaches_a_server_that_answers_n(django_db_blocker: An
         assert server.recordings == []
 
 
+def test_repeated_database_url_query_key_is_refused(
+    make_wrapper: Wrapper, good_server: TLSPostgres, tcp_recorder: TCPRecorder
+) -> None:
+    url = (
+        f"postgres://app:{quote(APP_PASSWORD)}@127.0.0.1:{tcp_recorder.port}/app"
+        f"?sslrootcert={good_server.root_cert}&connect_timeout=5&connect_timeout=9"
+    )
+    entry = dj_database_url.parse(url, engine="secure_pg_backend")
+    error = _refused_before_io(make_wrapper, entry, tcp_recorder)
+    assert _codes(error) == ["E011"] and "one value" in str(error)
+
+
 # -- 3. conninfo -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "options",
