@@ -460,3 +460,9 @@ class TLSPostgres:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+if __name__ == "__main__":  # python -m secure_pg_backend.testing: the dev server
+    from secure_pg_backend.devserver import main
+
+    raise SystemExit(main())

@@ -14,9 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import dj_database_url
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,3 +109,54 @@ def test_signal_leaves_nothing(fresh_tmpdir: Path, signum: int, returncode: int)
             child.wait()
     assert child.returncode == returncode, stderr
     assert_nothing_left(fresh_tmpdir, ports)
+
+
+# -- python -m secure_pg_backend.testing: the dev server ----------------------------------
+def test_dev_server_url_connects_through_the_backend_and_sigterm_leaves_nothing(
+    fresh_tmpdir: Path, make_wrapper: Callable[..., Any], django_db_blocker: Any
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "secure_pg_backend.testing"],
+        env=child_env(fresh_tmpdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        url = child.stdout.readline().strip().removeprefix("DATABASE_URL=")
+        ca_path = child.stdout.readline().strip().removeprefix("SSLROOTCERT=")
+        settings = dj_database_url.parse(url, engine="secure_pg_backend")
+        assert settings["OPTIONS"] == {"sslrootcert": ca_path}
+        assert Path(ca_path).parent.parent == fresh_tmpdir
+        wrapper = make_wrapper(dict(settings))
+        with django_db_blocker.unblock(), wrapper.cursor() as cursor:
+            cursor.execute("select ssl, version from pg_stat_ssl where pid = pg_backend_pid()")
+            assert cursor.fetchone() == (True, wrapper.tls_info.protocol)
+        info = wrapper.tls_info
+        assert (info.sslmode, info.root_cert, info.host) == ("verify-full", ca_path, "127.0.0.1")
+        wrapper.close()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, stderr
+    assert "stopped" in stderr
+    assert_nothing_left(fresh_tmpdir, [int(settings["PORT"])])
+
+
+def test_dev_server_without_binaries_says_so(fresh_tmpdir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "secure_pg_backend.testing", "--pg-bin", "/nonexistent/bin"],
+        env=child_env(fresh_tmpdir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("secure_pg_backend.testing: ")
+    assert "/nonexistent/bin/initdb" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(fresh_tmpdir) == []
