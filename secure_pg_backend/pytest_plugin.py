@@ -63,10 +63,10 @@ def point_django_at(entry: dict[str, Any], alias: str = "default") -> None:
     from django.conf import settings
     from django.db import connections
 
-    existing = getattr(connections._connections, alias, None)
-    if existing is not None:
-        existing.close()
-        delattr(connections._connections, alias)
+    for existing in connections.all(initialized_only=True):
+        if existing.alias == alias:
+            existing.close()
+            del connections[alias]
     # ConnectionHandler fills in Django's defaults (TIME_ZONE, CONN_MAX_AGE, TEST, ...).
     configured = connections.configure_settings(
         {**connections.settings, alias: copy.deepcopy(entry)}
