@@ -281,8 +281,11 @@ def test_direct_tls_without_alpn_is_refused_before_anything_is_sent(ca: TestCA) 
     leaf = ca.issue("localhost", "127.0.0.1")
     with HostileServer("tls", leaf, alpn=()) as server:
         error, _ = _attack(server, _wrapper(server.port, ca, sslnegotiation="direct"))
-    # libpq 17+ refuses such a link itself, before the policy sees it.
-    assert "without ALPN" in str(error)
+    # libpq 17+ refuses such a link itself, before the policy's own ALPN rule sees it; the
+    # refusal names the alias, the reason and the fix like every other.
+    assert isinstance(error, InsecureConnectionError)
+    assert "DATABASES['default']" in str(error) and "without ALPN" in str(error)
+    assert "sslnegotiation" in str(error)
     for record in server.recordings:
         assert record.requests == ["direct-tls"]
         assert bytes(record.decrypted) == b""
