@@ -307,6 +307,7 @@ def test_tls_info_reports_libpqs_effective_settings(
     wrapper = make_wrapper(good_server.database_settings(options={"sslnegotiation": "postgres"}))
     info = wrapper.tls_info
     effective = libpq.effective_settings(wrapper.connection.pgconn)
+    assert effective == libpq._effective_by_name(wrapper.connection.pgconn)  # fast path = slow
     assert info.sslmode == effective["sslmode"] == "verify-full"
     assert info.root_cert == effective["sslrootcert"] == good_server.root_cert
     assert info.min_protocol == effective["ssl_min_protocol_version"] == "TLSv1.2"
