@@ -119,7 +119,8 @@ _LIBPQ_TLS_ERRORS = (
         "ssl error",
         "the TLS handshake failed.",
         "check the server's TLS configuration (protocol versions and ciphers) "
-        "against this backend's minimum.",
+        "against this backend's minimum; with OPTIONS['sslnegotiation'] = 'direct' the "
+        "server must be PostgreSQL 17 or newer.",
     ),
     (
         "ssl syscall error",
