@@ -501,3 +501,58 @@ def test_differential_fuzz(
     assert all(bytes(r.raw) == SSL_REQUEST for r in says_n)  # nothing after the request
     for server in endpoints.values():
         assert APP_PASSWORD.encode() not in server.all_bytes()
+
+
+service_lines = st.lists(
+    st.sampled_from(
+        [
+            "host=localhost",
+            "host=127.0.0.1",
+            "host=/tmp",
+            "host=localhost,",
+            "hostaddr=127.0.0.1",
+            "host=db.test",
+            "[svc]",
+            "[other]",
+            "host = localhost",
+            "sslmode=disable",
+            "# host=/tmp",
+        ]
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=service_lines)
+def test_service_file_differential(
+    lines: list[str],
+    good_server: TLSPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+    django_db_blocker: Any,
+) -> None:
+    """Where the policy says libpq will connect is where libpq connects."""
+    service = tmp_path_factory.mktemp("svc") / "pg_service.conf"
+    service.write_text("[svc]\n" + "\n".join(lines) + "\n")
+    entry = {**good_server.database_settings(options={"service": "svc"}), "HOST": ""}
+    wrapper = ConnectionHandler({"default": entry})["default"]
+    with django_db_blocker.unblock(), mock.patch.dict(os.environ, {"PGSERVICEFILE": str(service)}):
+        verdict = wrapper.policy_verdict()
+        if verdict.decision is None:
+            assert set(v.code for v in verdict.violations) <= {"E004", "E012", "E013"}
+            return
+        try:
+            info = wrapper.tls_info
+        except OperationalError as exc:  # db.test resolves only with a hostaddr beside it
+            assert "failed to resolve host 'db.test'" in str(exc)
+            return
+        try:
+            assert (info.transport, info.host) == ("tls", verdict.decision.hosts[0])
+        finally:
+            wrapper.close()
