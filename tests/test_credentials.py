@@ -18,6 +18,7 @@ from django.db import OperationalError, connections
 
 from secure_pg_backend.client import DatabaseClient
 from secure_pg_backend.credentials import CredentialProviderError
+from secure_pg_backend.errors import SecurePolicyError
 from secure_pg_backend.testing import TLSPostgres
 
 from .conftest import assert_no_secret
@@ -193,3 +194,25 @@ def test_the_provider_value_reaches_libpq_only(role: RotatingRole, make_wrapper:
     assert wrapper.connection.info.password == role.current
     assert "password" not in wrapper.get_connection_params()
     assert wrapper.settings_dict["PASSWORD"] == ""
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["conn_max_age", "pool"])
+def test_provider_is_not_asked_when_the_policy_refuses(
+    pooled: bool, good_server: TLSPostgres, make_wrapper: Any
+) -> None:
+    calls: list[str] = []
+
+    def provider(alias: str, settings_dict: Mapping[str, Any]) -> str:
+        calls.append(alias)
+        return "never-used"
+
+    options: dict[str, Any] = {"password_provider": provider, "sslmode": "require"}
+    if pooled:
+        options["pool"] = {"min_size": 1, "timeout": 30}
+    settings = good_server.database_settings(PASSWORD="", options=options)
+    wrapper = make_wrapper(settings, alias="weak_tokens")
+    with pytest.raises(SecurePolicyError, match=r"DATABASES\['weak_tokens'\].*'require'"):
+        wrapper.ensure_connection()
+    with pytest.raises(SecurePolicyError):
+        DatabaseClient.settings_to_cmd_args_env(settings, [])
+    assert calls == []
