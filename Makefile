@@ -24,7 +24,6 @@ system-deps:
 $(VENV_DJ52)/.installed: pyproject.toml ci/django52.txt
 	$(PY311) -m venv $(VENV_DJ52)
 	$(VENV_DJ52)/bin/pip install -q --disable-pip-version-check -c ci/django52.txt -e '.[dev]'
-	$(VENV_DJ52)/bin/$(PIP) -c ci/django52.txt $(PROMETHEUS)
 	touch $@
 
 $(VENV_DJ61)/.installed: pyproject.toml ci/django61.txt
@@ -47,6 +46,13 @@ demo: $(VENV_DJ52)/.installed
 	@scripts/system-deps demo
 	$(VENV_DJ52)/bin/python -m example_project.demo
 
+# Core checks on every supported PostgreSQL server (PyPI builds via scripts/pg-binaries).
+PG_VERSIONS ?= 14 15 16 17 18
+.PHONY: test-servers
+test: test-servers
+test-servers: $(VENV_DJ52)/.installed system-deps
+	SPB_PG_VERSIONS="$(PG_VERSIONS)" $(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
+
 bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py
 
@@ -56,9 +62,7 @@ clean:
 # -- the support matrix (docs/support.md) -------------------------------------------------
 # Full suite: psycopg's C build and pure-Python build against the distribution's libpq, and
 # the lowest versions pyproject allows. Core subset: every other valid Python x Django pair.
-# django-prometheus 2.5 supports Django < 6.1, so only the 5.2 and 6.0 environments get it.
 PIP := pip install -q --disable-pip-version-check
-PROMETHEUS := 'django-prometheus>=2.5'
 # What proves the backend end to end: verified connects and refusals, the live certificate,
 # the libpq/psycopg checks, `system` roots, the pool, PostGIS and the composed backends.
 CORE_TESTS := tests/test_connect.py tests/test_peer_certificate.py tests/test_compat.py \
@@ -80,14 +84,14 @@ $(VENV_C)/.installed: pyproject.toml ci/django61.txt ci/psycopg-c.txt
 # Python 3.10 + exactly the lowest bounds (ci/lowest.txt).
 $(VENV_LOWEST)/.installed: pyproject.toml ci/lowest.txt
 	$(PY310) -m venv $(VENV_LOWEST)
-	$(VENV_LOWEST)/bin/$(PIP) -c ci/lowest.txt -e '.[test]' 'django-prometheus==2.5.0'
+	$(VENV_LOWEST)/bin/$(PIP) -c ci/lowest.txt -e '.[test]'
 	touch $@
 
 # .venv-py313-dj60 = Python 3.13 + ci/django60.txt
 .venv-py%/.installed: pyproject.toml ci/django52.txt ci/django60.txt
 	py=$$(echo '$*' | sed -E 's/^([0-9])([0-9]+)-.*/\1.\2/') && dj=$$(echo '$*' | sed 's/.*-dj//') && \
 	"$$(scripts/find-python $$py)" -m venv .venv-py$* && \
-	.venv-py$*/bin/$(PIP) -c ci/django$$dj.txt -e '.[test]' $(PROMETHEUS)
+	.venv-py$*/bin/$(PIP) -c ci/django$$dj.txt -e '.[test]'
 	touch $@
 
 test-matrix: test-c test-python test-lowest test-pairs
