@@ -12,7 +12,7 @@ VENV_DJ61 := .venv-dj61
 PYTEST_ARGS ?=
 
 .PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
-.PHONY: matrix-venvs test-matrix test-c test-python test-lowest test-pairs
+.PHONY: matrix-venvs test-matrix test-c test-python test-lowest test-pairs test-pair-%
 
 test: system-deps
 	$(MAKE) --no-print-directory -j3 -Otarget matrix-venvs
@@ -106,7 +106,10 @@ test-python: $(VENV_C)/.installed system-deps
 test-lowest: $(VENV_LOWEST)/.installed system-deps
 	$(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
 
+# Two pairs at a time: the core subset mostly waits on servers (each run starts its own).
 test-pairs: $(VENV_PAIRS:%=%/.installed) system-deps
-	set -e; for venv in $(VENV_PAIRS); do \
-		echo "== $$venv (core)"; $$venv/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS); \
-	done
+	$(MAKE) --no-print-directory -j2 -Otarget $(VENV_PAIRS:.venv-%=test-pair-%)
+
+test-pair-%: .venv-%/.installed
+	@echo "== .venv-$* (core subset)"
+	.venv-$*/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)

@@ -7,14 +7,10 @@ from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from prometheus_client import REGISTRY
 
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import TLSPostgres
-
-# django-prometheus 2.5 supports Django < 6.1: the Makefile installs it in the 5.2 and 6.0
-# environments only (docs/support.md).
-pytest.importorskip("django_prometheus", reason="django-prometheus is not installed (Django 6.1)")
-from prometheus_client import REGISTRY
 
 Wrapper = Callable[..., Any]
 ENGINE = "tests.prometheus_engine"
@@ -31,7 +27,6 @@ def test_metrics_count_queries_on_a_verified_link(
     connects = _metric("django_db_new_connections_total", "metered")
     params = wrapper.get_connection_params()
     assert params["sslmode"] == "verify-full"  # the policy applied after django-prometheus'
-    assert params["cursor_factory"].__name__ == "CursorWrapper"  # and kept its cursor factory
     wrapper.ensure_connection()  # Django's session setup may itself run (counted) statements
     executes = _metric("django_db_execute_total", "metered")
     with wrapper.cursor() as cursor:
