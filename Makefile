@@ -12,7 +12,7 @@ VENV_DJ61 := .venv-dj61
 PYTEST_ARGS ?=
 
 .PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
-.PHONY: matrix-venvs test-matrix test-c test-python test-lowest test-pairs test-pair-%
+.PHONY: matrix-venvs test-matrix test-c test-core-matrix test-python test-lowest test-pairs
 
 test: system-deps
 	$(MAKE) --no-print-directory -j3 -Otarget matrix-venvs
@@ -60,8 +60,8 @@ clean:
 	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache
 
 # -- the support matrix (docs/support.md) -------------------------------------------------
-# Full suite: psycopg's C build and pure-Python build against the distribution's libpq, and
-# the lowest versions pyproject allows. Core subset: every other valid Python x Django pair.
+# Full suite: psycopg's C build against the distribution's libpq. Core subset: the pure-Python
+# build (same libpq), the lowest versions pyproject allows, every other Python x Django pair.
 PIP := pip install -q --disable-pip-version-check
 # What proves the backend end to end: verified connects and refusals, the live certificate,
 # the libpq/psycopg checks, `system` roots, the pool, PostGIS and the composed backends.
@@ -94,21 +94,25 @@ $(VENV_LOWEST)/.installed: pyproject.toml ci/lowest.txt
 	.venv-py$*/bin/$(PIP) -c ci/django$$dj.txt -e '.[test]'
 	touch $@
 
-test-matrix: test-c test-python test-lowest test-pairs
+test-matrix: test-c test-core-matrix
 
 test-c: $(VENV_C)/.installed system-deps
 	$(VENV_C)/bin/python -c 'import psycopg; assert psycopg.pq.__impl__ == "c", psycopg.pq.__impl__'
 	$(VENV_C)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The core-subset runs, two at a time: they mostly wait on servers (each starts its own).
+test-core-matrix: system-deps
+	$(MAKE) --no-print-directory -j2 -Otarget test-python test-lowest test-pairs
+
 test-python: $(VENV_C)/.installed system-deps
-	PSYCOPG_IMPL=python $(VENV_C)/bin/python -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
+	@echo "== psycopg pure-Python build on the system libpq (core subset)"
+	PSYCOPG_IMPL=python $(VENV_C)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
 test-lowest: $(VENV_LOWEST)/.installed system-deps
-	$(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+	@echo "== lowest allowed versions, ci/lowest.txt (core subset)"
+	$(VENV_LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
-# Two pairs at a time: the core subset mostly waits on servers (each run starts its own).
-test-pairs: $(VENV_PAIRS:%=%/.installed) system-deps
-	$(MAKE) --no-print-directory -j2 -Otarget $(VENV_PAIRS:.venv-%=test-pair-%)
+test-pairs: $(VENV_PAIRS:.venv-%=test-pair-%)
 
 test-pair-%: .venv-%/.installed
 	@echo "== .venv-$* (core subset)"

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
@@ -247,3 +248,20 @@ def assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in SECRETS:
             assert secret not in text, "a password leaked into output"
+
+
+def refused_by_old_libpq(wrapper: Any, keyword: str) -> bool:
+    """On a libpq too old for ``keyword`` (C/Python builds), the clear refusal is the result.
+
+    Tests of a newer libpq keyword call this first and stop when it returns True: the
+    settings are refused before connecting, naming the key and the libpq it needs.
+    """
+    import psycopg
+
+    from secure_pg_backend.compat import NEWER_KEYWORDS
+
+    if psycopg.pq.version() >= NEWER_KEYWORDS[keyword]:
+        return False
+    with pytest.raises(ImproperlyConfigured, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
+        wrapper.ensure_connection()
+    return True

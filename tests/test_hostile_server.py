@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import ConnectionHandler, OperationalError
 
 from secure_pg_backend import InsecureConnectionError
-from secure_pg_backend.compat import NEWER_KEYWORDS
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
-from tests.conftest import assert_no_secret
+from tests.conftest import assert_no_secret, refused_by_old_libpq
 from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
 
 PROBE_USER = "probe-user-5f2c9e"
@@ -126,17 +124,6 @@ def _attack(server: HostileServer, wrapper: Any) -> tuple[OperationalError, floa
     return error, elapsed
 
 
-def _refused_by_old_libpq(wrapper: Any, keyword: str) -> bool:
-    """On a libpq too old for ``keyword`` (C/Python builds), the clear refusal is the result."""
-    import psycopg
-
-    if psycopg.pq.version() >= NEWER_KEYWORDS[keyword]:
-        return False
-    with pytest.raises(ImproperlyConfigured, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
-        wrapper.ensure_connection()
-    return True
-
-
 def _leaked(server: HostileServer, needles: tuple[bytes, ...] = NEEDLES) -> list[bytes]:
     found = [n for n in needles if n in server.all_bytes()]
     TALLY.secrets_leaked += len(found)
@@ -198,7 +185,7 @@ def test_untrusted_certificate_is_refused_before_anything_is_sent(
     ca: TestCA, scenario: str
 ) -> None:
     make_leaf, options, reason = CERT_SCENARIOS[scenario]
-    if "sslnegotiation" in options and _refused_by_old_libpq(
+    if "sslnegotiation" in options and refused_by_old_libpq(
         _wrapper(1, ca, **options), "sslnegotiation"
     ):
         return
@@ -249,7 +236,7 @@ def test_right_certificate_then_misbehaviour_fails_cleanly(ca: TestCA, behaviour
 
 def test_require_auth_stops_a_cleartext_password_phish(ca: TestCA) -> None:
     """Defence in depth, passed through to libpq: a stolen server key cannot phish the password."""
-    if _refused_by_old_libpq(_wrapper(1, ca, require_auth="scram-sha-256"), "require_auth"):
+    if refused_by_old_libpq(_wrapper(1, ca, require_auth="scram-sha-256"), "require_auth"):
         return
     with HostileServer("tls", ca.issue("localhost", "127.0.0.1")) as server:
         error, _ = _attack(server, _wrapper(server.port, ca, require_auth="scram-sha-256"))
@@ -297,6 +284,8 @@ def test_only_the_ssl_request_precedes_tls_to_the_real_server(
 def test_direct_tls_without_alpn_is_refused_before_anything_is_sent(ca: TestCA) -> None:
     # A TLS endpoint that is not PostgreSQL (no ALPN) holding a valid certificate for the
     # name: in direct negotiation nothing else tells the client what it is talking to.
+    if refused_by_old_libpq(_wrapper(1, ca, sslnegotiation="direct"), "sslnegotiation"):
+        return
     leaf = ca.issue("localhost", "127.0.0.1")
     with HostileServer("tls", leaf, alpn=()) as server:
         error, _ = _attack(server, _wrapper(server.port, ca, sslnegotiation="direct"))

@@ -25,6 +25,8 @@ from django.db.utils import OperationalError
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import TestCA, TLSPostgres, find_pg_bin
 
+from .conftest import refused_by_old_libpq
+
 Wrapper = Callable[..., Any]
 REPO = Path(__file__).resolve().parent.parent
 DIRECT_SSL_SINCE = 17
@@ -127,6 +129,8 @@ def test_wrong_host_name_is_refused(make_wrapper: Wrapper, server: Server) -> No
 
 def test_direct_negotiation(make_wrapper: Wrapper, server: Server) -> None:
     wrapper = make_wrapper(server.pg.database_settings(options={"sslnegotiation": "direct"}))
+    if refused_by_old_libpq(wrapper, "sslnegotiation"):  # a libpq 15 client (C/Python builds)
+        return
     if server.major < DIRECT_SSL_SINCE:
         # The server reads the ClientHello as a malformed startup packet and hangs up; libpq
         # must not fall back to anything else.
