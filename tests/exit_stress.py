@@ -1,11 +1,12 @@
 """The exit scenario of issue 12, run many times: a process that sets Django up, runs one
 query and exits without closing anything (as ``manage.py`` commands and cron jobs do).
 
-``python -m tests.exit_stress --runs 500`` starts one throwaway TLS server, runs the scenario
-in fresh processes across the variants below (round-robin) and prints the abnormal exits
-(a non-zero status, a signal such as SIGABRT, or anything on stderr). ``--engine`` compares
-with Django's stock backend under the same libpq TLS settings. Exit status 1 if any run
-was abnormal. ``tests/test_lifecycle.py`` runs a small version of it.
+``python -m tests.exit_stress --runs 500 [--parallel 2]`` starts one throwaway TLS server,
+runs the scenario in fresh processes across the variants below (round-robin) and prints the
+abnormal exits (a non-zero status, a signal such as SIGABRT, or anything on stderr).
+``--engine django.db.backends.postgresql`` compares with Django's stock backend under the same
+libpq TLS settings. Exit status 1 if any run was abnormal. ``tests/test_lifecycle.py`` runs
+a small version of it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +127,11 @@ def stress(
     runs: int,
     variants: Sequence[str] = tuple(VARIANTS),
     engine: str = "secure_pg_backend",
+    parallel: int = 1,
 ) -> list[Run]:
-    return [run_once(database, variants[i % len(variants)], engine) for i in range(runs)]
+    names = [variants[i % len(variants)] for i in range(runs)]
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda name: run_once(database, name, engine), names))
 
 
 @contextmanager
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--engine", default="secure_pg_backend")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
+    parser.add_argument("--parallel", type=int, default=1, help="processes at a time")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     with tls_server() as database:
-        results = stress(database, args.runs, args.variant or tuple(VARIANTS), args.engine)
+        variants = args.variant or tuple(VARIANTS)
+        results = stress(database, args.runs, variants, args.engine, args.parallel)
     bad = [run for run in results if run.abnormal]
     for run in bad:
         print(run.describe())

@@ -11,15 +11,22 @@ import json
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError
+from urllib.parse import quote, urlencode
+from urllib.request import urlopen
 
 import pytest
 from django.db import connections
 
-from secure_pg_backend.testing import TLSPostgres
+from secure_pg_backend.testing import APP_DB, APP_PASSWORD, APP_USER, TLSPostgres, free_port
 
 CHILDREN = 2
 APP_NAME = "spb-fork-test"
@@ -172,3 +179,92 @@ def test_the_child_never_writes_to_the_inherited_session(
             os._exit(status)
     reap(pid)
     assert backend_facts("closing")["backend"] == parent["backend"]
+
+
+# -- gunicorn --preload, sync workers, the example project, over HTTP ----------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def database_url(server: TLSPostgres, app_name: str) -> str:
+    query = urlencode(
+        {"sslmode": "verify-full", "sslrootcert": server.root_cert, "application_name": app_name}
+    )
+    return f"postgres://{APP_USER}:{quote(APP_PASSWORD)}@localhost:{server.port}/{APP_DB}?{query}"
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    try:
+        with urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except HTTPError as error:
+        return error.code, error.read()
+
+
+@contextmanager
+def gunicorn(server: TLSPostgres, app_name: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DATABASE_URL=database_url(server, app_name))
+    args = ["--preload", "--workers", "2", "--worker-class", "sync", "--bind", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", *args, "--graceful-timeout", "5", APP],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                get(f"{base}/backend/", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert proc.poll() is None, "gunicorn did not start"
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+APP = "tests.gunicorn_app:application"
+
+
+@pytest.mark.slow
+def test_gunicorn_preload_workers_open_their_own_connections(good_server: TLSPostgres) -> None:
+    with gunicorn(good_server, "spb-gunicorn-test") as (base, proc):
+        # The example project's page, through Django's request cycle (which closes the
+        # request's connection at the end: a worker still holding the master's would close it).
+        for _ in range(4):
+            status, body = get(f"{base}/tls/?format=json")
+            assert status == 200, body
+            assert json.loads(body)["default"]["protocol"].startswith("TLSv1.")
+        # Two concurrent requests keep both sync workers busy at once.
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(get, [f"{base}/backend/?hold=0.5"] * 2))
+        facts = [json.loads(body) for status, body in replies if status == 200]
+        assert len(facts) == 2, replies
+        seen = dict(
+            good_server.admin_sql(
+                "SELECT a.pid, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
+                "WHERE a.application_name = 'spb-gunicorn-test'"
+            )
+        )
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=15)
+    preload = facts[0]["preload_backend"]
+    workers = {f["worker"] for f in facts}
+    backends = {f["backend"] for f in facts}
+    assert len(workers) == 2 and facts[0]["preload_pid"] not in workers
+    assert len(backends) == 2 and preload not in backends
+    assert all(f["ssl"] for f in facts)
+    # The master's connection outlived every request, and each worker's is its own, all TLS.
+    assert seen.get(preload) is True and all(seen.get(b) is True for b in backends)
+    assert proc.returncode == 0 and "Traceback" not in output, output
