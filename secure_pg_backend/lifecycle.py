@@ -13,9 +13,12 @@ child's first query opens, verifies and logs its own connection. The parent is u
 **Exit**: the connection pool runs daemon threads. When the interpreter finalizes, a daemon
 thread that wakes up is stopped where it stands (``pthread_exit``); inside a Rust or C++
 extension (``cryptography``, or a log handler or signal receiver using one) that aborts the
-whole process (``FATAL: exception not rethrown``, SIGABRT). Before finalization starts
-(``atexit``), the backend's open pools finish their in-flight connection attempts (for at most
-``EXIT_GRACE`` seconds), then close: their threads stop and idle connections end cleanly.
+whole process (``FATAL: exception not rethrown``, SIGABRT). So the connection path runs no
+such code of ours, and before finalization starts (``atexit``) each open pool of this backend
+stops running Python on its threads: a configure step already running (the check, the log
+line, the receivers) may finish, for at most ``EXIT_GRACE`` seconds; a handshake completing
+later parks its thread instead; then the pool closes, unless a connection attempt is still in
+progress (closing would wait for it; its thread is blocked in libpq, which is safe to stop).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 __all__ = ["EXIT_GRACE", "after_fork_in_child"]
 
-# Longest wait at exit for pools' in-flight connection attempts (a stalled server).
+# Longest wait at exit for configure steps already running on pool threads.
 EXIT_GRACE = 0.5
 
 T = TypeVar("T")
