@@ -31,6 +31,9 @@ from secure_pg_backend.testing import APP_DB, APP_PASSWORD, APP_USER, TLSPostgre
 CHILDREN = 2
 APP_NAME = "spb-fork-test"
 
+# Forking a process that has threads (the pool's) is the scenario under test (Python 3.12+ warns).
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+
 
 def backend_facts(alias: str) -> dict[str, Any]:
     """This process's view: its backend, and the server's record of that backend's TLS."""

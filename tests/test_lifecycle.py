@@ -82,6 +82,7 @@ def stalled_attempt_at_exit(
     stalling_server.close()  # the handshake fails, the worker is free, the pool can close
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")  # the pool's threads
 def test_a_forked_child_does_not_close_the_parents_pool_at_exit(
     aliases: Callable[..., None], good_server: TLSPostgres
 ) -> None:
