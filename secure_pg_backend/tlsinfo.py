@@ -9,6 +9,7 @@ describe PgBouncer's own link to the server instead).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import socket
 from collections.abc import Callable
@@ -100,6 +101,17 @@ class PeerCertificate:
         return data
 
 
+@functools.lru_cache(maxsize=32)
+def certificate_not_after(der: bytes) -> dt.datetime:
+    """A DER certificate's notAfter, cached per certificate.
+
+    Decoded by the OpenSSL of the TLS session (libpq's), so reading it on every connection
+    (the log line, metrics) never imports ``cryptography``; the full parse is the fallback
+    where that OpenSSL lacks the functions.
+    """
+    return libpq.certificate_not_after(der) or PeerCertificate.from_der(der).not_after
+
+
 @dataclass(frozen=True)
 class TLSInfo:
     """What was negotiated on one physical connection, and the policy in force."""
@@ -153,15 +165,8 @@ class TLSInfo:
         line, the expiry warning, metrics) never imports ``cryptography``; the full parse is
         the fallback where that OpenSSL lacks the functions.
         """
-        return _memo(self, "_not_after", self._read_not_after)
-
-    def _read_not_after(self) -> dt.datetime | None:
-        if not self._peer_der:
-            return None
-        not_after = libpq.certificate_not_after(self._peer_der)
-        if not_after is None and self.peer_certificate is not None:
-            not_after = self.peer_certificate.not_after
-        return not_after
+        der = self._peer_der
+        return _memo(self, "_not_after", lambda: certificate_not_after(der) if der else None)
 
     def days_left(self, now: dt.datetime | None = None) -> int | None:
         """Whole days until the server certificate expires (negative once expired)."""
