@@ -7,7 +7,8 @@ serverless cold start pays it), alternating secure_pg_backend and Django's stock
 the same libpq TLS settings (AB, BA, AB, ...). Each child adds its ENGINE's app the way the
 install instructions say (``"secure_pg_backend"`` in INSTALLED_APPS for the secure one) and uses
 Django's default logging, so the start-up line is decided but not printed. Children cache
-bytecode (as an installed package has its ``.pyc`` files). Prints a JSON result
+bytecode (as an installed package has its ``.pyc`` files) and measure the base install (without
+the optional Prometheus metrics, which cost prometheus_client's import). Prints a JSON result
 and one human line; target: ratio (secure/stock medians) <= 1.03.
 
 ``measure(rounds)`` is the same measurement for the full benchmark (``bench/run.py``).
@@ -41,9 +42,12 @@ TLS_OPTIONS = {
 BASE_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
 ENV_KEY = "SPB_COLD_START_SETTINGS"
 
-# The whole child: nothing else is imported, so only the ENGINE differs between runs.
+# The whole child: nothing else is imported, so only the ENGINE differs between runs. The base
+# install is measured: optional integrations that switch themselves on when their package is
+# importable (prometheus_client: the backend's metrics) are hidden from both children.
 CHILD = f"""
-import json, os
+import json, os, sys
+sys.modules["prometheus_client"] = None
 import django
 from django.conf import settings
 settings.configure(**json.loads(os.environ[{ENV_KEY!r}]))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -99,3 +100,15 @@ def test_first_connection_does_not_import_cryptography(
     assert lines[0].startswith(f"{level} secure_pg_backend: database alias 'default'"), lines
     assert "server certificate expires" in lines[0]
     assert lines[1:] == ["cryptography imported: False", "cryptography imported: True"]
+
+
+def test_cold_start_bench_keeps_its_contract(good_server: TLSPostgres) -> None:
+    """bench/run.py calls ``measure(rounds)``; one round against our server checks the keys."""
+    spec = importlib.util.spec_from_file_location("cold_start", ROOT / "bench" / "cold_start.py")
+    assert spec is not None and spec.loader is not None
+    cold_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cold_start)
+    result = cold_start.measure_against(good_server.database_settings(), rounds=1)
+    assert {"secure_ms_median", "stock_ms_median", "ratio", "rounds"} <= set(result)
+    assert result["rounds"] == 1 and result["ratio"] > 0
+    assert "cold start" in cold_start.human(result)
