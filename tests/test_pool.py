@@ -33,7 +33,9 @@ def test_pooled_connections_are_verified(
     wrapper.pool.wait(timeout=10)  # both physical connections are open and idle
     records = [r for r in caplog.records if "alias 'pooled' connected" in r.getMessage()]
     assert len(records) == 2
-    assert [r.levelname for r in records] == ["INFO", "DEBUG"]
+    # Two workers connect at once: one line per connection, INFO for the first to be verified
+    # (either may finish logging first).
+    assert sorted(r.levelname for r in records) == ["DEBUG", "INFO"]
 
 
 def test_pool_passes_forced_parameters_to_every_connection(
