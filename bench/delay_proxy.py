@@ -34,7 +34,10 @@ class DelayProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._listener.close()  # accept() fails, the accept loop ends
+        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
         for thread in list(self._threads):
             thread.join(timeout=5)
 
