@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
+from django.db.utils import ConnectionHandler
 
-from . import logs, policy, signals
+from . import gate, libpq, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
@@ -37,6 +41,19 @@ def _tls_info_of(connection: Any) -> TLSInfo:
     return info
 
 
+def standalone_wrapper(alias: str, settings_dict: Mapping[str, Any]) -> Any:
+    """The wrapper Django would build for a DATABASES entry, outside ``connections``.
+
+    For judging settings (system checks, dbshell) without touching the process's
+    connections; nothing is opened. Django fills in its defaults on a copy.
+    """
+    entry = {**settings_dict, "TEST": dict(settings_dict.get("TEST") or {})}
+    handler = ConnectionHandler(
+        {DEFAULT_DB_ALIAS: {"ENGINE": "django.db.backends.dummy"}, alias: entry}
+    )
+    return handler[alias]
+
+
 if TYPE_CHECKING:  # the mixin is only ever combined with a postgresql wrapper
     _WrapperBase = postgresql.DatabaseWrapper
 else:
@@ -53,20 +70,50 @@ class VerifiedTLSMixin(_WrapperBase):
     validation_class = DatabaseValidation
 
     _decision: policy.Decision | None = None
-    _decision_key: tuple[Any, ...] | None = None
+    _verdict: gate.Verdict | None = None
+    _verdict_key: tuple[Any, ...] | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
     # -- settings -> libpq parameters, before any network I/O ------------------
     def get_connection_params(self) -> dict[str, Any]:
-        key = policy.fingerprint(self.settings_dict)
-        if key is None or key != self._decision_key or self._decision is None:
-            try:
-                self._decision = policy.enforce(self.alias, self.settings_dict)
-            except SecurePolicyError as error:
-                signals.connection_refused.send(type(self), alias=self.alias, error=error)
-                raise
-            self._decision_key = key
-        return policy.apply(self._decision, super().get_connection_params())
+        verdict = self.policy_verdict()
+        if verdict.decision is None or verdict.params is None:
+            error = SecurePolicyError(
+                self.alias, verdict.host, verdict.violations, self.settings_dict.get("PASSWORD")
+            )
+            signals.connection_refused.send(type(self), alias=self.alias, error=error)
+            raise error
+        self._decision = verdict.decision
+        return dict(verdict.params)
+
+    def policy_verdict(self) -> gate.Verdict:
+        """Judge the current settings without I/O: the gate, the checks and dbshell use it."""
+        params = self._django_connection_params()
+        key = self._settings_key()
+        if key is not None and key == self._verdict_key and self._verdict is not None:
+            return self._verdict
+        verdict = gate.judge(self.alias, self.settings_dict, params)
+        self._verdict, self._verdict_key = verdict, key
+        return verdict
+
+    def _django_connection_params(self) -> dict[str, Any]:
+        # Django's method edits OPTIONS in place (it drops "service" when NAME is None,
+        # as on the no-database path); hand it a copy so the alias's settings stay intact.
+        original = self.settings_dict
+        self.settings_dict = {**original, "OPTIONS": dict(original.get("OPTIONS") or {})}
+        try:
+            return dict(super().get_connection_params())
+        finally:
+            self.settings_dict = original
+
+    def _settings_key(self) -> tuple[Any, ...] | None:
+        """Inputs of the verdict, or None when it depends on a file's contents (a service)."""
+        options = self.settings_dict.get("OPTIONS") or {}
+        if "service" in options or "PGSERVICE" in os.environ:
+            return None
+        fields = tuple(self.settings_dict.get(f) for f in ("HOST", "PORT", "NAME", "USER"))
+        password = self.settings_dict.get("PASSWORD")
+        return (fields, password, repr(options), libpq.environment_snapshot())
 
     # -- the connection, checked after the handshake ---------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -92,7 +139,7 @@ class VerifiedTLSMixin(_WrapperBase):
         """The post-handshake check: libpq state only, no SQL, no round trip."""
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
-            decision = policy.enforce(self.alias, self.settings_dict)
+            raise ImproperlyConfigured("connection opened without the policy's decision")
         facts = read_facts(connection.pgconn)
         problem = policy.check_link(decision, facts)
         if problem is not None:

@@ -1,7 +1,8 @@
-"""Offline system checks: every rule ``policy.evaluate`` applies, as ``manage.py check`` errors.
+"""Offline system checks: every policy rule, as ``manage.py check`` errors.
 
-No network and no second copy of any rule: each ``Violation`` the connection path
-would raise becomes one ``Error`` with id ``secure_pg_backend.<code>``.
+No network and no second copy of any rule: each alias whose wrapper carries the
+policy is judged by the same gate the connection uses (``policy_verdict``), and
+each ``Violation`` becomes one ``Error`` with id ``secure_pg_backend.<code>``.
 """
 
 from __future__ import annotations
@@ -12,26 +13,29 @@ from typing import Any
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error
+from django.core.exceptions import ImproperlyConfigured
 
-from . import policy
 from .errors import location, redact
 
-__all__ = ["ENGINES", "check_databases"]
-
-# Both spellings Django accepts for this backend's ENGINE.
-ENGINES = frozenset({"secure_pg_backend", "secure_pg_backend.base"})
+__all__ = ["check_databases"]
 
 
 def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    from .base import VerifiedTLSMixin, standalone_wrapper
+
     errors: list[CheckMessage] = []
     databases: dict[str, dict[str, Any]] = getattr(settings, "DATABASES", {})
     for alias, settings_dict in databases.items():
-        if settings_dict.get("ENGINE") not in ENGINES:
+        try:
+            wrapper = standalone_wrapper(alias, settings_dict)
+        except ImproperlyConfigured:  # an ENGINE that does not load: Django reports it
             continue
-        result = policy.evaluate(alias, settings_dict)
-        where = location(alias, result.host)
-        password = settings_dict.get("PASSWORD")
-        for violation in result.violations:
+        if not isinstance(wrapper, VerifiedTLSMixin):
+            continue
+        verdict = wrapper.policy_verdict()
+        where = location(alias, verdict.host)
+        password = wrapper.settings_dict.get("PASSWORD")
+        for violation in verdict.violations:
             errors.append(
                 Error(
                     redact(f"{where}: {violation.problem}", password),

@@ -1,37 +1,25 @@
-"""The TLS policy: Django settings in, libpq parameters (or a refusal) out.
+"""The TLS policy: libpq parameters in, forced parameters (or a refusal) out.
 
-Pure functions over dicts, like psycopg's ``conninfo``: no Django connection,
-no network. The same rules serve the connection path (``enforce``), the system
-checks (``evaluate``), ``dbshell`` and the post-handshake check (``check_link``).
-The only I/O is reading the environment and asking whether the root-certificate
-file and the service file exist and can be read.
+Pure functions over dicts, like psycopg's ``conninfo``. The input is a ``Request``:
+the keywords the settings pass explicitly and what libpq resolved them to (service
+file, environment, defaults; see ``libpq.resolve``). Each rule is one small function
+named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``), so a rule,
+its message and its tests share one name. The same rules serve the connection gate,
+the system checks and ``dbshell``; ``check_link`` holds the post-handshake rules.
+The only I/O is ``stat`` on the root certificate file.
 """
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SecurePolicyError, Violation
+from .errors import Violation
 from .truststore import SystemTrustStoreError, system_trust_file
-
-__all__ = [
-    "BACKEND_OPTIONS",
-    "Decision",
-    "Evaluation",
-    "LinkFacts",
-    "apply",
-    "check_link",
-    "enforce",
-    "evaluate",
-    "fingerprint",
-    "is_socket_host",
-    "libpq_environment",
-]
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"
@@ -42,26 +30,56 @@ ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
 # OPTIONS keys this backend reads itself; libpq never sees them.
 ALLOW_UNIX_SOCKET = "allow_unix_socket"
 ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
-BACKEND_OPTIONS = frozenset({ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS})
+PASSWORD_PROVIDER = "password_provider"
+BACKEND_OPTIONS = frozenset({ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER})
+OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS)
 
-# libpq keywords that can only weaken what this backend enforces.
+KEYLOG = "sslkeylogfile"
 WEAKENING_KEYWORDS = {
     "requiressl": "is libpq's deprecated predecessor of sslmode",
-    "sslkeylogfile": "writes the TLS session keys to a file, so anyone who reads "
-    "it can decrypt the captured traffic",
+    KEYLOG: "writes the TLS session keys to a file, so anyone who reads it can decrypt "
+    "the captured traffic",
 }
 
-# Check ids (``secure_pg_backend.E00x``); one code per rule.
-E_SSLMODE = "E001"
-E_GSSENC = "E002"
-E_PROTOCOL = "E003"
-E_SOCKET = "E004"
-E_NO_ROOT_CERT = "E005"
-E_BAD_ROOT_CERT = "E006"
-E_WEAKENING = "E007"
-E_OPT_IN = "E008"
-
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def option_name(key: str) -> str:
+    """How messages name a setting."""
+    return f"OPTIONS[{key!r}]"
+
+
+def remove_hint(key: str) -> str:
+    """The fix for a setting that must go, in both places it can come from."""
+    return f"remove {option_name(key)} (from a DATABASE_URL: its ?{key}= query key)"
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one alias's connection would use, as libpq sees it."""
+
+    alias: str
+    explicit: Mapping[str, str]  # keywords the settings pass, as strings
+    resolved: Mapping[str, str]  # libpq's value for every keyword that has one
+    options: Mapping[str, Any] = field(default_factory=dict)  # the backend's own OPTIONS
+    environ: Mapping[str, str] = field(default_factory=dict)
+    keywords: frozenset[str] = frozenset()  # what this libpq accepts
+    origins: Mapping[str, str] = field(default_factory=dict)  # keyword -> setting name
+    envvars: Mapping[str, str] = field(default_factory=dict)  # keyword -> libpq's variable
+
+    def origin(self, key: str) -> str:
+        """Where a resolved value came from, in the user's terms."""
+        if key in self.origins:
+            return self.origins[key]
+        if key in self.explicit:
+            return option_name(key)
+        variable = self.envvars.get(key)
+        if variable and self.environ.get(variable) == self.resolved.get(key):
+            return variable
+        service = self.explicit.get("service") or self.environ.get("PGSERVICE")
+        if service:
+            return f"the pg_service.conf entry {service!r}"
+        return "libpq's default"
 
 
 @dataclass(frozen=True)
@@ -75,16 +93,20 @@ class Decision:
     min_protocol: str = DEFAULT_MIN_PROTOCOL
     allow_unix_socket: bool = False
     allow_legacy_ciphers: bool = False
+    keylog_keyword: bool = False  # this libpq knows sslkeylogfile: send it empty
 
     @property
     def forced(self) -> dict[str, str]:
-        """libpq keywords passed explicitly, so no env var or service file can lower them."""
-        return {
+        """Keywords passed explicitly, so no environment or service file can change them."""
+        forced = {
             "sslmode": SSLMODE,
             "gssencmode": GSSENCMODE,
             "ssl_min_protocol_version": self.min_protocol,
             "sslrootcert": self.root_cert,
         }
+        if self.keylog_keyword:
+            forced[KEYLOG] = ""
+        return forced
 
     @property
     def host_display(self) -> str | None:
@@ -102,344 +124,327 @@ class Evaluation:
 
 
 def is_socket_host(host: str) -> bool:
-    """True for what libpq treats as a Unix-domain socket: empty, a path, or ``@abstract``."""
-    host = host.strip()
-    return host == "" or host.startswith(("/", "@")) or bool(_WINDOWS_PATH.match(host))
+    """libpq's rule for a Unix-domain socket: an absolute path or ``@abstract`` name."""
+    return host.startswith(("/", "@")) or bool(_WINDOWS_PATH.match(host))
 
 
-def _split_hosts(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return tuple(part.strip() for part in str(value).split(","))
+def _split(value: str | None) -> list[str]:
+    # libpq splits host lists on commas and keeps empty elements (they mean "default").
+    return value.split(",") if value is not None else []
 
 
-def _service_entry(name: str, environ: Mapping[str, str]) -> dict[str, str] | None:
-    """Find a pg_service.conf section the way libpq does (user file, then system file)."""
-    candidates = []
-    if environ.get("PGSERVICEFILE"):
-        candidates.append(environ["PGSERVICEFILE"])
-    else:
-        candidates.append(os.path.join(os.path.expanduser("~"), ".pg_service.conf"))
-    if environ.get("PGSYSCONFDIR"):
-        candidates.append(os.path.join(environ["PGSYSCONFDIR"], "pg_service.conf"))
-    candidates.append("/etc/postgresql-common/pg_service.conf")
-    for path in candidates:
-        parser = configparser.ConfigParser(interpolation=None, strict=False)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                parser.read_file(handle)
-        except (OSError, configparser.Error):
-            continue
-        if parser.has_section(name):
-            return dict(parser.items(name))
+# -- rules on what the settings ask for ---------------------------------------------------
+_SSLMODE_WHY = {
+    "disable": "never uses TLS",
+    "allow": "tries plaintext first",
+    "prefer": "silently falls back to plaintext",
+    "require": "encrypts but never checks the server's certificate, so a "
+    "machine-in-the-middle can read credentials and data",
+    "verify-ca": "checks the certificate chain but not the host name, so any "
+    "certificate from the same CA (another customer's, on a shared CA) is accepted",
+}
+
+
+def e001_sslmode(req: Request) -> Violation | None:
+    value = req.options.get("sslmode", SSLMODE)
+    if value == SSLMODE:
+        return None
+    why = _SSLMODE_WHY.get(value if isinstance(value, str) else "", "is not a mode this accepts")
+    return Violation(
+        "E001",
+        f"{option_name('sslmode')} is {value!r}, which {why}.",
+        f"{remove_hint('sslmode')}; this backend always uses 'verify-full'.",
+    )
+
+
+def e002_gssencmode(req: Request) -> Violation | None:
+    if "gssencmode" not in req.options or req.options["gssencmode"] == GSSENCMODE:
+        return None
+    return Violation(
+        "E002",
+        f"{option_name('gssencmode')} is {req.options['gssencmode']!r}: with Kerberos "
+        "credentials present libpq would encrypt with GSSAPI instead of TLS, and no server "
+        "certificate would be checked.",
+        f"{remove_hint('gssencmode')}; this backend always sends 'disable'.",
+    )
+
+
+def _min_protocol(req: Request) -> str:
+    value = req.options.get("ssl_min_protocol_version", DEFAULT_MIN_PROTOCOL)
+    return value if value in ACCEPTED_PROTOCOLS else DEFAULT_MIN_PROTOCOL
+
+
+def e003_protocol(req: Request) -> Violation | None:
+    minimum = req.options.get("ssl_min_protocol_version", DEFAULT_MIN_PROTOCOL)
+    if minimum not in ACCEPTED_PROTOCOLS:
+        return Violation(
+            "E003",
+            f"{option_name('ssl_min_protocol_version')} is {minimum!r}; TLS versions before "
+            "1.2 are broken and not allowed.",
+            f"{remove_hint('ssl_min_protocol_version')} (default 'TLSv1.2') or set 'TLSv1.3'.",
+        )
+    maximum = req.options.get("ssl_max_protocol_version")
+    if maximum is None or (
+        maximum in ACCEPTED_PROTOCOLS and PROTOCOL_RANK[maximum] >= PROTOCOL_RANK[minimum]
+    ):
+        return None
+    return Violation(
+        "E003",
+        f"{option_name('ssl_max_protocol_version')} is {maximum!r}, below the minimum "
+        f"{minimum!r}: no acceptable TLS version is left.",
+        f"{remove_hint('ssl_max_protocol_version')} or set it to 'TLSv1.3'.",
+    )
+
+
+def e007_weakening(req: Request) -> Violation | None:
+    for keyword, why in WEAKENING_KEYWORDS.items():
+        if keyword in req.options:
+            return Violation(
+                "E007",
+                f"{option_name(keyword)} is set; it {why}.",
+                f"{remove_hint(keyword)}; this backend sets the TLS parameters itself.",
+            )
+    if req.resolved.get(KEYLOG):  # from a service file (or any source libpq reads)
+        return Violation(
+            "E007",
+            f"{req.origin(KEYLOG)} sets {KEYLOG!r} to {req.resolved[KEYLOG]!r}; it "
+            f"{WEAKENING_KEYWORDS[KEYLOG]}.",
+            f"remove {KEYLOG} from there.",
+        )
     return None
 
 
-def _check_root_file(path: str, origin: str) -> Violation | None:
-    try:
-        with open(path, "rb"):
-            pass
-    except IsADirectoryError:
-        problem = f"{origin} is {path!r}, which is a directory, not a certificate file."
-    except FileNotFoundError:
-        problem = f"{origin} is {path!r}, which does not exist."
-    except OSError as exc:
-        problem = f"{origin} is {path!r}, which cannot be read ({exc.strerror})."
-    else:
-        return None
-    return Violation(
-        E_BAD_ROOT_CERT,
-        problem,
-        "set OPTIONS['sslrootcert'] to a readable file with your provider's CA "
-        "bundle (PEM), or to 'system' for a server with a publicly trusted certificate.",
-    )
-
-
-def _root_of_trust(
-    options: Mapping[str, Any], service: Mapping[str, str] | None, environ: Mapping[str, str]
-) -> tuple[str, str, Violation | None]:
-    """Return (path, source, violation) for the CA file libpq will trust."""
-    if "sslrootcert" in options:
-        value, origin = options["sslrootcert"], "OPTIONS['sslrootcert']"
-    elif environ.get("PGSSLROOTCERT"):
-        value, origin = environ["PGSSLROOTCERT"], "PGSSLROOTCERT"
-    elif service and service.get("sslrootcert"):
-        value, origin = service["sslrootcert"], "pg_service.conf sslrootcert"
-    else:
-        default = os.path.join(os.path.expanduser("~"), ".postgresql", "root.crt")
-        if os.path.exists(default):
-            value, origin = default, "~/.postgresql/root.crt"
-        else:
-            return (
-                "",
-                "",
-                Violation(
-                    E_NO_ROOT_CERT,
-                    "no root of trust: OPTIONS has no 'sslrootcert', PGSSLROOTCERT is unset "
-                    f"and {default} does not exist, so the server's certificate cannot be "
-                    "verified.",
-                    "set OPTIONS['sslrootcert'] to the CA bundle your provider publishes "
-                    "(e.g. the RDS global bundle), or to 'system' when the server has a "
-                    "certificate from a public CA.",
-                ),
-            )
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        return (
-            "",
-            "",
-            Violation(
-                E_BAD_ROOT_CERT,
-                f"{origin} is {value!r}; it must be a file path or 'system'.",
-                "set OPTIONS['sslrootcert'] to the path of a PEM CA bundle, or to 'system'.",
-            ),
-        )
-    if value == "system":
-        try:
-            path, where = system_trust_file(environ)
-        except SystemTrustStoreError as exc:
-            return "", "", Violation(E_BAD_ROOT_CERT, f"{origin} is 'system', but {exc}", exc.fix)
-        return path, f"system ({where})", None
-    value = os.path.expanduser(value)
-    return value, origin, _check_root_file(value, origin)
-
-
-def evaluate(
-    alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> Evaluation:
-    """Apply every rule to one ``DATABASES`` entry; collect all violations."""
-    environ = os.environ if environ is None else environ
-    options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
-    violations: list[Violation] = []
-
-    sslmode = options.get("sslmode", SSLMODE)
-    if sslmode != SSLMODE:
-        why = {
-            "disable": "never uses TLS",
-            "allow": "tries plaintext first",
-            "prefer": "silently falls back to plaintext",
-            "require": "encrypts but never checks the server's certificate, so a "
-            "machine-in-the-middle can read credentials and data",
-            "verify-ca": "checks the certificate chain but not the host name, so any "
-            "certificate from the same CA (another customer's, on a shared CA) is accepted",
-        }.get(sslmode if isinstance(sslmode, str) else "", "is not a mode this backend accepts")
-        violations.append(
-            Violation(
-                E_SSLMODE,
-                f"OPTIONS['sslmode'] is {sslmode!r}, which {why}.",
-                "remove OPTIONS['sslmode'] (this backend always uses 'verify-full') "
-                "or set it to exactly 'verify-full'.",
-            )
-        )
-
-    if "gssencmode" in options and options["gssencmode"] != GSSENCMODE:
-        violations.append(
-            Violation(
-                E_GSSENC,
-                f"OPTIONS['gssencmode'] is {options['gssencmode']!r}: with Kerberos "
-                "credentials present libpq would encrypt with GSSAPI instead of TLS, and "
-                "no server certificate would be checked.",
-                "remove OPTIONS['gssencmode'] (this backend always sends 'disable').",
-            )
-        )
-
-    min_protocol = options.get("ssl_min_protocol_version", DEFAULT_MIN_PROTOCOL)
-    if min_protocol not in ACCEPTED_PROTOCOLS:
-        violations.append(
-            Violation(
-                E_PROTOCOL,
-                f"OPTIONS['ssl_min_protocol_version'] is {min_protocol!r}; "
-                "TLS versions before 1.2 are broken and not allowed.",
-                "remove it (default 'TLSv1.2') or set 'TLSv1.3'.",
-            )
-        )
-        min_protocol = DEFAULT_MIN_PROTOCOL
-    max_protocol = options.get("ssl_max_protocol_version")
-    if max_protocol is not None and (
-        max_protocol not in ACCEPTED_PROTOCOLS
-        or PROTOCOL_RANK[max_protocol] < PROTOCOL_RANK[min_protocol]
-    ):
-        violations.append(
-            Violation(
-                E_PROTOCOL,
-                f"OPTIONS['ssl_max_protocol_version'] is {max_protocol!r}, below the "
-                f"minimum {min_protocol!r}: no acceptable TLS version is left.",
-                "remove OPTIONS['ssl_max_protocol_version'] or set it to 'TLSv1.3'.",
-            )
-        )
-
-    for keyword, why in WEAKENING_KEYWORDS.items():
-        if keyword in options:
-            violations.append(
-                Violation(
-                    E_WEAKENING,
-                    f"OPTIONS[{keyword!r}] is set; it {why}.",
-                    f"remove OPTIONS[{keyword!r}]; this backend sets the TLS parameters itself.",
-                )
-            )
-
-    flags: dict[str, bool] = {}
-    for key in (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS):
-        value = options.get(key, False)
+def e008_opt_ins(req: Request) -> Violation | None:
+    for key in OPT_INS:
+        value = req.options.get(key, False)
         if not isinstance(value, bool):
-            violations.append(
-                Violation(
-                    E_OPT_IN,
-                    f"OPTIONS[{key!r}] is {value!r}; opt-ins must be exactly True or False.",
-                    f"set OPTIONS[{key!r}] = True to opt in, or remove it.",
-                )
+            return Violation(
+                "E008",
+                f"OPTIONS[{key!r}] is {value!r}; opt-ins must be exactly True or False.",
+                f"set OPTIONS[{key!r}] = True to opt in, or remove it.",
             )
-            value = False
-        flags[key] = value
-
-    # Where will libpq connect? HOST wins over OPTIONS['host'] (Django's order),
-    # then the service file; PGHOST and libpq's default socket are refused.
-    service_name = options.get("service")
-    service = _service_entry(str(service_name), environ) if service_name else None
-    # libpq fills every keyword not passed explicitly from the service entry (named in
-    # OPTIONS, else by PGSERVICE), so a service file could turn on the key log that OPTIONS
-    # may not. requiressl there is moot: the explicit sslmode outranks it.
-    filler_name = service_name or environ.get("PGSERVICE")
-    filler = service if service_name else None
-    if filler_name and not service_name:
-        filler = _service_entry(str(filler_name), environ)
-    if filler and "sslkeylogfile" in filler:
-        violations.append(
-            Violation(
-                E_WEAKENING,
-                f"the pg_service.conf entry {str(filler_name)!r} sets 'sslkeylogfile'; it "
-                f"{WEAKENING_KEYWORDS['sslkeylogfile']}.",
-                "remove sslkeylogfile from that service entry.",
-            )
-        )
-    host_value = settings_dict.get("HOST") or options.get("host")
-    # An explicit OPTIONS value, even "", outranks the service entry in libpq
-    # (psycopg passes "" on; only None is dropped): host="" means the default socket.
-    if not host_value and service is not None and options.get("host") is None:
-        host_value = service.get("host")
-    hosts = _split_hosts(host_value)
-    hostaddr = options.get("hostaddr")
-    if hostaddr is None:
-        hostaddr = (service or {}).get("hostaddr")
-    host_display = ",".join(hosts) or (str(hostaddr) if hostaddr else None)
-
-    # No host but a hostaddr is plain TCP; a service file we cannot read is left
-    # to libpq, and the post-handshake check refuses a socket it may pick.
-    tcp_or_unknown = not hosts and bool(hostaddr or (service_name and service is None))
-    if not tcp_or_unknown and not flags[ALLOW_UNIX_SOCKET]:
-        sockets = [h for h in hosts or ("",) if is_socket_host(h)]
-        if sockets:
-            shown = ", ".join(repr(h) for h in sockets)
-            violations.append(
-                Violation(
-                    E_SOCKET,
-                    (
-                        f"HOST names a Unix-domain socket ({shown})"
-                        if any(sockets)
-                        else "the host is empty, so libpq would use PGHOST or its default "
-                        "Unix-domain socket"
-                    )
-                    + "; libpq ignores sslmode on sockets and would connect without TLS.",
-                    "set HOST to the server's DNS name (as on its certificate), or, for a "
-                    "server on this machine, opt in with OPTIONS['allow_unix_socket'] = True.",
-                )
-            )
-
-    root_cert, root_source, root_violation = _root_of_trust(options, service, environ)
-    if root_violation:
-        violations.append(root_violation)
-
-    if violations:
-        return Evaluation(alias, host_display, tuple(violations), None)
-    decision = Decision(
-        alias=alias,
-        hosts=hosts,
-        root_cert=root_cert,
-        root_cert_source=root_source,
-        min_protocol=min_protocol,
-        allow_unix_socket=flags[ALLOW_UNIX_SOCKET],
-        allow_legacy_ciphers=flags[ALLOW_LEGACY_CIPHERS],
-    )
-    return Evaluation(alias, host_display, (), decision)
+    return None
 
 
-# Environment variables the rules above read. A decision may be reused while these,
-# HOST and OPTIONS are unchanged; add any variable a new rule reads.
-ENVIRONMENT_INPUTS = (
-    "PGSSLROOTCERT",
-    "PGSERVICEFILE",
-    "PGSYSCONFDIR",
-    "PGSERVICE",
-    "SSL_CERT_FILE",
-    "HOME",
+# -- rules on where libpq will connect ------------------------------------------------------
+def _entries(req: Request) -> list[tuple[str, str]]:
+    """(host name, address) for every host entry libpq will try, by libpq's pairing."""
+    hosts, addrs = _split(req.resolved.get("host")), _split(req.resolved.get("hostaddr"))
+    count = max(len(hosts), len(addrs), 1)
+    hosts += [""] * (count - len(hosts))
+    addrs += [""] * (count - len(addrs))
+    return list(zip(hosts, addrs, strict=True))
+
+
+_HOST_FIX = (
+    "set HOST to the server's DNS name (as on its certificate); to reach it by IP, keep the "
+    "name in HOST and put the IP in OPTIONS['hostaddr'], one for each host."
 )
 
 
-def fingerprint(
-    settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> tuple[Any, ...] | None:
-    """A key under which a decision can be reused, or None when it must be re-evaluated.
+def e012_host_lists(req: Request) -> Violation | None:
+    hosts, addrs = _split(req.resolved.get("host")), _split(req.resolved.get("hostaddr"))
+    if addrs and len(hosts) != len(addrs):
+        problem = (
+            f"{req.origin('hostaddr')} lists {len(addrs)} address(es) but {req.origin('host')} "
+            f"lists {len(hosts)} host name(s); verify-full needs a name for every address."
+        )
+        return Violation("E012", problem, _HOST_FIX)
+    for number, (name, addr) in enumerate(_entries(req), start=1):
+        if addr and (not name or is_socket_host(name)):
+            problem = (
+                f"host entry {number} has the address {addr!r} but the host name {name!r}; "
+                "verify-full checks the certificate against the host name, so one is needed."
+            )
+            return Violation("E012", problem, _HOST_FIX)
+    return None
 
-    With a service file involved the decision also depends on that file's contents,
-    so it is never reused. Files the decision names (the root certificate) are read
-    again by libpq on every connection, which reports them missing in its own words.
-    """
-    environ = os.environ if environ is None else environ
-    options = settings_dict.get("OPTIONS") or {}
-    if options.get("service") or environ.get("PGSERVICE"):
+
+def e004_socket(req: Request) -> Violation | None:
+    if req.options.get(ALLOW_UNIX_SOCKET) is True:
         return None
-    return (
-        settings_dict.get("HOST"),
-        repr(options),
-        tuple(environ.get(name) for name in ENVIRONMENT_INPUTS),
+    sockets = [
+        name for name, addr in _entries(req) if not addr and (not name or is_socket_host(name))
+    ]
+    if not sockets:
+        return None
+    if any(sockets):
+        shown = ", ".join(repr(s) for s in sockets if s)
+        problem = f"{req.origin('host')} names a Unix-domain socket ({shown})"
+    elif req.resolved.get("host") is None:
+        problem = "no host is set anywhere, so libpq would use its default Unix-domain socket"
+    else:
+        problem = (
+            f"{req.origin('host')} has an empty host entry, which libpq takes as its default "
+            "Unix-domain socket"
+        )
+    return Violation(
+        "E004",
+        problem + "; libpq ignores sslmode on sockets and would connect without TLS.",
+        "set HOST to the server's DNS name (as on its certificate), or, for a server on this "
+        "machine, opt in with OPTIONS['allow_unix_socket'] = True.",
     )
 
 
-def enforce(
-    alias: str, settings_dict: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> Decision:
-    """``evaluate`` or raise ``SecurePolicyError`` (an ``ImproperlyConfigured``)."""
-    result = evaluate(alias, settings_dict, environ)
-    if result.decision is None:
-        raise SecurePolicyError(
-            alias, result.host, result.violations, password=settings_dict.get("PASSWORD")
+# -- the root of trust ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RootOfTrust:
+    path: str
+    source: str
+    violation: Violation | None = None
+
+
+def _default_root(req: Request) -> str:
+    home = req.environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".postgresql", "root.crt")
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` is not a usable certificate file, checked with ``stat`` only.
+
+    Never ``open``: a FIFO or a device would block or have side effects.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a certificate file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def root_of_trust(req: Request) -> RootOfTrust:
+    """The CA file libpq will trust: explicit, service, PGSSLROOTCERT, then ~/.postgresql."""
+    value = req.resolved.get("sslrootcert")
+    fix = (
+        "set OPTIONS['sslrootcert'] to a readable file with your provider's CA bundle (PEM), "
+        "or to 'system' for a server with a publicly trusted certificate."
+    )
+    problem: str | None
+    if value is None:
+        default = _default_root(req)
+        if _file_problem(default) is None:
+            return RootOfTrust(default, "~/.postgresql/root.crt")
+        problem = (
+            f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
+            f"a service entry's sslrootcert, and {default} is not a readable file, so the "
+            "server's certificate cannot be verified."
         )
-    return result.decision
+        return RootOfTrust("", "", Violation("E005", problem, fix))
+    origin = req.origin("sslrootcert")
+    if value == "system":
+        try:
+            path, where = system_trust_file(req.environ)
+        except SystemTrustStoreError as exc:
+            return RootOfTrust(
+                "", "", Violation("E006", f"{origin} is 'system', but {exc}", exc.fix)
+            )
+        return RootOfTrust(path, f"system ({where})")
+    path = os.path.expanduser(value)
+    problem = _file_problem(path) if value.strip() else "is empty"
+    if problem is not None:
+        return RootOfTrust(
+            "", "", Violation("E006", f"{origin} is {value!r}, which {problem}.", fix)
+        )
+    return RootOfTrust(path, origin)
 
 
-def apply(decision: Decision, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Connection parameters with the backend's own keys removed and the policy forced."""
-    out = {k: v for k, v in params.items() if k not in BACKEND_OPTIONS}
-    out.update(decision.forced)
-    return out
+def e005_e006_root_cert(req: Request) -> Violation | None:
+    return root_of_trust(req).violation
 
 
-def libpq_environment(decision: Decision) -> dict[str, str]:
-    """The policy as libpq environment variables (for psql and other libpq tools)."""
-    return {
-        "PGSSLMODE": SSLMODE,
-        "PGGSSENCMODE": GSSENCMODE,
-        "PGSSLMINPROTOCOLVERSION": decision.min_protocol,
-        "PGSSLROOTCERT": decision.root_cert,
+RULES: tuple[Callable[[Request], Violation | None], ...] = (
+    e001_sslmode,
+    e002_gssencmode,
+    e003_protocol,
+    e012_host_lists,
+    e004_socket,
+    e005_e006_root_cert,
+    e007_weakening,
+    e008_opt_ins,
+)
+
+
+def host_display(req: Request) -> str | None:
+    return req.resolved.get("host") or req.resolved.get("hostaddr") or None
+
+
+def evaluate(req: Request) -> Evaluation:
+    """Apply every rule; a decision only when none is broken."""
+    violations = tuple(v for rule in RULES if (v := rule(req)) is not None)
+    if violations:
+        return Evaluation(req.alias, host_display(req), violations, None)
+    trust = root_of_trust(req)
+    decision = Decision(
+        alias=req.alias,
+        hosts=tuple(name for name, _ in _entries(req)),
+        root_cert=trust.path,
+        root_cert_source=trust.source,
+        min_protocol=_min_protocol(req),
+        allow_unix_socket=req.options.get(ALLOW_UNIX_SOCKET) is True,
+        allow_legacy_ciphers=req.options.get(ALLOW_LEGACY_CIPHERS) is True,
+        keylog_keyword=KEYLOG in req.keywords,
+    )
+    return Evaluation(req.alias, host_display(req), (), decision)
+
+
+def final_parameters(
+    decision: Decision, req: Request, compiled: Mapping[str, str | None]
+) -> dict[str, str]:
+    """The keywords handed to libpq: everything it resolved that matters, made explicit.
+
+    Values from the environment or a service file are passed explicitly too (where
+    they differ from libpq's compiled default), so the connection libpq makes is the
+    one judged here: nothing is left for it to look up again that could differ.
+    """
+    params = {
+        key: value
+        for key, value in req.resolved.items()
+        if key in req.explicit or value != compiled.get(key)
     }
+    if "service" in req.explicit:
+        params["service"] = req.explicit["service"]
+    params.update(decision.forced)
+    return params
 
 
-# -- the live link -------------------------------------------------------------
+def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation | None:
+    """The assembled connection string, read back by libpq's parser, carries the policy."""
+    for key, value in decision.forced.items():
+        if parsed.get(key, "") != value:
+            return Violation(
+                "E009",
+                f"libpq would read {key}={parsed.get(key)!r} from the connection string "
+                f"instead of {value!r}.",
+                "remove the setting that changes it; only exact libpq keywords are accepted.",
+            )
+    return None
 
+
+# -- the live link ----------------------------------------------------------------------------
 _AEAD_MARKERS = ("GCM", "CHACHA20-POLY1305", "CCM")
 _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
+ALPN = "postgresql"
 
 
 @dataclass(frozen=True)
 class LinkFacts:
-    """What libpq says about an established connection (no SQL involved)."""
+    """What libpq and the kernel say about an established connection (no SQL involved)."""
 
     host: str
     ssl_in_use: bool
     protocol: str | None
     cipher: str | None
-    used_gssapi: bool = False
+    used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
+    unix_socket: bool = False  # the socket's address family, not the host string
+    effective: Mapping[str, str] = field(default_factory=dict)  # PQconninfo of the link
+    alpn: str | None = None
 
 
 def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:
@@ -453,40 +458,100 @@ def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:
     )
 
 
-def check_link(decision: Decision, facts: LinkFacts) -> tuple[str, str] | None:
-    """Return (problem, fix) when the established link breaks the policy, else None."""
+Problem = tuple[str, str]  # (what is wrong, the fix)
+
+
+def link_settings(decision: Decision, facts: LinkFacts) -> Problem | None:
+    for key, value in decision.forced.items():
+        actual = facts.effective.get(key, "")
+        if actual != value:
+            return (
+                f"libpq's effective {key} on this connection is {actual!r}, not the "
+                f"policy's {value!r}.",
+                "remove whatever sets it (pg_service.conf, PG* environment variables).",
+            )
+    return None
+
+
+def link_gssapi(decision: Decision, facts: LinkFacts) -> Problem | None:
     if facts.used_gssapi:
         return (
             "the connection is encrypted with GSSAPI instead of TLS; no certificate was checked.",
             "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and "
             "pg_service.conf).",
         )
+    return None
+
+
+def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
+    if facts.unix_socket:
+        if decision.allow_unix_socket:
+            return None
+        return (
+            f"libpq connected over a Unix-domain socket ({facts.host!r}), without TLS.",
+            "set HOST to the server's DNS name, or opt in with "
+            "OPTIONS['allow_unix_socket'] = True for a server on this machine.",
+        )
     if not facts.ssl_in_use:
-        if is_socket_host(facts.host):
-            if decision.allow_unix_socket:
-                return None
-            return (
-                f"libpq connected over the Unix-domain socket {facts.host!r}, without TLS "
-                "(the host probably came from pg_service.conf or PGHOST).",
-                "set HOST to the server's DNS name, or opt in with "
-                "OPTIONS['allow_unix_socket'] = True for a server on this machine.",
-            )
         return (
             "the connection is not using TLS.",
             "enable ssl on the server and check that nothing rewrites sslmode.",
         )
-    rank = PROTOCOL_RANK.get(facts.protocol or "", 0)
-    if rank < PROTOCOL_RANK[decision.min_protocol]:
+    return None
+
+
+def link_protocol(decision: Decision, facts: LinkFacts) -> Problem | None:
+    if not facts.ssl_in_use:
+        return None
+    if PROTOCOL_RANK.get(facts.protocol or "", 0) < PROTOCOL_RANK[decision.min_protocol]:
         return (
             f"the server negotiated {facts.protocol}, below the minimum {decision.min_protocol}.",
             "upgrade the server's TLS configuration (ssl_min_protocol_version).",
         )
-    if not decision.allow_legacy_ciphers and not cipher_is_strong(facts.protocol, facts.cipher):
-        return (
-            f"the server negotiated the cipher {facts.cipher} over {facts.protocol}, which "
-            "lacks forward secrecy or authenticated encryption.",
-            "configure the server's ssl_ciphers for ECDHE with AES-GCM or CHACHA20-POLY1305 "
-            "(or TLS 1.3); for a legacy server you cannot change, opt out of this rule "
-            "only with OPTIONS['allow_legacy_ciphers'] = True.",
-        )
+    return None
+
+
+def link_cipher(decision: Decision, facts: LinkFacts) -> Problem | None:
+    if not facts.ssl_in_use or decision.allow_legacy_ciphers:
+        return None
+    if cipher_is_strong(facts.protocol, facts.cipher):
+        return None
+    return (
+        f"the server negotiated the cipher {facts.cipher} over {facts.protocol}, which "
+        "lacks forward secrecy or authenticated encryption.",
+        "configure the server's ssl_ciphers for ECDHE with AES-GCM or CHACHA20-POLY1305 "
+        "(or TLS 1.3); for a legacy server you cannot change, opt out of this rule only "
+        "with OPTIONS['allow_legacy_ciphers'] = True.",
+    )
+
+
+def link_alpn(decision: Decision, facts: LinkFacts) -> Problem | None:
+    if not facts.ssl_in_use or facts.effective.get("sslnegotiation") != "direct":
+        return None
+    if facts.alpn == ALPN:
+        return None
+    return (
+        f"direct TLS negotiation ended with ALPN {facts.alpn!r}, not {ALPN!r}: the peer is "
+        "not known to be a PostgreSQL server (cross-protocol attacks).",
+        "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
+        "or remove OPTIONS['sslnegotiation'].",
+    )
+
+
+LINK_RULES: tuple[Callable[[Decision, LinkFacts], Problem | None], ...] = (
+    link_gssapi,
+    link_transport,
+    link_settings,
+    link_protocol,
+    link_cipher,
+    link_alpn,
+)
+
+
+def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:
+    """The first broken post-handshake rule as (problem, fix), or None."""
+    for rule in LINK_RULES:
+        problem = rule(decision, facts)
+        if problem is not None:
+            return problem
     return None

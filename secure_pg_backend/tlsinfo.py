@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import socket
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -94,6 +95,8 @@ class TLSInfo:
     min_protocol: str
     root_cert: str
     root_cert_source: str
+    gssencmode: str = "disable"
+    sslnegotiation: str = "postgres"
     _peer_der: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -139,21 +142,26 @@ def _decode(value: bytes | None) -> str:
 
 
 def read_facts(pgconn: Any) -> LinkFacts:
-    """The few facts the post-handshake check needs: two libpq calls when TLS is on."""
+    """The facts the post-handshake check needs, from libpq and the socket (no SQL)."""
     ssl_in_use = bool(pgconn.ssl_in_use)
-    protocol = cipher = None
+    protocol = cipher = alpn = None
+    effective = libpq.effective_settings(pgconn)
     if ssl_in_use:
         get = libpq.functions().ssl_attribute
         ptr = pgconn.pgconn_ptr
-        raw_protocol, raw_cipher = get(ptr, b"protocol"), get(ptr, b"cipher")
-        protocol = raw_protocol.decode() if raw_protocol else None
-        cipher = raw_cipher.decode() if raw_cipher else None
+        protocol = _decode(get(ptr, b"protocol")) or None
+        cipher = _decode(get(ptr, b"cipher")) or None
+        if effective.get("sslnegotiation") == "direct":
+            alpn = _decode(get(ptr, b"alpn")) or None
     return LinkFacts(
         host=_decode(pgconn.host),
         ssl_in_use=ssl_in_use,
         protocol=protocol,
         cipher=cipher,
-        used_gssapi=bool(getattr(pgconn, "used_gssapi", False)),
+        used_gssapi=libpq.used_gssapi(pgconn),
+        unix_socket=libpq.socket_family(pgconn) == socket.AF_UNIX,
+        effective=effective,
+        alpn=alpn,
     )
 
 
@@ -167,9 +175,10 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         der = libpq.peer_certificate_der(ptr)
     port = _decode(pgconn.port)
     bits = attrs.get("key_bits")
+    effective = facts.effective
     return TLSInfo(
         alias=decision.alias,
-        transport="tls" if facts.ssl_in_use else "unix-socket",
+        transport="unix-socket" if facts.unix_socket else "tls",
         protocol=facts.protocol,
         cipher=facts.cipher,
         key_bits=int(bits) if bits else None,
@@ -180,9 +189,11 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         hostaddr=_decode(pgconn.hostaddr) or None,
         port=int(port) if port.isdigit() else None,
         database=_decode(pgconn.db),
-        sslmode="verify-full",
-        min_protocol=decision.min_protocol,
-        root_cert=decision.root_cert,
+        sslmode=effective.get("sslmode", ""),
+        min_protocol=effective.get("ssl_min_protocol_version", ""),
+        root_cert=effective.get("sslrootcert", ""),
         root_cert_source=decision.root_cert_source,
+        gssencmode=effective.get("gssencmode", ""),
+        sslnegotiation=effective.get("sslnegotiation", "postgres"),
         _peer_der=der,
     )

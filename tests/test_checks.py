@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
-from secure_pg_backend import policy
+from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
 from .conftest import assert_no_secret
@@ -41,7 +41,11 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("E003", {}, {"ssl_min_protocol_version": "TLSv1.1"}, "'TLSv1.1'"),
     ("E003", {}, {"ssl_max_protocol_version": "TLSv1"}, "ssl_max_protocol_version"),
     ("E004", {"HOST": "/var/run/postgresql"}, {}, "Unix-domain socket"),
-    ("E004", {"HOST": ""}, {}, "the host is empty"),
+    ("E004", {"HOST": ""}, {}, "default Unix-domain socket"),
+    ("E009", {}, {" sslmode": "require"}, "OPTIONS[' sslmode']"),
+    ("E011", {"PORT": "5432\x00"}, {}, "control character"),
+    ("E012", {"HOST": "a.example,b.example"}, {"hostaddr": "127.0.0.1"}, "host name"),
+    ("E013", {"HOST": ""}, {"service": "no-such-service"}, "no-such-service"),
     ("E006", {}, {"sslrootcert": "/nonexistent/ca.pem"}, "does not exist"),
     ("E007", {}, {"requiressl": "1"}, "'requiressl'"),
     ("E007", {}, {"sslkeylogfile": "/tmp/keys.log"}, "'sslkeylogfile'"),
@@ -64,7 +68,7 @@ def test_each_rule_is_reported_with_its_id(
     assert error.obj == "DATABASES['weak']"
     assert error.hint and error.hint[0].isalpha()
     # The message is exactly the policy's own wording, not a second copy of the rule.
-    (violation,) = policy.evaluate("weak", entry).violations
+    (violation,) = standalone_wrapper("weak", entry).policy_verdict().violations
     assert violation.problem in error.msg
     assert error.hint == violation.fix
 
@@ -95,8 +99,9 @@ def test_good_settings_and_other_engines_pass(good_server: TLSPostgres) -> None:
     other = {**_entry(good_server, sslmode="disable"), "ENGINE": "django.db.backends.postgresql"}
     assert _check(good_server, "stock", other) == []
     assert _check(good_server, "fine", _entry(good_server, sslrootcert="system")) == []
-    via_module = {**_entry(good_server, sslmode="allow"), "ENGINE": "secure_pg_backend.base"}
-    assert [e.id for e in _check(good_server, "mod", via_module)] == ["secure_pg_backend.E001"]
+    # Judged by what the wrapper is (the mixin), not by the ENGINE's name.
+    mixed = {**_entry(good_server, sslmode="allow"), "ENGINE": "tests.mixin_backend"}
+    assert [e.id for e in _check(good_server, "mod", mixed)] == ["secure_pg_backend.E001"]
 
 
 def test_manage_py_check_fails_and_never_shows_the_password(good_server: TLSPostgres) -> None:

@@ -62,7 +62,13 @@ def _decision(**kwargs: Any) -> policy.Decision:
 
 
 def _facts(protocol: str | None, cipher: str | None, ssl: bool = True) -> policy.LinkFacts:
-    return policy.LinkFacts(host="db.test", ssl_in_use=ssl, protocol=protocol, cipher=cipher)
+    return policy.LinkFacts(
+        host="db.test",
+        ssl_in_use=ssl,
+        protocol=protocol,
+        cipher=cipher,
+        effective=_decision().forced,  # libpq used what the (default) policy forced
+    )
 
 
 def test_check_link_names_the_cipher() -> None:

@@ -9,7 +9,8 @@ import dj_database_url
 import pytest
 
 from example_project.settings import databases_from_env
-from secure_pg_backend import InsecureConnectionError, SecurePolicyError, policy
+from secure_pg_backend import InsecureConnectionError, SecurePolicyError
+from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
 from .conftest import assert_no_secret
@@ -86,8 +87,8 @@ def test_example_project_reads_database_url_and_extra_aliases(good_server: TLSPo
     assert list(databases) == ["default", "replica"]
     assert databases["default"]["ENGINE"] == "secure_pg_backend"
     assert databases["default"]["OPTIONS"] == {"sslrootcert": good_server.root_cert}
-    assert policy.evaluate("default", databases["default"]).violations == ()
-    (violation,) = policy.evaluate("replica", databases["replica"]).violations
+    assert standalone_wrapper("default", databases["default"]).policy_verdict().violations == ()
+    (violation,) = standalone_wrapper("replica", databases["replica"]).policy_verdict().violations
     assert violation.code == "E001"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connection
 
-from secure_pg_backend.client import DatabaseClient
+from secure_pg_backend import libpq
+from secure_pg_backend.client import DatabaseClient, psql_major_version
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
 from .conftest import assert_no_secret
@@ -18,20 +21,25 @@ from .conftest import assert_no_secret
 SSL_QUERY = "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()"
 
 
-def test_psql_gets_the_policy_in_env_and_conninfo(good_server: TLSPostgres) -> None:
+def test_psql_gets_the_judged_parameters_in_one_conninfo(good_server: TLSPostgres) -> None:
     settings = good_server.database_settings(options={"sslnegotiation": "postgres"})
-    args, env = DatabaseClient.settings_to_cmd_args_env(settings, [])
+    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-c", "select 1"])
     assert env is not None
     assert env["PGSSLMODE"] == "verify-full"
     assert env["PGGSSENCMODE"] == "disable"
-    assert env["PGSSLMINPROTOCOLVERSION"] == "TLSv1.2"
     assert env["PGSSLROOTCERT"] == good_server.root_cert
-    assert env["PGSSLNEGOTIATION"] == "postgres"
     assert env["PGPASSWORD"] == APP_PASSWORD
-    conninfo = args[-1]
-    assert conninfo.startswith("dbname='app' ")
-    for forced in ("sslmode='verify-full'", "gssencmode='disable'", "sslrootcert="):
-        assert forced in conninfo
+    assert args[0] == "psql" and args[2:] == ["-c", "select 1"]  # one conninfo, then extras
+    conninfo = libpq.parse(args[1])  # read back by libpq's own parser
+    assert conninfo["dbname"] == "app" and conninfo["host"] == "127.0.0.1"
+    assert conninfo["port"] == str(good_server.port) and conninfo["user"] == "app"
+    assert conninfo["sslmode"] == "verify-full" and conninfo["gssencmode"] == "disable"
+    assert conninfo["sslrootcert"] == good_server.root_cert
+    major = psql_major_version("psql") or 0
+    # psql's libpq (Debian's 15 here) may predate these; an older libpq has neither.
+    assert ("sslnegotiation" in conninfo) == (major >= 17)
+    assert ("sslkeylogfile" in conninfo) == (major >= 18)
+    assert "password" not in conninfo
     assert_no_secret(" ".join(args))  # the password travels only in the environment
 
 
@@ -67,11 +75,60 @@ def test_real_psql_ignores_weakening_service_file_and_environment(
     monkeypatch.setenv("PGSSLMODE", "disable")
     weak = {**settings, "OPTIONS": {**settings["OPTIONS"], "service": "weak"}}
     args, env = DatabaseClient.settings_to_cmd_args_env(weak, ["-At", "-c", SSL_QUERY])
-    import os
-    import subprocess
-
     result = subprocess.run(
         args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("t|TLSv1.")
+
+
+def _weak_service(tmp_path: Path, port: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PGSERVICE that would connect in plaintext: psql must not let it decide."""
+    service_file = tmp_path / "pg_service.conf"
+    service_file.write_text(
+        f"[weak]\nhost=127.0.0.1\nport={port}\ndbname=postgres\nsslmode=disable\n"
+        "gssencmode=prefer\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(service_file))
+    monkeypatch.setenv("PGSERVICE", "weak")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"NAME": None},
+        {"NAME": None, "OPTIONS": {"dbname": "app"}},
+        {"NAME": "app", "OPTIONS": {"dbname": "postgres"}},
+        {"NAME": None, "OPTIONS": {"service": "weak"}},
+        {"NAME": "", "OPTIONS": {"service": "weak"}},
+        {"NAME": "", "OPTIONS": {"service": "weak", "dbname": "app"}},
+    ],
+    ids=["none", "none-dbname", "name-dbname", "none-service", "empty-service", "service-dbname"],
+)
+def test_every_shape_of_name_and_options_hands_psql_the_policy(
+    good_server: TLSPostgres,
+    shape: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _weak_service(tmp_path, good_server.port, monkeypatch)
+    settings = good_server.database_settings()
+    options = {**settings["OPTIONS"], **shape.get("OPTIONS", {})}
+    settings = {**settings, **shape, "OPTIONS": options}
+    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-At", "-c", SSL_QUERY])
+    result = subprocess.run(
+        args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("t|TLSv1."), result.stdout
+    assert_no_secret(" ".join(args), result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("shape", [{"NAME": ""}, {"NAME": "", "OPTIONS": {"dbname": "app"}}])
+def test_shapes_django_refuses_never_start_psql(
+    good_server: TLSPostgres, shape: dict[str, Any]
+) -> None:
+    settings = good_server.database_settings()
+    settings = {**settings, **shape, "OPTIONS": {**settings["OPTIONS"], **shape.get("OPTIONS", {})}}
+    with pytest.raises(ImproperlyConfigured, match="NAME or OPTIONS"):
+        DatabaseClient.settings_to_cmd_args_env(settings, [])

@@ -1,18 +1,38 @@
-"""Pure policy: settings in, forced libpq parameters or a refusal out (no server needed)."""
+"""The policy: settings in, forced libpq parameters or a refusal out.
+
+The settings-level tests go through the real gate (Django's parameter building and
+libpq's own resolution, no server and no network); the rule-level tests call the pure
+rule functions with hand-made ``Request``/``LinkFacts``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from secure_pg_backend import SecurePolicyError, policy
+from secure_pg_backend import SecurePolicyError, libpq, policy
+from secure_pg_backend.base import standalone_wrapper
+from secure_pg_backend.gate import Verdict
 from secure_pg_backend.policy import Decision, LinkFacts
 
 PASSWORD = "pw-Unit-4f1d9e"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(tmp_path: Path) -> Iterator[None]:
+    """No libpq variable from the machine, and an empty home (no ~/.pg_service.conf)."""
+    home = tmp_path / "clean-home"
+    home.mkdir()
+    kept = {k: v for k, v in os.environ.items() if k not in libpq.environment_variables()}
+    kept.pop("SSL_CERT_FILE", None)
+    with mock.patch.dict(os.environ, {**kept, "HOME": str(home)}, clear=True):
+        yield
 
 
 @pytest.fixture
@@ -23,12 +43,9 @@ def root_cert(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty home directory, so ~/.postgresql/root.crt and ~/.pg_service.conf are absent."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    return home
+def home() -> Path:
+    """The (empty) home directory of the clean environment."""
+    return Path(os.environ["HOME"])
 
 
 def entry(
@@ -38,6 +55,7 @@ def entry(
     if root_cert is not None:
         opts.setdefault("sslrootcert", root_cert)
     return {
+        "ENGINE": "secure_pg_backend",
         "NAME": "app",
         "USER": "app",
         "PASSWORD": PASSWORD,
@@ -47,13 +65,29 @@ def entry(
     }
 
 
+def judge(
+    settings: dict[str, Any], environ: dict[str, str] | None = None, alias: str = "default"
+) -> Verdict:
+    with mock.patch.dict(os.environ, environ or {}):
+        return standalone_wrapper(alias, settings).policy_verdict()  # type: ignore[no-any-return]
+
+
+def enforce(
+    settings: dict[str, Any], environ: dict[str, str] | None = None, alias: str = "default"
+) -> Decision:
+    verdict = judge(settings, environ, alias)
+    verdict.raise_if_refused(settings.get("PASSWORD"))
+    assert verdict.decision is not None
+    return verdict.decision
+
+
 def codes(settings: dict[str, Any], environ: dict[str, str] | None = None) -> list[str]:
-    return [v.code for v in policy.evaluate("default", settings, environ or {}).violations]
+    return [v.code for v in judge(settings, environ).violations]
 
 
 # -- sslmode ---------------------------------------------------------------------------------------
 def test_absent_sslmode_means_verify_full(root_cert: str) -> None:
-    decision = policy.enforce("default", entry(root_cert), {})
+    decision = enforce(entry(root_cert), {})
     assert decision.forced["sslmode"] == "verify-full"
 
 
@@ -82,7 +116,7 @@ def test_verify_full_is_accepted(root_cert: str) -> None:
 )
 def test_every_other_sslmode_is_refused(root_cert: str, value: object) -> None:
     with pytest.raises(ImproperlyConfigured) as excinfo:
-        policy.enforce("reporting", entry(root_cert, sslmode=value), {})
+        enforce(entry(root_cert, sslmode=value), {}, alias="reporting")
     message = str(excinfo.value)
     assert "DATABASES['reporting']" in message
     assert "db.example.com" in message
@@ -93,32 +127,29 @@ def test_every_other_sslmode_is_refused(root_cert: str, value: object) -> None:
 
 def test_require_message_explains_the_threat(root_cert: str) -> None:
     with pytest.raises(SecurePolicyError, match="never checks the server's certificate"):
-        policy.enforce("default", entry(root_cert, sslmode="require"), {})
+        enforce(entry(root_cert, sslmode="require"), {})
 
 
 # -- gssencmode ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["prefer", "require", "allow", "", None])
 def test_gssencmode_other_than_disable_is_refused(root_cert: str, value: object) -> None:
     with pytest.raises(SecurePolicyError, match="GSSAPI") as excinfo:
-        policy.enforce("default", entry(root_cert, gssencmode=value), {})
+        enforce(entry(root_cert, gssencmode=value), {})
     assert excinfo.value.violations[0].code == "E002"
 
 
 def test_gssencmode_disable_is_accepted_and_always_sent(root_cert: str) -> None:
-    assert (
-        policy.enforce("default", entry(root_cert, gssencmode="disable"), {}).forced["gssencmode"]
-        == "disable"
-    )
-    assert policy.enforce("default", entry(root_cert), {}).forced["gssencmode"] == "disable"
+    assert enforce(entry(root_cert, gssencmode="disable"), {}).forced["gssencmode"] == "disable"
+    assert enforce(entry(root_cert), {}).forced["gssencmode"] == "disable"
 
 
 # -- protocol versions -----------------------------------------------------------------------------
 def test_minimum_protocol_defaults_to_tls12(root_cert: str) -> None:
-    assert policy.enforce("default", entry(root_cert), {}).min_protocol == "TLSv1.2"
+    assert enforce(entry(root_cert), {}).min_protocol == "TLSv1.2"
 
 
 def test_tls13_minimum_is_accepted(root_cert: str) -> None:
-    decision = policy.enforce("default", entry(root_cert, ssl_min_protocol_version="TLSv1.3"), {})
+    decision = enforce(entry(root_cert, ssl_min_protocol_version="TLSv1.3"), {})
     assert decision.forced["ssl_min_protocol_version"] == "TLSv1.3"
 
 
@@ -145,7 +176,7 @@ def test_maximum_below_chosen_minimum_is_refused(root_cert: str) -> None:
 )
 def test_weakening_keywords_are_refused(root_cert: str, key: str, value: object) -> None:
     with pytest.raises(SecurePolicyError, match=key) as excinfo:
-        policy.enforce("default", entry(root_cert, **{key: value}), {})
+        enforce(entry(root_cert, **{key: value}), {})
     assert excinfo.value.violations[0].code == "E007"
 
 
@@ -155,31 +186,31 @@ def test_weakening_keywords_are_refused(root_cert: str, key: str, value: object)
 )
 def test_socket_hosts_are_refused_by_default(root_cert: str, host: str) -> None:
     with pytest.raises(SecurePolicyError, match="allow_unix_socket") as excinfo:
-        policy.enforce("default", entry(root_cert, host=host), {})
+        enforce(entry(root_cert, host=host), {})
     assert excinfo.value.violations[0].code == "E004"
 
 
-def test_empty_host_is_refused_even_when_pghost_is_tcp(root_cert: str) -> None:
-    assert codes(entry(root_cert, host=""), {"PGHOST": "db.example.com"}) == ["E004"]
+def test_empty_host_takes_pghost_as_libpq_does_and_makes_it_explicit(root_cert: str) -> None:
+    # Facts, not names: libpq would connect to PGHOST over TCP, verified; the gate then
+    # passes that host explicitly, so nothing can change it between judging and connecting.
+    verdict = judge(entry(root_cert, host=""), {"PGHOST": "db.example.com"})
+    assert verdict.violations == ()
+    assert verdict.params is not None and verdict.params["host"] == "db.example.com"
+    assert codes(entry(root_cert, host=""), {"PGHOST": "/var/run/postgresql"}) == ["E004"]
+    assert codes(entry(root_cert, host="")) == ["E004"]
 
 
 @pytest.mark.parametrize("host", ["db.example.com", "10.1.2.3", "::1", "a.example,b.example"])
 def test_tcp_hosts_are_accepted(root_cert: str, host: str) -> None:
-    assert policy.enforce("default", entry(root_cert, host=host), {}).hosts == tuple(
-        host.split(",")
-    )
+    assert enforce(entry(root_cert, host=host), {}).hosts == tuple(host.split(","))
 
 
 def test_socket_opt_in_permits_sockets_but_keeps_tls_forced(root_cert: str) -> None:
-    decision = policy.enforce(
-        "default", entry(root_cert, host="/run/pg", allow_unix_socket=True), {}
-    )
-    assert decision.allow_unix_socket
-    params = policy.apply(
-        decision, {"host": "/run/pg", "allow_unix_socket": True, "sslmode": "verify-full"}
-    )
-    assert "allow_unix_socket" not in params
-    assert params["sslmode"] == "verify-full"
+    verdict = judge(entry(root_cert, host="/run/pg", allow_unix_socket=True))
+    assert verdict.decision is not None and verdict.decision.allow_unix_socket
+    assert verdict.params is not None
+    assert "allow_unix_socket" not in verdict.params
+    assert verdict.params["sslmode"] == "verify-full"
 
 
 def test_socket_opt_in_does_not_relax_tcp_tls(root_cert: str) -> None:
@@ -230,7 +261,7 @@ def test_service_tcp_host_is_accepted_and_weak_sslmode_there_is_overridden(
     env = {
         "PGSERVICEFILE": write_service(tmp_path, "[svc]\nhost=db.example.com\nsslmode=disable\n")
     }
-    decision = policy.enforce("default", entry(root_cert, host="", service="svc"), env)
+    decision = enforce(entry(root_cert, host="", service="svc"), env)
     assert decision.hosts == ("db.example.com",)
     assert decision.forced["sslmode"] == "verify-full"
 
@@ -243,7 +274,7 @@ def test_service_root_certificate_counts_as_root_of_trust(
             tmp_path, f"[svc]\nhost=db.example.com\nsslrootcert={root_cert}\n"
         )
     }
-    decision = policy.enforce("default", entry(None, host="", service="svc"), env)
+    decision = enforce(entry(None, host="", service="svc"), env)
     assert decision.root_cert == root_cert
     assert "pg_service.conf" in decision.root_cert_source
 
@@ -251,21 +282,21 @@ def test_service_root_certificate_counts_as_root_of_trust(
 # -- root of trust ---------------------------------------------------------------------------------
 def test_no_root_of_trust_is_refused_with_remedies(home: Path) -> None:
     with pytest.raises(SecurePolicyError) as excinfo:
-        policy.enforce("default", entry(None), {})
+        enforce(entry(None), {})
     message = str(excinfo.value)
     assert "sslrootcert" in message and "'system'" in message and "PGSSLROOTCERT" in message
     assert excinfo.value.violations[0].code == "E005"
 
 
 def test_pgsslrootcert_is_a_root_of_trust(home: Path, root_cert: str) -> None:
-    decision = policy.enforce("default", entry(None), {"PGSSLROOTCERT": root_cert})
+    decision = enforce(entry(None), {"PGSSLROOTCERT": root_cert})
     assert (decision.root_cert, decision.root_cert_source) == (root_cert, "PGSSLROOTCERT")
 
 
 def test_home_root_crt_is_a_root_of_trust(home: Path) -> None:
     (home / ".postgresql").mkdir()
     (home / ".postgresql" / "root.crt").write_text("x")
-    decision = policy.enforce("default", entry(None), {})
+    decision = enforce(entry(None), {})
     assert decision.root_cert == str(home / ".postgresql" / "root.crt")
     assert decision.forced["sslrootcert"] == decision.root_cert
 
@@ -273,20 +304,20 @@ def test_home_root_crt_is_a_root_of_trust(home: Path) -> None:
 def test_options_root_cert_wins_over_environment(root_cert: str, tmp_path: Path) -> None:
     other = tmp_path / "other.pem"
     other.write_text("x")
-    decision = policy.enforce("default", entry(root_cert), {"PGSSLROOTCERT": str(other)})
+    decision = enforce(entry(root_cert), {"PGSSLROOTCERT": str(other)})
     assert decision.root_cert == root_cert
 
 
 def test_missing_root_cert_file_is_refused(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.pem")
     with pytest.raises(SecurePolicyError, match=r"sslrootcert.*does not exist") as excinfo:
-        policy.enforce("default", entry(missing), {})
+        enforce(entry(missing), {})
     assert excinfo.value.violations[0].code == "E006"
 
 
 def test_directory_as_root_cert_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SecurePolicyError, match=r"sslrootcert.*directory"):
-        policy.enforce("default", entry(str(tmp_path)), {})
+        enforce(entry(str(tmp_path)), {})
 
 
 def test_unreadable_root_cert_is_refused(tmp_path: Path) -> None:
@@ -301,32 +332,36 @@ def test_unreadable_root_cert_is_refused(tmp_path: Path) -> None:
         locked.chmod(0)
         path = str(locked)
     with pytest.raises(SecurePolicyError, match="sslrootcert") as excinfo:
-        policy.enforce("default", entry(path), {})
+        enforce(entry(path), {})
     assert excinfo.value.violations[0].code == "E006"
 
 
-@pytest.mark.parametrize("value", ["", "  ", 42, None])
+@pytest.mark.parametrize("value", ["", "  ", 42])
 def test_root_cert_must_be_a_path(value: object) -> None:
     assert codes(entry(None, sslrootcert=value)) == ["E006"]
+
+
+def test_root_cert_none_means_unset(home: Path) -> None:
+    assert codes(entry(None, sslrootcert=None)) == ["E005"]
 
 
 def test_system_resolves_to_a_real_file(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_text("x")
-    decision = policy.enforce("default", entry("system"), {"SSL_CERT_FILE": str(bundle)})
+    decision = enforce(entry("system"), {"SSL_CERT_FILE": str(bundle)})
     assert decision.root_cert == str(bundle)
     assert decision.root_cert_source == "system (SSL_CERT_FILE)"
 
 
 def test_system_without_override_uses_a_platform_file() -> None:
-    decision = policy.enforce("default", entry("system"), {})
+    decision = enforce(entry("system"), {})
     assert os.path.isfile(decision.root_cert)
     assert decision.root_cert_source.startswith("system (")
 
 
 def test_system_with_broken_ssl_cert_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SecurePolicyError, match="SSL_CERT_FILE"):
-        policy.enforce("default", entry("system"), {"SSL_CERT_FILE": str(tmp_path / "missing.pem")})
+        enforce(entry("system"), {"SSL_CERT_FILE": str(tmp_path / "missing.pem")})
 
 
 # -- all violations at once, and secrets -----------------------------------------------------------
@@ -338,42 +373,42 @@ def test_every_violation_is_reported_together(home: Path) -> None:
 def test_password_is_redacted_from_messages(root_cert: str) -> None:
     # A value that quotes the password (a mistake users make) must not echo it back.
     with pytest.raises(SecurePolicyError) as excinfo:
-        policy.enforce("default", entry(root_cert, sslmode=f"require {PASSWORD}"), {})
+        enforce(entry(root_cert, sslmode=f"require {PASSWORD}"), {})
     assert PASSWORD not in str(excinfo.value)
     assert "********" in str(excinfo.value)
 
 
-# -- apply: what libpq receives --------------------------------------------------------------------
-def test_apply_forces_policy_and_passes_everything_else_through(root_cert: str) -> None:
-    decision = policy.enforce("default", entry(root_cert), {})
-    params = policy.apply(
-        decision,
-        {
-            "dbname": "app",
-            "sslcert": "/c.pem",
-            "sslkey": "/k.pem",
-            "channel_binding": "require",
-            "sslnegotiation": "direct",
-            "target_session_attrs": "read-write",
-            "allow_legacy_ciphers": False,
-        },
+# -- the parameters libpq receives -----------------------------------------------------------
+def test_final_parameters_force_policy_and_pass_everything_else_through(root_cert: str) -> None:
+    settings = entry(
+        root_cert,
+        sslcert="/c.pem",
+        sslkey="/k.pem",
+        channel_binding="require",
+        sslnegotiation="direct",
+        target_session_attrs="read-write",
+        allow_legacy_ciphers=False,
     )
+    params = judge(settings).params
+    assert params is not None
     assert params["sslmode"] == "verify-full"
     assert params["gssencmode"] == "disable"
     assert params["ssl_min_protocol_version"] == "TLSv1.2"
     assert params["sslrootcert"] == root_cert
     assert params["channel_binding"] == "require" and params["sslnegotiation"] == "direct"
+    assert params["host"] == "db.example.com" and params["dbname"] == "app"
     assert "allow_legacy_ciphers" not in params
+    if "sslkeylogfile" in libpq.keywords():
+        assert params["sslkeylogfile"] == ""  # sent empty: no service file can turn it on
 
 
-def test_libpq_environment_for_psql(root_cert: str) -> None:
-    env = policy.libpq_environment(policy.enforce("default", entry(root_cert), {}))
-    assert env == {
-        "PGSSLMODE": "verify-full",
-        "PGGSSENCMODE": "disable",
-        "PGSSLMINPROTOCOLVERSION": "TLSv1.2",
-        "PGSSLROOTCERT": root_cert,
-    }
+def test_assembled_string_is_read_back_by_libpq(root_cert: str) -> None:
+    decision = enforce(entry(root_cert))
+    parsed = libpq.parse(libpq.conninfo(decision.forced))
+    assert policy.e009_assembled(decision, parsed) is None
+    tampered = {**parsed, "sslmode": "require"}
+    violation = policy.e009_assembled(decision, tampered)
+    assert violation is not None and violation.code == "E009" and "'require'" in violation.problem
 
 
 # -- the post-handshake rule -----------------------------------------------------------------------
@@ -386,6 +421,7 @@ def facts(**kw: Any) -> LinkFacts:
         "ssl_in_use": True,
         "protocol": "TLSv1.3",
         "cipher": "TLS_AES_256_GCM_SHA384",
+        "effective": DECISION.forced,  # libpq used what the policy forced
     }
     base.update(kw)
     return LinkFacts(**base)
@@ -401,7 +437,9 @@ def test_link_without_tls_fails() -> None:
 
 
 def test_link_over_socket_needs_opt_in() -> None:
-    socket_facts = facts(host="/run/pg", ssl_in_use=False, protocol=None, cipher=None)
+    socket_facts = facts(
+        host="/run/pg", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
+    )
     assert policy.check_link(DECISION, socket_facts) is not None
     opted_in = Decision(**{**DECISION.__dict__, "allow_unix_socket": True})
     assert policy.check_link(opted_in, socket_facts) is None
@@ -415,23 +453,104 @@ def test_link_gssapi_fails() -> None:
 def test_link_below_minimum_fails() -> None:
     strict = Decision(**{**DECISION.__dict__, "min_protocol": "TLSv1.3"})
     problem = policy.check_link(
-        strict, facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256")
+        strict,
+        facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256", effective=strict.forced),
     )
     assert problem is not None and "below the minimum TLSv1.3" in problem[0]
 
 
-# -- reusing a decision -----------------------------------------------------------------------
-def test_fingerprint_changes_with_every_input(root_cert: str) -> None:
-    settings = entry(root_cert)
-    key = policy.fingerprint(settings, {})
-    assert key == policy.fingerprint(entry(root_cert), {})
-    assert key != policy.fingerprint(entry(root_cert, sslmode="require"), {})
-    assert key != policy.fingerprint(entry(root_cert, host="other.example.com"), {})
-    for name in policy.ENVIRONMENT_INPUTS:
-        assert key != policy.fingerprint(settings, {name: "x"}), name
+def test_link_transport_is_the_socket_family_not_the_host_name() -> None:
+    # A TCP host name on a Unix socket (or the reverse) is judged by the family.
+    over_socket = facts(
+        host="db.example.com", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
+    )
+    problem = policy.check_link(DECISION, over_socket)
+    assert problem is not None and "Unix-domain socket" in problem[0]
 
 
-def test_no_fingerprint_when_a_service_file_is_involved(root_cert: str) -> None:
-    # The service file's contents are an input too, so such decisions are never reused.
-    assert policy.fingerprint(entry(root_cert, service="svc"), {}) is None
-    assert policy.fingerprint(entry(root_cert), {"PGSERVICE": "svc"}) is None
+def test_link_effective_settings_must_equal_the_decision() -> None:
+    forced = dict(DECISION.forced)
+    assert policy.check_link(DECISION, facts(effective=forced)) is None
+    for key, bad in (
+        ("sslmode", "require"),
+        ("sslrootcert", "/other.pem"),
+        ("gssencmode", "prefer"),
+    ):
+        problem = policy.check_link(DECISION, facts(effective={**forced, key: bad}))
+        assert problem is not None and key in problem[0] and repr(bad) in problem[0]
+
+
+def test_link_key_log_must_be_off() -> None:
+    decision = Decision(**{**DECISION.__dict__, "keylog_keyword": True})
+    forced = dict(decision.forced)
+    assert policy.check_link(decision, facts(effective=forced)) is None
+    problem = policy.check_link(decision, facts(effective={**forced, "sslkeylogfile": "/tmp/k"}))
+    assert problem is not None and "sslkeylogfile" in problem[0]
+
+
+def test_link_direct_negotiation_needs_alpn_postgresql() -> None:
+    direct = {**DECISION.forced, "sslnegotiation": "direct"}
+    assert policy.check_link(DECISION, facts(effective=direct, alpn="postgresql")) is None
+    for alpn in (None, "http/1.1"):
+        problem = policy.check_link(DECISION, facts(effective=direct, alpn=alpn))
+        assert problem is not None and "ALPN" in problem[0]
+
+
+# -- rules on what libpq resolved (pure) ----------------------------------------------------------
+def request(**resolved: str) -> policy.Request:
+    return policy.Request(alias="default", explicit={}, resolved=resolved)
+
+
+@pytest.mark.parametrize(
+    ("resolved", "code"),
+    [
+        ({"host": "a,b", "hostaddr": "10.0.0.1"}, "E012"),  # lists differ in length
+        ({"hostaddr": "10.0.0.1"}, "E012"),  # an address without a name to verify
+        ({"host": "", "hostaddr": "10.0.0.1"}, "E012"),
+        ({"host": "db,", "hostaddr": "10.0.0.1,10.0.0.2"}, "E012"),
+        ({"host": "/tmp", "hostaddr": "10.0.0.1"}, "E012"),
+        ({"host": "db1,,db2"}, "E004"),  # the empty element is libpq's default socket
+        ({"host": "db1,/tmp"}, "E004"),
+        ({}, "E004"),
+    ],
+)
+def test_host_list_rules(resolved: dict[str, str], code: str) -> None:
+    req = request(**resolved)
+    violations = [v for rule in (policy.e012_host_lists, policy.e004_socket) if (v := rule(req))]
+    assert [v.code for v in violations][:1] == [code]
+
+
+def test_matching_host_and_address_lists_pass() -> None:
+    req = request(host="db1.example.com,db2.example.com", hostaddr="10.0.0.1,10.0.0.2")
+    assert policy.e012_host_lists(req) is None and policy.e004_socket(req) is None
+
+
+def test_root_certificate_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    violation = policy.e005_e006_root_cert(request(sslrootcert=str(fifo)))  # would block if opened
+    assert violation is not None and violation.code == "E006" and "FIFO" in violation.problem
+
+
+# -- reusing a verdict -----------------------------------------------------------------------------
+def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
+    wrapper = standalone_wrapper("default", entry(root_cert))
+    first = wrapper.policy_verdict()
+    assert wrapper.policy_verdict() is first
+    with mock.patch.dict(os.environ, {"PGHOSTADDR": "10.0.0.9"}):
+        assert wrapper.policy_verdict() is not first  # any libpq variable is an input
+    wrapper.settings_dict["OPTIONS"]["sslmode"] = "require"
+    assert [v.code for v in wrapper.policy_verdict().violations] == ["E001"]
+
+
+def test_verdict_is_not_reused_when_a_service_file_is_involved(
+    root_cert: str, tmp_path: Path
+) -> None:
+    service = tmp_path / "svc.conf"
+    service.write_text("[svc]\nhost=db.example.com\n")
+    with mock.patch.dict(os.environ, {"PGSERVICEFILE": str(service)}):
+        wrapper = standalone_wrapper("default", entry(root_cert, host="", service="svc"))
+        first = wrapper.policy_verdict()
+        assert first.violations == ()
+        service.write_text("[svc]\nhost=/var/run/postgresql\n")  # the file is an input too
+        assert [v.code for v in wrapper.policy_verdict().violations] == ["E004"]

@@ -25,7 +25,7 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import policy
+from secure_pg_backend import libpq, policy
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 # -- fixed files the strategies point at (made once; hypothesis needs no fixtures) --
@@ -174,56 +174,28 @@ FAST = settings(
 )
 
 
-# -- the model of libpq -------------------------------------------------------------
-def _service(params: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The entry libpq fills unset keywords from (only our file exists on this machine)."""
-    name = params.get("service") or environ.get("PGSERVICE")
-    if not name or environ.get("PGSERVICEFILE") != str(SERVICE_FILE):
-        return None
-    return SERVICES.get(str(name))
-
-
-def effective_hosts(params: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Where libpq would connect; [] when it goes by IP address or cannot start at all."""
-    service = _service(params, environ)
-    if (params.get("service") or environ.get("PGSERVICE")) and service is None:
-        return []  # "definition of service not found": libpq fails before connecting
-
-    def pick(keyword: str, variable: str) -> str:
-        # An explicit value (even "") wins, then the service entry, then the environment;
-        # psycopg drops None values.
-        if params.get(keyword) is not None:
-            return str(params[keyword])
-        if service is not None and keyword in service:
-            return service[keyword]
-        return environ.get(variable, "")
-
-    if pick("hostaddr", "PGHOSTADDR"):
-        return []  # hostaddr wins over host for routing: TCP to that address
-    return [part.strip() for part in pick("host", "PGHOST").split(",")]  # "": default socket
-
-
-def assert_safe(
-    params: Mapping[str, Any], decision: policy.Decision, environ: Mapping[str, str]
-) -> None:
-    assert params["sslmode"] == "verify-full"
-    assert params["gssencmode"] == "disable"
-    assert params["ssl_min_protocol_version"] in ("TLSv1.2", "TLSv1.3")
-    assert Path(params["sslrootcert"]).is_file()
-    assert not set(params) & {"requiressl", "sslkeylogfile", *policy.BACKEND_OPTIONS}
-    assert "sslkeylogfile" not in (_service(params, environ) or {})
+# -- checking a result with libpq itself ----------------------------------------------
+def assert_safe(params: Mapping[str, Any], decision: policy.Decision) -> None:
+    """Read the final parameters back through libpq (same process environment) and check
+    what it would use: the forced values, a root file, and no socket without the opt-in."""
+    keywords = libpq.keywords()
+    final = {k: str(v) for k, v in params.items() if k in keywords}
+    resolved = {**libpq.resolve(final).values, "sslmode": final["sslmode"]}  # probe's own
+    for key, value in decision.forced.items():
+        assert (final[key], resolved.get(key, "")) == (value, value), key
+    assert Path(final["sslrootcert"]).is_file()
+    assert not resolved.get("sslkeylogfile")
+    assert not set(params) & {"requiressl", *policy.BACKEND_OPTIONS}
     if not decision.allow_unix_socket:
-        sockets = [h for h in effective_hosts(params, environ) if policy.is_socket_host(h)]
-        assert sockets == [], f"a Unix socket without the opt-in: {sockets}"
+        hosts = (resolved.get("host") or "").split(",")
+        assert all(h and not policy.is_socket_host(h) for h in hosts), hosts
 
 
-def _django_like_params(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """What Django's get_connection_params hands over (for the pure-policy property)."""
-    params = {"dbname": entry["NAME"], **entry["OPTIONS"]}
-    for key, name in (("HOST", "host"), ("PORT", "port"), ("USER", "user")):
-        if entry.get(key):
-            params[name] = entry[key]
-    return params
+def _judge(entry: dict[str, Any], environ: dict[str, str]) -> Any:
+    wrapper = ConnectionHandler({"default": {**entry, "OPTIONS": {**entry["OPTIONS"]}}})["default"]
+    kept = {k: v for k, v in os.environ.items() if k not in libpq.environment_variables()}
+    kept.pop("SSL_CERT_FILE", None)
+    return wrapper, mock.patch.dict(os.environ, {**kept, **environ}, clear=True)
 
 
 # -- properties ---------------------------------------------------------------------
@@ -232,35 +204,18 @@ def _django_like_params(entry: Mapping[str, Any]) -> dict[str, Any]:
 def test_policy_refuses_or_forces_verified_tls(
     entry: dict[str, Any], environ: dict[str, str]
 ) -> None:
-    try:
-        decision = policy.enforce("default", entry, environ)
-    except ImproperlyConfigured as exc:
-        text = str(exc)
-        assert PASSWORD not in text and PASSWORD not in repr(exc)
-        assert "Fix:" in text
-        assert policy.evaluate("default", entry, environ).violations  # same verdict
-        return
-    assert policy.evaluate("default", entry, environ).decision == decision
-    assert_safe(policy.apply(decision, _django_like_params(entry)), decision, environ)
-
-
-@settings(max_examples=60, deadline=None, database=None)
-@given(entry=entries, environ=environ_strategy)
-def test_real_wrapper_connection_params(entry: dict[str, Any], environ: dict[str, str]) -> None:
-    """The real DatabaseWrapper.get_connection_params(), under a real process environment."""
-    wrapper = ConnectionHandler({"default": {**entry, "OPTIONS": {**entry["OPTIONS"]}}})["default"]
-    with mock.patch.dict(os.environ, environ):
-        for key in set(os.environ) - set(environ):
-            if key.startswith("PG") or key == "SSL_CERT_FILE":
-                os.environ.pop(key)
+    wrapper, environment = _judge(entry, environ)
+    with environment:
         try:
             params = wrapper.get_connection_params()
         except ImproperlyConfigured as exc:
-            assert PASSWORD not in str(exc)
+            text = str(exc)
+            assert PASSWORD not in text and PASSWORD not in repr(exc)
+            assert "Fix:" in text or "NAME or OPTIONS" in text
             return
         assert wrapper._decision is not None
         assert params["password"] == PASSWORD  # for libpq only: never in a message
-        assert_safe(params, wrapper._decision, dict(os.environ))
+        assert_safe(params, wrapper._decision)
 
 
 # -- the few combinations worth naming (examples of the properties, on real servers) --
