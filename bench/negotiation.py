@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.common import Step, compare, interleaved, repeat, version_text
 from bench.delay_proxy import DelayProxy
+from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 SERVER_MAJOR = 18
@@ -46,11 +47,8 @@ def server_bin(root: Path) -> Path:
 
 def _wrapper(server: TLSPostgres, port: int, negotiation: str) -> Any:
     """A secure_pg_backend wrapper outside settings.DATABASES, filled in as Django would."""
-    from django.db.utils import ConnectionHandler
-
     entry = server.database_settings(options={"sslnegotiation": negotiation}, PORT=str(port))
-    handler = ConnectionHandler({"default": {"ENGINE": "django.db.backends.dummy"}, "n": entry})
-    return handler["n"]
+    return standalone_wrapper(f"negotiation_{negotiation}", entry)
 
 
 def _connect_step(wrapper: Any) -> Step:

@@ -26,6 +26,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,22 @@ def run_main_with_servers(plan: Plan) -> dict[str, Any]:
         shutil.rmtree(ca_dir, ignore_errors=True)
 
 
+def _reported(
+    part: Callable[[Plan], dict[str, Any]], plan: Plan, key: str, errors: list[str]
+) -> dict[str, Any]:
+    """Run a part that starts its own servers; a failure is reported, not lost with the rest.
+
+    The main measurements take minutes: a crash here must not throw them away. The error
+    goes to stderr and into the report, and it fails a full run (``errors``).
+    """
+    try:
+        return part(plan)
+    except Exception as exc:
+        say(traceback.format_exc())
+        errors.append(key)
+        return {key: {"unavailable": f"failed: {type(exc).__name__}: {exc}"}}
+
+
 def run(plan: Plan, mode: str, only: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -187,10 +205,12 @@ def run(plan: Plan, mode: str, only: list[str]) -> dict[str, Any]:
         results |= run_main_with_servers(plan)
     else:
         configure(None, None)
-    if "cold-start" in only:
-        results |= run_cold_start(plan)
-    if "negotiation" in only:
-        results |= run_negotiation(plan)
+    errors: list[str] = []
+    for name, part in (("cold-start", run_cold_start), ("negotiation", run_negotiation)):
+        if name in only:
+            results |= _reported(part, plan, name.replace("-", "_"), errors)
+    if errors:
+        results["errors"] = errors
     results["duration_s"] = time.monotonic() - started
     return results
 
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, targets))
     if args.json:
         save(results, args.json)
-    failed = [t["name"] for t in targets if t["ok"] is not True]
+    failed = [t["name"] for t in targets if t["ok"] is not True] + results.get("errors", [])
     if failed and not args.quick:
         say("FAILED: " + "; ".join(failed))
         return 1
