@@ -169,7 +169,8 @@ def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         lines += _negotiation(results["negotiation"])
     if results["mode"] == "quick":
         lines += ["", "--quick: a smoke run, too short for the ratios; targets not enforced."]
-    lines += ["", "| Target | measured | result |", "| --- | --- | --- |"]
+    if targets:
+        lines += ["", "| Target | measured | result |", "| --- | --- | --- |"]
     for t in targets:
         verdict = {True: "PASS", False: "FAIL", None: "n/a (too short)"}[t["ok"]]
         if t["ok"] is None and t.get("unavailable"):
