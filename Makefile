@@ -7,6 +7,8 @@ PY312 ?= $(shell scripts/find-python 3.12)
 VENV_DJ52 := .venv
 VENV_DJ61 := .venv-dj61
 PYTEST_ARGS ?=
+# make bench BENCH_ARGS=--quick (a smoke run), or BENCH_ARGS='--only negotiation'
+BENCH_ARGS ?=
 
 .PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
 .PHONY: docs dist-check
@@ -43,7 +45,7 @@ demo: $(VENV_DJ52)/.installed
 	$(VENV_DJ52)/bin/python -m example_project.demo
 
 bench: $(VENV_DJ52)/.installed system-deps
-	$(VENV_DJ52)/bin/python bench/run.py
+	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
 
 # The documentation site (docs/, mkdocs.yml) into build/docs; --strict turns warnings (a broken
 # link or anchor, a page missing from nav) into errors. Not --quiet: it hides the warnings
