@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
@@ -97,13 +98,16 @@ def test_failing_alias_makes_the_exit_status_non_zero(
     selection = ("--database", "primary", "--database", "intercepted", "--database", "stale")
     out, err, error = run(*selection)
     assert error is not None and error.returncode == 1
-    assert "2 of 3" in str(error) and "intercepted, stale" in str(error)
+    assert "2 of 3" in str(error)
+    assert "intercepted (TLS refused), stale (TLS refused)" in str(error)
     assert out.startswith("primary: SSL connection")
     lines = err.splitlines()
-    assert lines[0].startswith("intercepted: FAILED: secure_pg_backend refused the connection")
+    assert lines[0].startswith(
+        "intercepted: FAILED (TLS refused): secure_pg_backend refused the connection"
+    )
     assert "DATABASES['intercepted'] (host '127.0.0.1')" in lines[0]
     assert "certificate verify failed" in lines[0] and "Fix:" in lines[0]
-    assert lines[1].startswith("stale: FAILED:") and "expired" in lines[1]
+    assert lines[1].startswith("stale: FAILED (TLS refused):") and "expired" in lines[1]
 
 
 def test_json_reports_the_error_entry(
@@ -116,7 +120,7 @@ def test_json_reports_the_error_entry(
     assert set(data) == {"intercepted", "primary"}
     assert "certificate verify failed" in data["intercepted"]["error"]
     assert data["primary"]["transport"] == "tls"
-    assert err.startswith("intercepted: FAILED:")
+    assert err.startswith("intercepted: FAILED (TLS refused):")
 
 
 def test_policy_refusal_is_reported_without_connecting(
@@ -127,7 +131,9 @@ def test_policy_refusal_is_reported_without_connecting(
     aliases(weak=weak)
     _, err, error = run("--database", "weak")
     assert error is not None and error.returncode == 1
-    assert err.startswith("weak: FAILED: secure_pg_backend refused the database settings")
+    assert err.startswith(
+        "weak: FAILED (settings refused): secure_pg_backend refused the database settings"
+    )
     assert "OPTIONS['sslmode'] is 'require'" in err
     assert tcp_recorder.accepted == 0
 
@@ -184,7 +190,18 @@ def test_as_a_probe_the_process_exit_status_follows_the_policy(
     )
     assert bad.returncode == 1
     assert "default: SSL connection" in bad.stdout
-    assert "intercepted: FAILED:" in bad.stderr
+    assert "intercepted: FAILED (TLS refused):" in bad.stderr
     assert "certificate verify failed" in bad.stderr
     assert "CommandError: 1 of 2 database aliases" in bad.stderr
     assert_no_secret(ok.stdout, ok.stderr, bad.stdout, bad.stderr)
+
+
+def test_a_server_that_is_down_is_not_called_a_tls_problem(
+    aliases: Callable[..., None], good_server: TLSPostgres
+) -> None:
+    aliases(down=good_server.database_settings(PORT="1"))
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError):
+        call_command("dbtls", database=["down"], stdout=out, stderr=err)
+    assert err.getvalue().startswith("down: FAILED (could not connect): ")
+    assert "Connection refused" in err.getvalue() and "TLS" not in err.getvalue()

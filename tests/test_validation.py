@@ -60,7 +60,7 @@ def test_failed_secure_connection_is_e010(
     assert [i.id for i in issues] == ["secure_pg_backend.E010"]
     (error,) = issues
     assert isinstance(error, Error)
-    assert "Database alias 'broken' could not connect under the TLS policy" in error.msg
+    assert "Database alias 'broken': secure_pg_backend refused the connection" in error.msg
     assert "(host '127.0.0.1')" in error.msg
     assert needle in error.msg and "Fix:" in error.msg
     assert_no_secret(error.msg, error.hint or "")
@@ -77,12 +77,37 @@ def test_manage_py_check_database_fails_on_e010(
     assert_no_secret(str(caught.value))
 
 
-def test_refused_settings_are_e010_without_leaking_the_password(
+def test_refused_settings_are_reported_once_offline_not_again_online(
     aliases: Callable[..., None], good_server: TLSPostgres
 ) -> None:
     entry = good_server.database_settings(options={"sslmode": "require"})
     aliases(weak=entry)
-    (error,) = connections["weak"].validation.check()
-    assert error.id == "secure_pg_backend.E010"
-    assert "OPTIONS['sslmode'] is 'require'" in error.msg
-    assert_no_secret(error.msg)
+    assert connections["weak"].validation.check() == []
+    with pytest.raises(SystemCheckError) as caught:
+        call_command("check", databases=["weak"], stdout=io.StringIO())
+    text = str(caught.value)
+    assert text.count("OPTIONS['sslmode'] is 'require'") == 1
+    assert "secure_pg_backend.E001" in text and "E010" not in text
+    assert "?sslmode= query key" in text  # the same fix for a DATABASE_URL user
+    assert_no_secret(text)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"PASSWORD": "wrong-password-1b7e"}, "password authentication failed"),
+        ({"NAME": "no_such_database"}, 'database "no_such_database" does not exist'),
+        ({"PORT": "1"}, "Connection refused"),
+    ],
+    ids=["wrong-password", "missing-database", "server-down"],
+)
+def test_ordinary_failures_are_e014_not_tls(
+    aliases: Callable[..., None], good_server: TLSPostgres, change: dict[str, str], needle: str
+) -> None:
+    aliases(plain=good_server.database_settings(**change))
+    (error,) = connections["plain"].validation.check()
+    assert error.id == "secure_pg_backend.E014"
+    assert error.msg.startswith("Database alias 'plain' could not connect: ")
+    assert needle in error.msg
+    assert "TLS" not in error.msg and "Not a TLS problem" in (error.hint or "")
+    assert "wrong-password-1b7e" not in error.msg

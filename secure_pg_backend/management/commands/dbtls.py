@@ -13,8 +13,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
-from ...base import DatabaseWrapper
-from ...errors import redact
+from ...base import VerifiedTLSMixin
+from ...errors import InsecureConnectionError, SecurePolicyError, redact
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
 
@@ -31,6 +31,14 @@ def describe(info: TLSInfo) -> str:
     if cert is not None:
         parts.append(f"server certificate {cert.subject}, {expiry_text(info)}")
     return "; ".join(parts)
+
+
+# A refusal by the policy is a TLS problem; anything else (server down, wrong password,
+# missing database) is reported as what it is.
+_CAUSES: dict[type[Exception], str] = {
+    SecurePolicyError: "settings refused",
+    InsecureConnectionError: "TLS refused",
+}
 
 
 class Command(BaseCommand):
@@ -53,7 +61,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        ours = [alias for alias in connections if isinstance(connections[alias], DatabaseWrapper)]
+        ours = [alias for alias in connections if isinstance(connections[alias], VerifiedTLSMixin)]
         selected: list[str] = options["databases"] or ours
         for alias in selected:
             if alias not in connections:
@@ -82,26 +90,28 @@ class Command(BaseCommand):
                 if not options["json"]:
                     self.stdout.write(describe(info))
             else:
-                failed.append(alias)
-                report[alias] = {"error": error}
-                self.stderr.write(f"{alias}: FAILED: {error}")
+                cause, message = error
+                failed.append(f"{alias} ({cause})")
+                report[alias] = {"error": message, "cause": cause}
+                self.stderr.write(f"{alias}: FAILED ({cause}): {message}")
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2, sort_keys=True))
         if failed:
             raise CommandError(
-                f"{len(failed)} of {len(selected)} database aliases did not connect under "
-                f"the TLS policy: {', '.join(failed)}",
+                f"{len(failed)} of {len(selected)} database aliases failed: {', '.join(failed)}",
                 returncode=1,
             )
 
-    def _probe(self, alias: str) -> tuple[TLSInfo | None, str]:
+    def _probe(self, alias: str) -> tuple[TLSInfo | None, tuple[str, str]]:
         wrapper = connections[alias]
-        assert isinstance(wrapper, DatabaseWrapper)  # handle() selected only these
+        assert isinstance(wrapper, VerifiedTLSMixin)  # handle() selected only these
         opened_here = wrapper.connection is None
         try:
-            return wrapper.tls_info, ""
+            return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
-            return None, redact(" ".join(str(exc).split()), wrapper.settings_dict.get("PASSWORD"))
+            cause = _CAUSES.get(type(exc), "could not connect")
+            text = redact(" ".join(str(exc).split()), wrapper.settings_dict.get("PASSWORD"))
+            return None, (cause, text)
         finally:
             # Leave a connection the caller already had (e.g. call_command in a request) open.
             if opened_here:
