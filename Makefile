@@ -44,6 +44,13 @@ demo: $(VENV_DJ52)/.installed
 	@scripts/system-deps demo
 	$(VENV_DJ52)/bin/python -m example_project.demo
 
+# Core checks on every supported PostgreSQL server (PyPI builds via scripts/pg-binaries).
+PG_VERSIONS ?= 14 15 16 17 18
+.PHONY: test-servers
+test: test-servers
+test-servers: $(VENV_DJ52)/.installed system-deps
+	SPB_PG_VERSIONS="$(PG_VERSIONS)" $(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
+
 bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
 

@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import gate, libpq, logs, policy, signals
+from . import gate, libpq, link_rules, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
@@ -141,7 +141,7 @@ class VerifiedTLSMixin(_WrapperBase):
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
         facts = read_facts(connection.pgconn)
-        problem = policy.check_link(decision, facts)
+        problem = link_rules.check_link(decision, facts)
         if problem is not None:
             connection.close()
             error = InsecureConnectionError(

@@ -107,10 +107,20 @@ _LIBPQ_TLS_ERRORS = (
         "point OPTIONS['sslrootcert'] at a readable PEM CA bundle.",
     ),
     (
+        # libpq 17+, sslnegotiation=direct: "...established without ALPN protocol negotiation
+        # extension" or "...with unexpected ALPN protocol"
+        "ALPN",
+        "direct TLS negotiation did not select ALPN 'postgresql': the peer is not known "
+        "to be a PostgreSQL server (cross-protocol attacks).",
+        "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
+        "or remove OPTIONS['sslnegotiation'].",
+    ),
+    (
         "ssl error",
         "the TLS handshake failed.",
         "check the server's TLS configuration (protocol versions and ciphers) "
-        "against this backend's minimum.",
+        "against this backend's minimum; with OPTIONS['sslnegotiation'] = 'direct' the "
+        "server must be PostgreSQL 17 or newer.",
     ),
     (
         "ssl syscall error",

@@ -30,6 +30,7 @@ DJANGO_OPTIONS = frozenset({"pool", "server_side_binding", "isolation_level", "a
 POOL_BYPASSES = frozenset({"conninfo", "kwargs"})
 FIELDS = ("HOST", "PORT", "NAME", "USER", "PASSWORD")
 
+_SCALARS = (str, bytes, int, float, os.PathLike)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -68,6 +69,18 @@ def _character_violation(name: str, value: Any, secret: bool) -> Violation | Non
     )
 
 
+def _shape_violation(name: str, key: Any, value: Any, keywords: frozenset[str]) -> Violation | None:
+    # psycopg would send str() of anything; a list (a repeated DATABASE_URL query key, as
+    # dj-database-url returns it) would reach libpq as "[5, 5]".
+    if key not in keywords or value is None or isinstance(value, _SCALARS):
+        return None
+    return Violation(
+        "E011",
+        f"{name} is a {type(value).__name__} ({value!r}); libpq takes exactly one value.",
+        f"give {name} one value (in a DATABASE_URL: the query key once).",
+    )
+
+
 def _nested(prefix: str, options: Mapping[Any, Any]) -> Iterator[tuple[str, Any, Any]]:
     for key, value in options.items():
         yield f"{prefix}[{key!r}]", key, value
@@ -83,15 +96,16 @@ def _key_violation(name: str, key: Any, allowed: frozenset[str]) -> Violation | 
             "give each libpq keyword as its own OPTIONS key (host, port, sslrootcert, ...).",
         )
     guess = difflib.get_close_matches(str(key).strip().lower(), sorted(allowed), n=1)
-    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    suggestion = f"did you mean {guess[0]!r}?" if guess else "see libpq's parameter list"
+    fix = f"use the exact keyword ({suggestion}) or remove it."
     if isinstance(key, str) and key != key.strip():
-        hint += "(In a DATABASE_URL, '+' and '%20' in a query key decode to spaces.) "
+        fix += " In a DATABASE_URL, '+' and '%20' in a query key decode to spaces."
     return Violation(
         "E009",
         f"{name} is not a libpq keyword, a psycopg or Django connection argument, or an "
         "option of this backend; libpq would skip the whitespace around a key and let a "
         "later duplicate override the TLS settings.",
-        f"{hint}use the exact keyword (see libpq's parameter list) or remove it.",
+        fix,
     )
 
 
@@ -121,6 +135,8 @@ def screen(settings_dict: Mapping[str, Any], keywords: frozenset[str]) -> list[V
         secret = key in ("password", "sslpassword")
         found.append(_key_violation(_named(key, name), key, allowed))
         found.append(_character_violation(_named(key, name), value, secret=secret))
+        if not secret:
+            found.append(_shape_violation(_named(key, name), key, value, keywords))
     found.extend(_pool_violations(options.get("pool")))
     return [v for v in found if v is not None]
 

@@ -18,10 +18,13 @@ files it owns. Servers listen on loopback only.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as dt
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -30,9 +33,9 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["LeafPair", "TLSPostgres", "TestCA", "find_pg_bin", "free_port"]
+__all__ = ["LeafPair", "TLSPostgres", "TestCA", "cleanup", "find_pg_bin", "free_port"]
 
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "superuser-Pw-9f3e1c"  # distinctive, so tests can grep for leaks
@@ -92,8 +95,8 @@ class TestCA:
         self.key_type = trustme.KeyType.RSA if rsa else trustme.KeyType.ECDSA
         self.ca = trustme.CA(key_type=self.key_type)
         self._dir = directory or Path(tempfile.mkdtemp(prefix="spb-ca-"))
-        if directory is None:  # ours: remove it with the CA (or at interpreter exit)
-            weakref.finalize(self, shutil.rmtree, self._dir, True)
+        if directory is None:  # ours: remove it with the CA, or at exit (see cleanup)
+            weakref.finalize(self, shutil.rmtree, _remove_at_exit(self._dir), True)
         self.cert_path = self._dir / f"ca-{id(self):x}.pem"
         self.ca.cert_pem.write_to_path(str(self.cert_path))
 
@@ -144,17 +147,98 @@ def _run_as_owner(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess
     return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
 
 
+# -- cleanup at process end ---------------------------------------------------------
+# Everything this module creates (template clusters, server directories, running servers)
+# is registered here and removed when the process ends: at normal exit (atexit), and on
+# SIGTERM/SIGHUP when the program has not set its own handler (see _install_signal_cleanup).
+# SIGINT needs nothing: Python turns it into KeyboardInterrupt, and atexit runs after it.
+# Only SIGKILL (or a crash of the interpreter) can leave a server and its directory behind.
+# A forked child inherits these lists but not the ownership: only the creating pid cleans up.
+_OWNER_PID = os.getpid()
+_running: dict[int, _Stoppable] = {}
+_paths: list[Path] = []
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def _track(process: _Stoppable) -> None:
+    """Stop ``process`` at exit unless it is stopped before (``_untrack``)."""
+    _install_signal_cleanup()
+    _running[id(process)] = process
+
+
+def _untrack(process: _Stoppable) -> None:
+    _running.pop(id(process), None)
+
+
+def _remove_at_exit(path: Path) -> Path:
+    _paths.append(path)
+    return path
+
+
+def _forget(path: Path) -> None:
+    if path in _paths and not path.exists():
+        _paths.remove(path)
+
+
+def cleanup() -> None:
+    """Stop every server this process started and remove every directory it created.
+
+    Runs by itself at exit; safe to call more than once. Takes no locks, so it may run from
+    a signal handler that interrupted this module.
+    """
+    if os.getpid() != _OWNER_PID:
+        return
+    for process in list(_running.values()):
+        # keep going on failure: the other servers and directories still need it
+        with contextlib.suppress(Exception):
+            process.stop()
+    for path in list(_paths):
+        shutil.rmtree(path, ignore_errors=True)
+        _forget(path)
+
+
+atexit.register(cleanup)
+
+_signals_installed = False
+
+
+def _install_signal_cleanup() -> None:
+    """On SIGTERM/SIGHUP, clean up, then die of the same signal as before (exit status kept).
+
+    Only where the disposition is still the default (so a program's own handler, for example
+    ``python -m secure_pg_backend.testing``, wins), and only from the main thread (the only
+    place Python allows it).
+    """
+    global _signals_installed
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _signals_installed = True
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _die_cleanly)
+
+
+def _die_cleanly(signum: int, frame: object) -> None:
+    cleanup()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 _template_lock = threading.Lock()
-_template_dir: Path | None = None
+_templates: dict[Path, Path] = {}
 
 
 def _template_cluster(pg_bin: Path) -> Path:
-    """initdb once per process; every server copies the result (much faster)."""
-    global _template_dir
+    """initdb once per process and server version; every server copies the result (faster)."""
+    key = pg_bin.resolve()
     with _template_lock:
-        if _template_dir is not None and _template_dir.exists():
-            return _template_dir
-        base = Path(tempfile.mkdtemp(prefix="spb-pgtemplate-"))
+        known = _templates.get(key)
+        if known is not None and known.exists():
+            return known
+        base = _remove_at_exit(Path(tempfile.mkdtemp(prefix="spb-pgtemplate-")))
         owner = _pg_owner()
         pwfile = base / "pwfile"
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
@@ -179,7 +263,7 @@ def _template_cluster(pg_bin: Path) -> Path:
             ]
         )
         pwfile.unlink()
-        _template_dir = data
+        _templates[key] = data
         return data
 
 
@@ -203,7 +287,7 @@ class TLSPostgres:
     def __post_init__(self) -> None:
         self.pg_bin = self.pg_bin or find_pg_bin()
         self.port = self.port or free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="spb-pg-"))
+        self.base = _remove_at_exit(Path(tempfile.mkdtemp(prefix="spb-pg-")))
         self.data = self.base / "data"
         self.socket_dir = self.base / "sock"
         self.log_file = self.base / "postgresql.log"
@@ -225,8 +309,7 @@ class TLSPostgres:
         self._write_tls_files()
         self._write_conf()
         _chown_tree(self.base, _pg_owner())
-        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
-        self.running = True
+        self._started()
         self._bootstrap()
         return self
 
@@ -235,8 +318,9 @@ class TLSPostgres:
             try:
                 self._pg_ctl("stop", "-m", "immediate", "-w")
             finally:
-                self.running = False
+                self._stopped()
         shutil.rmtree(self.base, ignore_errors=True)
+        _forget(self.base)
 
     def restart(self) -> None:
         self._pg_ctl("restart", "-m", "fast", "-w", "-l", str(self.log_file))
@@ -244,11 +328,26 @@ class TLSPostgres:
     def kill(self) -> None:
         """Stop the server abruptly (outage simulation); ``start_again`` brings it back."""
         self._pg_ctl("stop", "-m", "immediate", "-w")
-        self.running = False
+        self._stopped()
 
     def start_again(self) -> None:
-        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
+        self._started()
+
+    def _started(self) -> None:
+        # Registered before pg_ctl returns: a signal during the wait still stops the server.
         self.running = True
+        _track(self)
+        try:
+            self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
+        except BaseException:
+            with contextlib.suppress(Exception):  # it may be up although the wait failed
+                self._pg_ctl("stop", "-m", "immediate", "-w")
+            self._stopped()
+            raise
+
+    def _stopped(self) -> None:
+        self.running = False
+        _untrack(self)
 
     def rotate_certificate(self, leaf: LeafPair) -> None:
         """Replace the server certificate and reload the configuration (no restart)."""
@@ -361,3 +460,9 @@ class TLSPostgres:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+if __name__ == "__main__":  # python -m secure_pg_backend.testing: the dev server
+    from secure_pg_backend.devserver import main
+
+    raise SystemExit(main())

@@ -43,6 +43,10 @@ from .testing import (
     LeafPair,
     TestCA,
     TLSPostgres,
+    _forget,
+    _remove_at_exit,
+    _track,
+    _untrack,
     free_port,
 )
 
@@ -86,7 +90,7 @@ class PgBouncer:
     def __post_init__(self) -> None:
         self.binary = self.binary or find_pgbouncer()
         self.port = self.port or free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="spb-pgbouncer-"))
+        self.base = _remove_at_exit(Path(tempfile.mkdtemp(prefix="spb-pgbouncer-")))
         self.ini = self.base / "pgbouncer.ini"
         self.log_file = self.base / "pgbouncer.log"
         self.pid_file = self.base / "pgbouncer.pid"
@@ -101,8 +105,9 @@ class PgBouncer:
 
     def start(self, timeout: float = 30.0) -> PgBouncer:
         self._write_files()
-        self._run([str(self.binary), "-d", "-q", str(self.ini)])
         self.running = True
+        _track(self)  # stopped at exit (or SIGTERM) if the caller never stops it
+        self._run([str(self.binary), "-d", "-q", str(self.ini)])
         try:
             self._wait_listening(timeout)
         except BaseException:
@@ -123,7 +128,9 @@ class PgBouncer:
                 if _alive(pid):
                     self._signal(pid, signal.SIGKILL)
             self.running = False
+            _untrack(self)
         shutil.rmtree(self.base, ignore_errors=True)
+        _forget(self.base)
 
     def reload(self) -> None:
         """Re-read the configuration and TLS files (SIGHUP), as after a certificate rotation."""

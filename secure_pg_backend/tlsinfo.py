@@ -16,7 +16,8 @@ from functools import cached_property
 from typing import Any
 
 from . import libpq
-from .policy import Decision, LinkFacts
+from .link_rules import LinkFacts
+from .policy import Decision
 
 __all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
 

@@ -26,6 +26,8 @@ from secure_pg_backend.testing import APP_PASSWORD, SUPERUSER_PASSWORD, TestCA, 
 
 SECRETS = (APP_PASSWORD, SUPERUSER_PASSWORD)
 
+pytest_plugins = ["pytester"]  # tests/test_pytest_plugin.py runs a user's project
+
 _servers: list[TLSPostgres] = []
 _state: dict[str, Any] = {}
 

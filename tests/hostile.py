@@ -158,25 +158,32 @@ class HostileServer(_LoopbackServer):
       - ``"garbage"``: complete TLS, then answer the startup packet with random bytes;
       - ``"silent"``: complete TLS, then say nothing (the client must time out).
     A client that opens TLS directly (``sslnegotiation=direct``) is served the same way.
+    ``alpn``: the protocols the server may select (``()``: no ALPN, as no PostgreSQL server does).
     """
 
     def __init__(
-        self, behaviour: str, leaf: LeafPair | None = None, *, max_protocol: str | None = None
+        self,
+        behaviour: str,
+        leaf: LeafPair | None = None,
+        *,
+        max_protocol: str | None = None,
+        alpn: tuple[str, ...] = ("postgresql",),
     ) -> None:
         if behaviour not in {"downgrade", "tls", "garbage", "silent"}:
             raise ValueError(behaviour)
         if behaviour != "downgrade" and leaf is None:
             raise ValueError("a TLS behaviour needs a leaf certificate")
         self.behaviour = behaviour
-        self.context = self._context(leaf, max_protocol) if leaf else None
+        self.context = self._context(leaf, max_protocol, alpn) if leaf else None
         self.recordings: list[Recording] = []
         self._lock = threading.Lock()
         super().__init__()
 
     @staticmethod
-    def _context(leaf: LeafPair, max_protocol: str | None) -> ssl.SSLContext:
+    def _context(leaf: LeafPair, max_protocol: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.set_alpn_protocols(["postgresql"])  # required by libpq for direct TLS
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))  # libpq requires postgresql for direct TLS
         if max_protocol == "TLSv1.1":
             with warnings.catch_warnings():  # deprecated on purpose: that is the attack
                 warnings.simplefilter("ignore", DeprecationWarning)

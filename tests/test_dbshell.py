@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.db import connection
 
 from secure_pg_backend import libpq
 from secure_pg_backend.client import DatabaseClient, psql_major_version
@@ -59,29 +58,6 @@ def test_real_psql_connects_with_verified_tls(capfd: pytest.CaptureFixture[str])
     assert_no_secret(out, err)
 
 
-@pytest.mark.django_db
-def test_real_psql_ignores_weakening_service_file_and_environment(
-    capfd: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # In libpq a service-file entry outranks environment variables, so a
-    # PGSSLMODE-only client would be downgraded here; the conninfo outranks both.
-    settings = connection.settings_dict
-    service_file = tmp_path / "pg_service.conf"
-    service_file.write_text(
-        f"[weak]\nhost=127.0.0.1\nport={settings['PORT']}\ndbname={settings['NAME']}\n"
-        "sslmode=disable\n"
-    )
-    monkeypatch.setenv("PGSERVICEFILE", str(service_file))
-    monkeypatch.setenv("PGSSLMODE", "disable")
-    weak = {**settings, "OPTIONS": {**settings["OPTIONS"], "service": "weak"}}
-    args, env = DatabaseClient.settings_to_cmd_args_env(weak, ["-At", "-c", SSL_QUERY])
-    result = subprocess.run(
-        args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().startswith("t|TLSv1.")
-
-
 def _weak_service(tmp_path: Path, port: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PGSERVICE that would connect in plaintext: psql must not let it decide."""
     service_file = tmp_path / "pg_service.conf"
@@ -91,11 +67,21 @@ def _weak_service(tmp_path: Path, port: object, monkeypatch: pytest.MonkeyPatch)
     )
     monkeypatch.setenv("PGSERVICEFILE", str(service_file))
     monkeypatch.setenv("PGSERVICE", "weak")
+    monkeypatch.setenv("PGSSLMODE", "disable")  # the service entry outranks this in libpq
+
+
+def _psql(settings: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-At", "-c", SSL_QUERY])
+    assert_no_secret(" ".join(args))
+    return subprocess.run(
+        args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30
+    )
 
 
 @pytest.mark.parametrize(
     "shape",
     [
+        {"NAME": "app"},
         {"NAME": None},
         {"NAME": None, "OPTIONS": {"dbname": "app"}},
         {"NAME": "app", "OPTIONS": {"dbname": "postgres"}},
@@ -103,7 +89,15 @@ def _weak_service(tmp_path: Path, port: object, monkeypatch: pytest.MonkeyPatch)
         {"NAME": "", "OPTIONS": {"service": "weak"}},
         {"NAME": "", "OPTIONS": {"service": "weak", "dbname": "app"}},
     ],
-    ids=["none", "none-dbname", "name-dbname", "none-service", "empty-service", "service-dbname"],
+    ids=[
+        "name",
+        "none",
+        "none-dbname",
+        "name-dbname",
+        "none-service",
+        "empty-service",
+        "service-dbname",
+    ],
 )
 def test_every_shape_of_name_and_options_hands_psql_the_policy(
     good_server: TLSPostgres,
@@ -115,13 +109,10 @@ def test_every_shape_of_name_and_options_hands_psql_the_policy(
     settings = good_server.database_settings()
     options = {**settings["OPTIONS"], **shape.get("OPTIONS", {})}
     settings = {**settings, **shape, "OPTIONS": options}
-    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-At", "-c", SSL_QUERY])
-    result = subprocess.run(
-        args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=30
-    )
+    result = _psql(settings)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("t|TLSv1."), result.stdout
-    assert_no_secret(" ".join(args), result.stdout, result.stderr)
+    assert_no_secret(result.stdout, result.stderr)
 
 
 @pytest.mark.parametrize("shape", [{"NAME": ""}, {"NAME": "", "OPTIONS": {"dbname": "app"}}])

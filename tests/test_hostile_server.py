@@ -272,3 +272,21 @@ def test_only_the_ssl_request_precedes_tls_to_the_real_server(
     assert proxy.server_answers[0] == b"S"
     assert proxy.first_tls_bytes[0] == b"\x16"  # a TLS handshake record, i.e. the ClientHello
     assert APP_PASSWORD.encode() not in bytes(proxy.after_tls[0])
+
+
+# -- direct negotiation: the server must select ALPN "postgresql" ----------------------
+def test_direct_tls_without_alpn_is_refused_before_anything_is_sent(ca: TestCA) -> None:
+    # A TLS endpoint that is not PostgreSQL (no ALPN) holding a valid certificate for the
+    # name: in direct negotiation nothing else tells the client what it is talking to.
+    leaf = ca.issue("localhost", "127.0.0.1")
+    with HostileServer("tls", leaf, alpn=()) as server:
+        error, _ = _attack(server, _wrapper(server.port, ca, sslnegotiation="direct"))
+    # libpq 17+ refuses such a link itself, before the policy's own ALPN rule sees it; the
+    # refusal names the alias, the reason and the fix like every other.
+    assert isinstance(error, InsecureConnectionError)
+    assert "DATABASES['default']" in str(error) and "without ALPN" in str(error)
+    assert "sslnegotiation" in str(error)
+    for record in server.recordings:
+        assert record.requests == ["direct-tls"]
+        assert bytes(record.decrypted) == b""
+    assert _leaked(server) == []

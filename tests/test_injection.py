@@ -163,6 +163,18 @@ def test_nul_in_port_never_reaches_a_server_that_answers_n(django_db_blocker: An
         assert server.recordings == []
 
 
+def test_repeated_database_url_query_key_is_refused(
+    make_wrapper: Wrapper, good_server: TLSPostgres, tcp_recorder: TCPRecorder
+) -> None:
+    url = (
+        f"postgres://app:{quote(APP_PASSWORD)}@127.0.0.1:{tcp_recorder.port}/app"
+        f"?sslrootcert={good_server.root_cert}&connect_timeout=5&connect_timeout=9"
+    )
+    entry = dj_database_url.parse(url, engine="secure_pg_backend")
+    error = _refused_before_io(make_wrapper, entry, tcp_recorder)
+    assert _codes(error) == ["E011"] and "one value" in str(error)
+
+
 # -- 3. conninfo -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "options",
@@ -489,3 +501,58 @@ def test_differential_fuzz(
     assert all(bytes(r.raw) == SSL_REQUEST for r in says_n)  # nothing after the request
     for server in endpoints.values():
         assert APP_PASSWORD.encode() not in server.all_bytes()
+
+
+service_lines = st.lists(
+    st.sampled_from(
+        [
+            "host=localhost",
+            "host=127.0.0.1",
+            "host=/tmp",
+            "host=localhost,",
+            "hostaddr=127.0.0.1",
+            "host=db.test",
+            "[svc]",
+            "[other]",
+            "host = localhost",
+            "sslmode=disable",
+            "# host=/tmp",
+        ]
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=service_lines)
+def test_service_file_differential(
+    lines: list[str],
+    good_server: TLSPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+    django_db_blocker: Any,
+) -> None:
+    """Where the policy says libpq will connect is where libpq connects."""
+    service = tmp_path_factory.mktemp("svc") / "pg_service.conf"
+    service.write_text("[svc]\n" + "\n".join(lines) + "\n")
+    entry = {**good_server.database_settings(options={"service": "svc"}), "HOST": ""}
+    wrapper = ConnectionHandler({"default": entry})["default"]
+    with django_db_blocker.unblock(), mock.patch.dict(os.environ, {"PGSERVICEFILE": str(service)}):
+        verdict = wrapper.policy_verdict()
+        if verdict.decision is None:
+            assert set(v.code for v in verdict.violations) <= {"E004", "E012", "E013"}
+            return
+        try:
+            info = wrapper.tls_info
+        except OperationalError as exc:  # db.test resolves only with a hostaddr beside it
+            assert "failed to resolve host 'db.test'" in str(exc)
+            return
+        try:
+            assert (info.transport, info.host) == ("tls", verdict.decision.hosts[0])
+        finally:
+            wrapper.close()

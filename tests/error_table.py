@@ -1,0 +1,159 @@
+"""Every failure class, produced for real, as the table in docs/errors.md.
+
+``python -m tests.error_table > docs/errors.md`` regenerates the page from real servers;
+``tests/test_error_table.py`` produces the same rows in the test suite and checks that
+the page still shows what users get (ports, paths and dates normalised).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from django.db.utils import ConnectionHandler
+
+from secure_pg_backend.testing import TestCA, TLSPostgres
+
+
+@dataclass(frozen=True)
+class Case:
+    title: str
+    cause: str  # "settings refused", "TLS refused" or "not a TLS problem"
+    server: str  # which server the entry points at
+    change: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _options(**extra: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda entry: {**entry, "OPTIONS": {**entry["OPTIONS"], **extra}}
+
+
+def _fields(**extra: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda entry: {**entry, **extra}
+
+
+def _no_root(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "OPTIONS": {k: v for k, v in entry["OPTIONS"].items() if k != "sslrootcert"}}
+
+
+EXPIRED = {
+    "not_before": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    "not_after": dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
+}
+SETTINGS, TLS, OTHER = "settings refused", "TLS refused", "not a TLS problem"
+CASES = (
+    Case("`sslmode` weaker than verify-full", SETTINGS, "good", _options(sslmode="require")),
+    Case("GSSAPI encryption asked for", SETTINGS, "good", _options(gssencmode="prefer")),
+    Case("TLS below 1.2 allowed", SETTINGS, "good", _options(ssl_min_protocol_version="TLSv1")),
+    Case("A Unix-domain socket", SETTINGS, "good", _fields(HOST="/var/run/postgresql")),
+    Case("No root of trust", SETTINGS, "good", _no_root),
+    Case("Root certificate missing", SETTINGS, "good", _options(sslrootcert="/etc/missing.pem")),
+    Case("TLS key log asked for", SETTINGS, "good", _options(sslkeylogfile="/tmp/keys.log")),
+    Case("Unknown or misspelled key", SETTINGS, "good", _options(**{"sslmode ": "require"})),
+    Case("A control character in a field", SETTINGS, "good", _fields(PORT="5432\x00")),
+    Case(
+        "An address without a host name",
+        SETTINGS,
+        "good",
+        lambda entry: _options(hostaddr="127.0.0.1")(_fields(HOST="")(entry)),
+    ),
+    Case("Unknown service name", SETTINGS, "good", _options(service="nope")),
+    Case("Certificate from another CA", TLS, "other-ca", _fields()),
+    Case(
+        "Certificate for another name",
+        TLS,
+        "good",
+        lambda entry: _options(hostaddr="127.0.0.1")(_fields(HOST="db.other.test")(entry)),
+    ),
+    Case("Server without TLS", TLS, "plain", _fields()),
+    Case("Expired certificate", TLS, "expired", _fields()),
+    Case("Wrong password", OTHER, "good", _fields(PASSWORD="not-the-password")),
+    Case("Database does not exist", OTHER, "good", _fields(NAME="no_such_db")),
+    Case("Server down", OTHER, "good", _fields(PORT="1")),
+)
+
+
+def outcome(case: Case, servers: dict[str, TLSPostgres], root_cert: str) -> tuple[str, str]:
+    """(exception class name, message) that connecting with the case's settings gives."""
+    base = servers[case.server].database_settings()
+    base["OPTIONS"]["sslrootcert"] = root_cert
+    entry = case.change(base)
+    wrapper = ConnectionHandler({"default": entry})["default"]
+    try:
+        wrapper.ensure_connection()
+    except Exception as exc:  # the table shows whatever a user would get
+        return type(exc).__name__, " ".join(str(exc).split())
+    finally:
+        wrapper.close()
+    raise AssertionError(f"{case.title}: connected")
+
+
+_VOLATILE = (
+    (re.compile(r"port \d+"), "port 5432"),
+    (re.compile(r":\d{4,5}\b"), ":5432"),
+    (re.compile(r"/tmp/spb-[^\s'\"]+"), "/path/to/ca.pem"),
+    (re.compile(r"\d{4}-\d{2}-\d{2}"), "YYYY-MM-DD"),
+)
+
+
+def normalise(text: str) -> str:
+    for pattern, replacement in _VOLATILE:
+        text = pattern.sub(replacement, text)
+    return text.replace("|", "\\|")
+
+
+def rows(servers: dict[str, TLSPostgres], root_cert: str) -> Iterator[str]:
+    for case in CASES:
+        kind, message = outcome(case, servers, root_cert)
+        if kind == "OperationalError":
+            kind = "OperationalError (Django's)"
+        yield f"| {case.title} | {case.cause} | `{kind}` | {normalise(message)} |"
+
+
+HEADER = """# Errors and what they mean
+
+Every failure class, with the exact message a user gets (generated from real servers by
+`python -m tests.error_table`; ports, paths and dates normalised). Three causes:
+
+- **settings refused**: `SecurePolicyError` (an `ImproperlyConfigured`) before any network
+  I/O; `manage.py check` reports the same rule as `secure_pg_backend.E0xx`.
+- **TLS refused**: `InsecureConnectionError` (a subclass of Django's `OperationalError`)
+  after libpq or the post-handshake check refused the link; `manage.py check --database`
+  reports it as `secure_pg_backend.E010`.
+- **not a TLS problem**: Django's ordinary `OperationalError` with libpq's words;
+  `manage.py check --database` reports it as `secure_pg_backend.E014`, `dbtls` as
+  `FAILED (could not connect)`.
+
+The password never appears in any of them.
+
+| Situation | Cause | Exception | Message |
+| --- | --- | --- | --- |
+"""
+
+
+def main() -> int:
+    import django
+    from django.conf import settings
+
+    settings.configure(DATABASES={}, INSTALLED_APPS=[], USE_TZ=True)
+    django.setup()
+    ca, other = TestCA(), TestCA()
+    with ExitStack() as stack:
+        servers = {
+            "good": TLSPostgres(ca.issue("localhost", "127.0.0.1", "db.test"), trust=ca),
+            "other-ca": TLSPostgres(other.issue("localhost", "127.0.0.1"), trust=ca),
+            "plain": TLSPostgres(None, trust=ca, ssl=False),
+            "expired": TLSPostgres(ca.issue("localhost", "127.0.0.1", **EXPIRED), trust=ca),
+        }
+        for server in servers.values():
+            stack.enter_context(server)
+        sys.stdout.write(HEADER + "\n".join(rows(servers, str(ca.cert_path))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

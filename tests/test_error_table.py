@@ -1,0 +1,42 @@
+"""docs/errors.md shows what users really get: each row is produced again on real servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secure_pg_backend.testing import TestCA, TLSPostgres
+
+from .conftest import SECRETS
+from .error_table import CASES, HEADER, rows
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+@pytest.fixture
+def servers(
+    good_server: TLSPostgres,
+    mitm_server: TLSPostgres,
+    plain_server: TLSPostgres,
+    expired_server: TLSPostgres,
+    django_db_blocker: Any,
+) -> Any:
+    with django_db_blocker.unblock():
+        yield {
+            "good": good_server,
+            "other-ca": mitm_server,
+            "plain": plain_server,
+            "expired": expired_server,
+        }
+
+
+def test_docs_error_table_matches_real_output(servers: dict[str, TLSPostgres], ca: TestCA) -> None:
+    produced = list(rows(servers, str(ca.cert_path)))
+    assert len(produced) == len(CASES)
+    page = PAGE.read_text()
+    assert page.startswith(HEADER), "regenerate: python -m tests.error_table > docs/errors.md"
+    for row in produced:
+        assert row in page, f"docs/errors.md is out of date; regenerate it. Missing:\n{row}"
+        assert not any(secret in row for secret in SECRETS)
