@@ -1,8 +1,10 @@
 """``make demo``: a throwaway CA and TLS PostgreSQL, ``migrate``, ``dbtls``, then ``/tls/``.
 
 ``python -m example_project.demo [--no-serve] [--port 8000]``. Each step runs the
-example project's ``manage.py`` in a child process, exactly as a user would. The
-database is stopped on exit, Ctrl-C or SIGTERM.
+example project's ``manage.py`` in a child process, exactly as a user would; the web
+server's ``/health/`` and ``/metrics`` are fetched over HTTP and shown (with
+``--no-serve`` the server runs only for that, on a free port). The database is stopped
+on exit, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+from importlib.util import find_spec
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote
 
 from secure_pg_backend.errors import REDACTED
-from secure_pg_backend.testing import APP_DB, APP_PASSWORD, APP_USER, TestCA, TLSPostgres
+from secure_pg_backend.testing import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    TestCA,
+    TLSPostgres,
+    free_port,
+)
 
 MANAGE = Path(__file__).resolve().parent / "manage.py"
 
@@ -31,6 +44,47 @@ def say(text: str) -> None:
 def manage(env: dict[str, str], *args: str) -> int:
     print(f"$ python example_project/manage.py {' '.join(args)}", flush=True)
     return subprocess.run([sys.executable, str(MANAGE), *args], env=env, check=False).returncode
+
+
+def get(url: str, accept: str = "*/*") -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Accept": accept})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:  # the health view answers 500 when unhealthy
+        return error.code, error.read().decode()
+
+
+def wait_for(web: subprocess.Popen[bytes], url: str) -> bool:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and web.poll() is None:
+        try:
+            get(url)
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def show_endpoints(base: str) -> None:
+    """What ops see: the health check's verdict, then the backend's metrics."""
+    if not (find_spec("health_check") and find_spec("django_prometheus")):
+        print("(install django-health-check and django-prometheus to see /health/ and /metrics)")
+        return
+    say("Health check (django-health-check) and metrics (django-prometheus)")
+    print(f"$ curl -H 'Accept: application/json' {base}/health/")
+    status, body = get(f"{base}/health/", "application/json")
+    print(f"HTTP {status} {body}")
+    print(f"$ curl -s {base}/metrics | grep ^secure_pg_backend_")
+    _, text = get(f"{base}/metrics")
+    print("\n".join(line for line in text.splitlines() if line.startswith("secure_pg_backend_")))
+    sys.stdout.flush()
+
+
+def start_web(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(MANAGE), "runserver", f"127.0.0.1:{port}", "--noreload"], env=env
+    )
 
 
 def _terminate(_signum: int, _frame: FrameType | None) -> None:
@@ -68,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         if status == 0:
             say("What each database alias negotiated")
             status = manage(env, "dbtls")
-        if status == 0 and not args.no_serve:
-            say(f"Serving http://127.0.0.1:{args.port}/tls/ (Ctrl-C to stop)")
-            web = subprocess.Popen(
-                [sys.executable, str(MANAGE), "runserver", f"127.0.0.1:{args.port}", "--noreload"],
-                env=env,
-            )
-            status = web.wait()
+        if status == 0:
+            port = free_port() if args.no_serve else args.port
+            base = f"http://127.0.0.1:{port}"
+            say(f"Starting the web server on {base}")
+            web = start_web(env, port)
+            if wait_for(web, f"{base}/tls/"):
+                show_endpoints(base)
+            if not args.no_serve:
+                say(f"Serving {base}/tls/, /health/ and /metrics (Ctrl-C to stop)")
+                status = web.wait()
     except KeyboardInterrupt:
         status = 0  # Ctrl-C and SIGTERM are how the demo is meant to end
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", *os.environ.get("DJANGO_ALLOWED_HOSTS
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
-    "secure_pg_backend",  # system checks and `manage.py dbtls`
+    "secure_pg_backend",  # system checks, `manage.py dbtls`, Prometheus metrics
 ]
+# /health/ (django-health-check) and /metrics (django-prometheus) when installed; see urls.py.
+INSTALLED_APPS += [app for app in ("health_check", "django_prometheus") if find_spec(app)]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -36,7 +39,7 @@ TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
         "DIRS": [BASE_DIR / "templates"],
-        "APP_DIRS": False,
+        "APP_DIRS": True,  # health_check's HTML page
         "OPTIONS": {},
     }
 ]

@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import gate, libpq, link_rules, logs, policy, signals
+from . import credentials, gate, libpq, link_rules, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
@@ -117,6 +117,8 @@ class VerifiedTLSMixin(_WrapperBase):
 
     # -- the connection, checked after the handshake ---------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if self.pool is None:  # a pool asks the provider itself, per connection (see pool)
+            conn_params = credentials.with_password(self.alias, self.settings_dict, conn_params)
         try:
             connection = super().get_new_connection(conn_params)
         except self.Database.OperationalError as exc:
@@ -194,7 +196,7 @@ class VerifiedTLSMixin(_WrapperBase):
                 else None,
             )
             pool = VerifiedConnectionPool(
-                kwargs=connect_kwargs,
+                kwargs=credentials.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
                 open=False,
                 configure=self._configure_connection,
                 explain=self._explain,

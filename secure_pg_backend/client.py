@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections
 from django.db.backends.postgresql import client as postgresql
 
-from . import libpq
+from . import credentials, libpq
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -72,6 +72,8 @@ def psql_command(
     keywords = libpq.keywords()
     params = {k: str(v) for k, v in verdict.params.items() if k in keywords}
     password = params.pop("password", None)
+    # OPTIONS['password_provider'], asked only now that the policy has passed.
+    password = credentials.password_for(wrapper.alias, wrapper.settings_dict) or password
     for secret in _SECRET_KEYWORDS:
         params.pop(secret, None)
     variables = libpq.keyword_variables()

@@ -63,6 +63,18 @@ def test_non_interactive_part() -> None:
     assert f"INFO secure_pg_backend: database alias 'default' connected to localhost:{port}" in err
     assert out.rstrip().endswith("Stopped; the throwaway database and its certificates are gone.")
     assert not _accepts(port), "the demo left PostgreSQL running"
+    # The operations endpoints, fetched over HTTP from the example project's web server.
+    assert """HTTP 200 {"VerifiedTLS(alias='default', warn_days=30)": "OK"}""" in out
+    metric_lines = [
+        r'secure_pg_backend_connections_total\{alias="default",outcome="verified"\} [1-9]',
+        r'secure_pg_backend_tls_info\{alias="default",cipher="TLS_\w+",protocol="TLSv1.3"\} 1.0',
+        r"secure_pg_backend_server_certificate_expiry_timestamp_seconds"
+        r'\{alias="default",host="localhost"\} \d',
+    ]
+    for pattern in metric_lines:
+        assert re.search(f"^{pattern}", out, re.MULTILINE), pattern
+    web = re.search(r"Starting the web server on http://127\.0\.0\.1:(\d+)", out)
+    assert web and not _accepts(int(web.group(1))), "the demo left the web server running"
 
 
 def test_serves_the_page_and_stops_cleanly_on_sigterm() -> None:

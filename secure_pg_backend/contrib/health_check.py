@@ -1,0 +1,73 @@
+"""A django-health-check (4.x) check: the alias connects under the TLS policy.
+
+::
+
+    from health_check.views import HealthCheckView
+    from secure_pg_backend.contrib.health_check import VerifiedTLS
+
+    path("health/", HealthCheckView.as_view(checks=[
+        (VerifiedTLS, {"alias": "default", "warn_days": 30}),
+    ]))
+
+Healthy when a connection for the alias passes the policy and answers ``SELECT 1``;
+a warning when the server certificate expires within ``warn_days`` (0 turns the warning
+off); unavailable when the connection is refused or fails, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from django.db import connections
+from django.utils.connection import ConnectionDoesNotExist
+from health_check.base import HealthCheck
+from health_check.exceptions import ServiceUnavailable, ServiceWarning
+
+from ..base import VerifiedTLSMixin
+from ..errors import InsecureConnectionError, SecurePolicyError, location, redact
+from ..logs import expiry_text
+from ..tlsinfo import EXPIRY_WARNING_DAYS, TLSInfo
+
+__all__ = ["VerifiedTLS"]
+
+
+@dataclasses.dataclass
+class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
+    """Connect ``alias`` under the policy; warn ``warn_days`` before the certificate expires."""
+
+    alias: str = "default"
+    warn_days: int = EXPIRY_WARNING_DAYS
+
+    def run(self) -> None:
+        info = self._connect()
+        cert = info.peer_certificate
+        if cert is not None and cert.days_left() < self.warn_days:
+            raise ServiceWarning(
+                f"the server certificate of {location(self.alias, info.host)} "
+                f"{expiry_text(info)} (warn_days={self.warn_days}); renew it."
+            )
+
+    def _connect(self) -> TLSInfo:
+        """A connection of its own (closed, or returned to the pool, afterwards)."""
+        try:
+            connection = connections.create_connection(self.alias)
+        except (ConnectionDoesNotExist, KeyError):
+            raise ServiceUnavailable(f"DATABASES has no alias {self.alias!r}.") from None
+        if not isinstance(connection, VerifiedTLSMixin):
+            raise ServiceUnavailable(
+                f"DATABASES[{self.alias!r}] does not use secure_pg_backend as its ENGINE."
+            )
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            return connection.tls_info
+        except Exception as exc:  # refused (policy, TLS) or failed: the reason is the result
+            password = connection.settings_dict.get("PASSWORD")
+            reason = " ".join(redact(str(exc), password).split())
+            if not isinstance(exc, SecurePolicyError | InsecureConnectionError):
+                # Our refusals name the alias already; anything else gets it here.
+                where = location(self.alias, connection.settings_dict.get("HOST") or None)
+                reason = f"{where}: {type(exc).__name__}: {reason}"
+            raise ServiceUnavailable(reason) from exc
+        finally:
+            connection.close()

@@ -1,0 +1,259 @@
+"""Passwords fetched per physical connection: ``OPTIONS['password_provider']``.
+
+Short-lived credentials (AWS RDS IAM tokens, Azure Entra ID tokens, Cloud SQL IAM
+access tokens) expire; Django computes connection parameters once per connect and its
+pool freezes them at construction. A provider is called for every new physical
+connection instead, after the TLS policy has passed::
+
+    "OPTIONS": {"password_provider": "secure_pg_backend.credentials.aws_rds_iam"}
+
+A provider is a callable (or the dotted path of one) taking ``(alias, settings_dict)``
+and returning the password. Its value goes straight to libpq: it is never stored in
+``settings_dict``, logged, or put in an error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .errors import InsecureConnectionError, location
+
+__all__ = [
+    "PROVIDER_KEY",
+    "CredentialProviderError",
+    "Provider",
+    "aws_rds_iam",
+    "load_provider",
+    "password_for",
+    "pool_kwargs",
+    "with_password",
+]
+
+PROVIDER_KEY = "password_provider"
+FIELD = f"OPTIONS[{PROVIDER_KEY!r}]"
+
+Provider = Callable[[str, Mapping[str, Any]], str]
+
+
+class CredentialProviderError(InsecureConnectionError):
+    """The password provider raised or returned no usable password; nothing was sent.
+
+    A subclass of ``InsecureConnectionError`` (so of Django's ``OperationalError``):
+    the backend could not open the connection, and Django's pool hands it to waiting
+    requests at once instead of letting them time out.
+    """
+
+
+def _configuration_error(alias: str, host: str | None, problem: str, fix: str) -> Exception:
+    return ImproperlyConfigured(f"{location(alias, host)}: {problem} Fix: {fix}")
+
+
+def provider_name(provider: object) -> str:
+    """The dotted name errors show for a provider (a path as given, else module.qualname)."""
+    if isinstance(provider, str):
+        return provider
+    if isinstance(provider, functools.partial):
+        return f"functools.partial({provider_name(provider.func)}, ...)"
+    module = getattr(provider, "__module__", None) or type(provider).__module__
+    name = getattr(provider, "__qualname__", None) or type(provider).__qualname__
+    return f"{module}.{name}"
+
+
+@functools.lru_cache(maxsize=32)
+def _import(path: str) -> Any:
+    return import_string(path)
+
+
+def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provider, str] | None:
+    """The configured provider and its name, or None; ImproperlyConfigured when unusable."""
+    options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
+    value = options.get(PROVIDER_KEY)
+    if value is None:
+        return None
+    host = settings_dict.get("HOST") or None
+    example = "'secure_pg_backend.credentials.aws_rds_iam'"
+    if isinstance(value, str):
+        try:
+            provider = _import(value)
+        except ImportError as exc:
+            raise _configuration_error(
+                alias,
+                host,
+                f"{FIELD} is {value!r}, which cannot be imported ({exc}).",
+                f"set it to the dotted path of a function (alias, settings_dict) -> password, "
+                f"e.g. {example}.",
+            ) from None
+    else:
+        provider = value
+    if not callable(provider):
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {provider_name(value)!r}, a {type(provider).__name__}, not a callable.",
+            f"set it to a function (alias, settings_dict) -> password or its dotted path, "
+            f"e.g. {example}.",
+        )
+    if settings_dict.get("PASSWORD"):
+        raise _configuration_error(
+            alias,
+            host,
+            f"both PASSWORD and {FIELD} are set; it is unclear which one should be used.",
+            f"remove PASSWORD (the provider supplies it for every connection) or {FIELD}.",
+        )
+    return provider, provider_name(value)
+
+
+def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
+    """Call the provider for one new physical connection; None when none is configured."""
+    loaded = load_provider(alias, settings_dict)
+    if loaded is None:
+        return None
+    provider, name = loaded
+    host = settings_dict.get("HOST") or None
+    where = location(alias, host)
+    head = f"secure_pg_backend could not get a password for {where}: the password provider {name!r}"
+    try:
+        password = provider(alias, settings_dict)
+    except Exception as exc:
+        # The provider failed before producing a secret: its own message names the cause.
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(".")
+        fix = "check the provider's credentials and configuration."
+        message = f"{head} raised {detail}. Fix: {fix}"
+        raise CredentialProviderError(message, alias=alias, host=host) from exc
+    if not isinstance(password, str) or not password:
+        # Never show the value: a wrongly typed secret is still a secret.
+        got = "an empty string" if password == "" else f"a {type(password).__name__}"
+        message = f"{head} returned {got} instead of a non-empty str. Fix: return the password."
+        raise CredentialProviderError(message, alias=alias, host=host)
+    return password
+
+
+def with_password(
+    alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Connection parameters with a fresh password (unchanged without a provider)."""
+    out = {k: v for k, v in params.items() if k != PROVIDER_KEY}
+    password = password_for(alias, settings_dict)
+    if password is not None:
+        out["password"] = password
+    return out
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def pool_kwargs(
+    alias: str, settings_dict: Mapping[str, Any], params: dict[str, Any]
+) -> dict[str, Any] | Callable[[], dict[str, Any]]:
+    """``kwargs`` for psycopg_pool: a callable asking the provider for each new connection."""
+    if load_provider(alias, settings_dict) is None:  # configuration errors surface here
+        return params
+    import psycopg_pool
+
+    if _version(psycopg_pool.__version__) < (3, 3):  # the first to accept a callable kwargs
+        raise _configuration_error(
+            alias,
+            settings_dict.get("HOST") or None,
+            f"{FIELD} with OPTIONS['pool'] needs psycopg-pool 3.3 or newer (which asks for "
+            f"the connection parameters for each new connection); {psycopg_pool.__version__} "
+            "is installed.",
+            "pip install 'psycopg-pool>=3.3'.",
+        )
+
+    def fresh_kwargs() -> dict[str, Any]:
+        return with_password(alias, settings_dict, params)
+
+    return fresh_kwargs
+
+
+# -- built-in providers -----------------------------------------------------------
+
+_RDS_REGION = re.compile(r"\.([a-z]{2}(?:-[a-z]+)+-\d+)\.rds\.amazonaws\.com(?:\.cn)?$")
+_client_lock = threading.Lock()
+_signing = threading.local()
+
+
+class _QuietWhileSigning(logging.Filter):
+    """Drop botocore.auth's debug records (it logs the signature) while we sign a token.
+
+    Thread-local, so botocore's logging for anything else in the process is unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_signing, "active", False)
+
+
+_quiet = _QuietWhileSigning()
+
+
+@functools.lru_cache(maxsize=8)
+def _rds_client(region: str | None, profile: str | None) -> Any:
+    # Building a client loads the RDS service model (slow); signing with it is not.
+    import botocore.session
+
+    with _client_lock:  # botocore sessions are not thread-safe while they build clients
+        session = botocore.session.Session(profile=profile)
+        region = region or session.get_config_variable("region")
+        if not region:
+            raise ValueError(
+                "no AWS region: HOST is not an RDS endpoint name and botocore has no region "
+                "configured. Set AWS_DEFAULT_REGION, or use "
+                "functools.partial(aws_rds_iam, region=...)."
+            )
+        return session.create_client("rds", region_name=region)
+
+
+def aws_rds_iam(
+    alias: str,
+    settings_dict: Mapping[str, Any],
+    *,
+    region: str | None = None,
+    profile: str | None = None,
+) -> str:
+    """An RDS IAM authentication token for HOST, PORT and USER (valid 15 minutes).
+
+    Signed locally by botocore (``pip install 'secure-pg-backend[aws]'``) with the usual
+    AWS credential chain; no network call. The region is ``region``, else the one in an
+    RDS host name (``*.eu-west-1.rds.amazonaws.com``), else botocore's configured one.
+    Use ``functools.partial(aws_rds_iam, region=..., profile=...)`` to fix them.
+    """
+    try:
+        import botocore  # noqa: F401
+    except ImportError:
+        raise ImproperlyConfigured(
+            "aws_rds_iam needs botocore: pip install 'secure-pg-backend[aws]'."
+        ) from None
+    host = str(settings_dict.get("HOST") or "").strip()
+    if not host or "," in host or host.startswith("/"):
+        raise ValueError(
+            f"HOST is {host!r}; an RDS IAM token is signed for one host name. "
+            "Set HOST to the instance or proxy endpoint name."
+        )
+    user = settings_dict.get("USER")
+    if not user:
+        raise ValueError("USER is empty; set it to the database user mapped to the IAM identity.")
+    port = int(settings_dict.get("PORT") or 5432)
+    if region is None:
+        match = _RDS_REGION.search(host.lower())
+        region = match.group(1) if match else None
+    client = _rds_client(region, profile)
+    auth_logger = logging.getLogger("botocore.auth")
+    if _quiet not in auth_logger.filters:
+        auth_logger.addFilter(_quiet)
+    _signing.active = True
+    try:
+        token: str = client.generate_db_auth_token(
+            DBHostname=host, Port=port, DBUsername=str(user), Region=client.meta.region_name
+        )
+    finally:
+        _signing.active = False
+    return token

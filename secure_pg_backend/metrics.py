@@ -1,0 +1,114 @@
+"""Prometheus metrics for every physical connection (prometheus-client, extra ``[metrics]``).
+
+Installed by the app's ``ready()`` when ``prometheus_client`` is importable, in its
+default registry, which django-prometheus' ``/metrics`` (and ``start_http_server``)
+already export::
+
+    secure_pg_backend_connections_total{alias,outcome}      outcome: verified | refused
+    secure_pg_backend_server_certificate_expiry_timestamp_seconds{alias,host}
+    secure_pg_backend_tls_info{alias,protocol,cipher}       1 for what was last negotiated
+
+Driven by the ``connection_verified`` and ``connection_refused`` signals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import signals
+from .tlsinfo import PeerCertificate, TLSInfo
+
+__all__ = ["install", "server_certificate_not_after"]
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] = {}
+# The (protocol, cipher) each alias last reported, so a change replaces the old series.
+_tls_labels: dict[str, tuple[str, str]] = {}
+
+
+def server_certificate_not_after(info: TLSInfo) -> dt.datetime | None:
+    """The one place the expiry is read (switch to a cheap ``TLSInfo.not_after`` when it exists).
+
+    Parsed once per distinct certificate, not per connection, and without filling
+    ``info.peer_certificate``: a connection nobody inspects stays as cheap as before.
+    """
+    der = info._peer_der
+    return _not_after(der) if der else None
+
+
+@functools.lru_cache(maxsize=32)
+def _not_after(der: bytes) -> dt.datetime:
+    return PeerCertificate.from_der(der).not_after
+
+
+def _on_verified(sender: object, alias: str, tls_info: Callable[[], TLSInfo], **_: Any) -> None:
+    _metrics["connections"].labels(alias=alias, outcome="verified").inc()
+    try:
+        _record_link(alias, tls_info())
+    except Exception:  # a metrics fault must never fail the connection it describes
+        logger.exception("secure_pg_backend: could not record TLS metrics for %r", alias)
+
+
+def _record_link(alias: str, info: TLSInfo) -> None:
+    labels = (info.protocol or "", info.cipher or "")
+    with _lock:
+        previous = _tls_labels.get(alias)
+        if previous != labels:
+            if previous is not None:
+                _metrics["tls"].remove(alias, *previous)
+            _metrics["tls"].labels(alias, *labels).set(1)
+            _tls_labels[alias] = labels
+    not_after = server_certificate_not_after(info)
+    if not_after is not None:
+        _metrics["expiry"].labels(alias=alias, host=info.host).set(not_after.timestamp())
+
+
+def _on_refused(sender: object, alias: str, **_: Any) -> None:
+    _metrics["connections"].labels(alias=alias, outcome="refused").inc()
+
+
+def install(aliases: Iterable[str] = (), registry: Any = None) -> bool:
+    """Create the metrics and connect the receivers (once); False without prometheus_client.
+
+    ``aliases`` get their counters at 0 up front, so ``rate()`` works from the first scrape.
+    """
+    try:
+        import prometheus_client
+    except ImportError:
+        return False
+    with _lock:
+        if not _metrics:
+            kwargs = {} if registry is None else {"registry": registry}
+            _metrics["connections"] = prometheus_client.Counter(
+                "secure_pg_backend_connections",
+                "Physical database connections, by alias and policy outcome.",
+                ["alias", "outcome"],
+                **kwargs,
+            )
+            _metrics["expiry"] = prometheus_client.Gauge(
+                "secure_pg_backend_server_certificate_expiry_timestamp_seconds",
+                "notAfter of the server certificate last presented, as a Unix timestamp.",
+                ["alias", "host"],
+                multiprocess_mode="min",  # across workers, the soonest expiry
+                **kwargs,
+            )
+            _metrics["tls"] = prometheus_client.Gauge(
+                "secure_pg_backend_tls_info",
+                "TLS protocol and cipher last negotiated per alias (value 1).",
+                ["alias", "protocol", "cipher"],
+                multiprocess_mode="max",
+                **kwargs,
+            )
+            signals.connection_verified.connect(_on_verified, weak=False, dispatch_uid=__name__)
+            signals.connection_refused.connect(_on_refused, weak=False, dispatch_uid=__name__)
+    for alias in aliases:
+        for outcome in ("verified", "refused"):
+            _metrics["connections"].labels(alias=alias, outcome=outcome)
+    return True
