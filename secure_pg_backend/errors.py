@@ -93,7 +93,7 @@ _LIBPQ_TLS_ERRORS = (
         "the server's certificate is not signed by a CA in the root certificate file "
         "(or is expired or not yet valid).",
         "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's "
-        "certificate (see the README's cloud provider table), or renew it if expired.",
+        "certificate (see docs/cloud-providers.md), or renew it if expired.",
     ),
     (
         "server does not support SSL",
