@@ -18,7 +18,6 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
@@ -85,8 +84,7 @@ def loaded_libpq() -> ctypes.CDLL:
     return _load_noload(candidates)
 
 
-@dataclass(frozen=True)
-class _Functions:
+class _Functions(NamedTuple):
     ssl_attribute: _CFunc
     ssl_struct: _CFunc
     peer_certificate: _CFunc | None
@@ -237,8 +235,7 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class Resolution:
+class Resolution(NamedTuple):
     """What libpq would use for a set of parameters, or why it cannot use them."""
 
     values: Mapping[str, str]  # every keyword with a value, as libpq filled it in
