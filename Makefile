@@ -10,13 +10,17 @@ PY313 ?= $(shell scripts/find-python 3.13)
 VENV_DJ52 := .venv
 VENV_DJ61 := .venv-dj61
 PYTEST_ARGS ?=
+# make bench BENCH_ARGS=--quick (a smoke run), or BENCH_ARGS='--only negotiation'
+BENCH_ARGS ?=
 
 .PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
 .PHONY: matrix-venvs test-matrix test-c test-core-matrix test-python test-lowest test-pairs
+.PHONY: docs dist-check
 
 test: system-deps
 	$(MAKE) --no-print-directory -j3 -Otarget matrix-venvs
 	$(MAKE) --no-print-directory lint test-dj52 test-dj61 test-matrix
+test: docs dist-check
 
 system-deps:
 	@scripts/system-deps test
@@ -54,7 +58,21 @@ test-servers: $(VENV_DJ52)/.installed system-deps
 	SPB_PG_VERSIONS="$(PG_VERSIONS)" $(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
 
 bench: $(VENV_DJ52)/.installed system-deps
-	$(VENV_DJ52)/bin/python bench/run.py
+	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into build/docs; --strict turns warnings (a broken
+# link or anchor, a page missing from nav) into errors. Not --quiet: it hides the warnings
+# from the strict count.
+docs: $(VENV_DJ52)/.installed
+	$(VENV_DJ52)/bin/mkdocs build --strict
+
+# The sdist and wheel a release would upload: built in isolation, checked by twine (the README
+# must render on the package index) and for contents (LICENSE, CHANGELOG in; junk out).
+dist-check: $(VENV_DJ52)/.installed
+	rm -rf build/dist
+	$(VENV_DJ52)/bin/python -m build --quiet --outdir build/dist .
+	$(VENV_DJ52)/bin/twine check --strict build/dist/*
+	$(VENV_DJ52)/bin/python scripts/check-dist build/dist
 
 clean:
 	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache

@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, gate, libpq, link_rules, logs, policy, signals
+from . import credentials, gate, libpq, lifecycle, link_rules, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
 from .tlsinfo import TLSInfo, inspect_connection, read_facts
@@ -129,6 +129,7 @@ class VerifiedTLSMixin(_WrapperBase):
             raise refusal from exc
         if self.pool is None:  # pooled connections were verified in the pool's configure
             self._verify(connection)
+        lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
         return connection
 
     def _configure_connection(self, connection: Any) -> bool:
@@ -152,6 +153,7 @@ class VerifiedTLSMixin(_WrapperBase):
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
+        lifecycle.track_connection(connection)  # a forked child must drop it unwritten
         logs.announce(self.alias, lambda: _tls_info_of(connection))
         signals.connection_verified.send(
             type(self), alias=self.alias, tls_info=lambda: _tls_info_of(connection)

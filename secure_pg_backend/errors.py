@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
@@ -24,8 +24,7 @@ def location(alias: str, host: str | None) -> str:
     return f"{where} (host {host!r})" if host else where
 
 
-@dataclass(frozen=True)
-class Violation:
+class Violation(NamedTuple):
     """One broken rule: the check id it is reported under, what is wrong, the fix."""
 
     code: str  # "E001": also the system check id suffix
@@ -93,7 +92,7 @@ _LIBPQ_TLS_ERRORS = (
         "the server's certificate is not signed by a CA in the root certificate file "
         "(or is expired or not yet valid).",
         "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's "
-        "certificate (see the README's cloud provider table), or renew it if expired.",
+        "certificate (see docs/cloud-providers.md), or renew it if expired.",
     ),
     (
         "server does not support SSL",

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import inputs, libpq, policy
 from .errors import SecurePolicyError, Violation
@@ -22,8 +21,7 @@ from .policy import Decision
 _SECRETS = ("password", "sslpassword")
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     alias: str
     host: str | None
     violations: tuple[Violation, ...] = ()

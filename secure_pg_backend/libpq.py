@@ -11,14 +11,14 @@ instead of loading it. Resolution happens once per process.
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import functools
 import glob
 import os
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import pq
@@ -86,8 +86,7 @@ def loaded_libpq() -> ctypes.CDLL:
     return _load_noload(candidates)
 
 
-@dataclass(frozen=True)
-class _Functions:
+class _Functions(NamedTuple):
     ssl_attribute: _CFunc
     ssl_struct: _CFunc
     peer_certificate: _CFunc | None
@@ -238,8 +237,7 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class Resolution:
+class Resolution(NamedTuple):
     """What libpq would use for a set of parameters, or why it cannot use them."""
 
     values: Mapping[str, str]  # every keyword with a value, as libpq filled it in
@@ -381,3 +379,74 @@ def socket_family(pgconn: Any) -> int:
         return int(sock.family)
     finally:
         sock.detach()  # the descriptor stays libpq's
+
+
+# -- the server certificate's notAfter, decoded by the session's own OpenSSL -----------------
+# The start-up log line and the expiry warning need one date; parsing the whole certificate with
+# `cryptography` costs an import of tens of milliseconds on the first connection (and, on a pool's
+# worker thread, puts Rust frames on a thread the interpreter may stop at exit).
+
+
+class _Tm(ctypes.Structure):
+    # ISO C's nine ints; glibc and the BSDs add tm_gmtoff and tm_zone. Room for them is harmless
+    # where the C library has none (OpenSSL only writes its own struct tm).
+    _fields_ = [
+        *[
+            (name, ctypes.c_int)
+            for name in ("sec", "min", "hour", "mday", "mon", "year", "wday", "yday", "isdst")
+        ],
+        ("gmtoff", ctypes.c_long),
+        ("zone", ctypes.c_char_p),
+    ]
+
+
+class _TimeFunctions(NamedTuple):  # not a dataclass: this module is imported on every start
+    d2i_x509: _CFunc
+    get0_not_after: _CFunc
+    asn1_time_to_tm: _CFunc
+    x509_free: _CFunc
+
+
+@functools.lru_cache(maxsize=1)
+def _time_functions() -> _TimeFunctions | None:
+    """OpenSSL >= 1.1.1's functions, or None (another TLS library, or an older OpenSSL)."""
+    try:
+        lib = loaded_libpq()
+    except (LibpqUnavailable, OSError):
+        return None
+    d2i = _optional(lib, "d2i_X509")
+    not_after = _optional(lib, "X509_get0_notAfter")
+    to_tm = _optional(lib, "ASN1_TIME_to_tm")
+    free = _optional(lib, "X509_free")
+    if d2i is None or not_after is None or to_tm is None or free is None:
+        return None
+    d2i.restype = ctypes.c_void_p
+    d2i.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]
+    not_after.restype = ctypes.c_void_p
+    not_after.argtypes = [ctypes.c_void_p]
+    to_tm.restype = ctypes.c_int
+    to_tm.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Tm)]
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p]
+    return _TimeFunctions(d2i, not_after, to_tm, free)
+
+
+def certificate_not_after(der: bytes) -> dt.datetime | None:
+    """notAfter (UTC) of a DER certificate; None if this OpenSSL cannot say."""
+    fns = _time_functions()
+    if fns is None:
+        return None
+    cursor = ctypes.c_char_p(der)  # d2i advances the pointer it gets; `der` stays alive
+    x509 = fns.d2i_x509(None, ctypes.byref(cursor), len(der))
+    if not x509:
+        return None
+    try:
+        tm = _Tm()
+        asn1_time = fns.get0_not_after(x509)
+        if not asn1_time or fns.asn1_time_to_tm(asn1_time, ctypes.byref(tm)) != 1:
+            return None
+        return dt.datetime(
+            tm.year + 1900, tm.mon + 1, tm.mday, tm.hour, tm.min, tm.sec, tzinfo=dt.timezone.utc
+        )
+    finally:
+        fns.x509_free(x509)

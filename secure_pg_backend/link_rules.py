@@ -8,17 +8,16 @@ the ``Decision`` the settings rules (``policy``) made for the same connection.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .policy import PROTOCOL_RANK, Decision
+from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
 _AEAD_MARKERS = ("GCM", "CHACHA20-POLY1305", "CCM")
 _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
 
 
-@dataclass(frozen=True)
-class LinkFacts:
+class LinkFacts(NamedTuple):
     """What libpq and the kernel say about an established connection (no SQL involved)."""
 
     host: str
@@ -27,7 +26,7 @@ class LinkFacts:
     cipher: str | None
     used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
     unix_socket: bool = False  # the socket's address family, not the host string
-    effective: Mapping[str, str] = field(default_factory=dict)  # PQconninfo of the link
+    effective: Mapping[str, str] = _EMPTY  # PQconninfo of the link
     alpn: str | None = None
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import lifecycle
 from .tlsinfo import TLSInfo
 
 logger = logging.getLogger("secure_pg_backend")
@@ -27,11 +28,11 @@ def _first_time(alias: str) -> bool:
 
 
 def expiry_text(info: TLSInfo, now: dt.datetime | None = None) -> str:
-    cert = info.peer_certificate
-    if cert is None:
+    # TLSInfo.not_after, not peer_certificate: the log line must not parse the certificate.
+    not_after, days = info.not_after, info.days_left(now)
+    if not_after is None or days is None:
         return ""
-    days = cert.days_left(now)
-    return f"expires {cert.not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
+    return f"expires {not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
 
 
 def describe(info: TLSInfo) -> str:
@@ -49,7 +50,7 @@ def describe(info: TLSInfo) -> str:
 
 
 def extra_fields(info: TLSInfo) -> dict[str, Any]:
-    cert = info.peer_certificate
+    not_after = info.not_after
     return {
         "db_alias": info.alias,
         "db_host": info.host,
@@ -63,7 +64,7 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
         "tls_sslmode": info.sslmode,
         "tls_root_cert": info.root_cert,
         "tls_root_cert_source": info.root_cert_source,
-        "tls_cert_not_after": cert.not_after.isoformat() if cert else None,
+        "tls_cert_not_after": not_after.isoformat() if not_after else None,
     }
 
 
@@ -73,9 +74,7 @@ def announce(alias: str, build: Callable[[], TLSInfo]) -> None:
         if not logger.isEnabledFor(logging.WARNING):
             return
         info = build()
-        cert = info.peer_certificate
-        expiring = cert is not None and cert.expires_soon()
-        level = logging.WARNING if expiring else logging.INFO
+        level = logging.WARNING if info.expires_soon() else logging.INFO
     else:
         level = logging.DEBUG
     if not logger.isEnabledFor(level):
@@ -89,3 +88,14 @@ def reset() -> None:
     """Forget which aliases were announced (for tests)."""
     with _lock:
         _announced.clear()
+
+
+def _after_fork() -> None:
+    # A forked child announces its own first connections; the lock may have been held by
+    # one of the parent's threads at the fork, so the child gets a fresh one.
+    global _lock
+    _lock = threading.Lock()
+    _announced.clear()
+
+
+lifecycle.on_fork_in_child(_after_fork)

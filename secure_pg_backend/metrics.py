@@ -14,14 +14,13 @@ Driven by the ``connection_verified`` and ``connection_refused`` signals.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import signals
-from .tlsinfo import PeerCertificate, TLSInfo
+from .tlsinfo import TLSInfo, certificate_not_after
 
 __all__ = ["install", "server_certificate_not_after"]
 
@@ -34,18 +33,13 @@ _tls_labels: dict[str, tuple[str, str]] = {}
 
 
 def server_certificate_not_after(info: TLSInfo) -> dt.datetime | None:
-    """The one place the expiry is read (switch to a cheap ``TLSInfo.not_after`` when it exists).
-
-    Parsed once per distinct certificate, not per connection, and without filling
-    ``info.peer_certificate``: a connection nobody inspects stays as cheap as before.
+    """The one place the expiry is read: decoded by the session's OpenSSL, once per distinct
+    certificate, without filling ``info``'s cached fields (a connection nobody inspects stays
+    as cheap as before). This runs on the pool's threads for every connection: a certificate
+    parse with ``cryptography`` there can abort the process at exit.
     """
     der = info._peer_der
-    return _not_after(der) if der else None
-
-
-@functools.lru_cache(maxsize=32)
-def _not_after(der: bytes) -> dt.datetime:
-    return PeerCertificate.from_der(der).not_after
+    return certificate_not_after(der) if der else None
 
 
 def _on_verified(sender: object, alias: str, tls_info: Callable[[], TLSInfo], **_: Any) -> None:

@@ -9,11 +9,12 @@ describe PgBouncer's own link to the server instead).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from . import libpq
 from .link_rules import LinkFacts
@@ -21,8 +22,33 @@ from .policy import Decision
 
 __all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
 
+T = TypeVar("T")
+
 # Log line, system check W001 and the example page all warn from this many days out.
 EXPIRY_WARNING_DAYS = 30
+
+
+def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
+    return (not_after - (now or dt.datetime.now(dt.timezone.utc))).days
+
+
+def expiring(not_after: dt.datetime, now: dt.datetime | None = None) -> bool:
+    """The one expiry rule: fewer than ``EXPIRY_WARNING_DAYS`` whole days left."""
+    return days_left(not_after, now) < EXPIRY_WARNING_DAYS
+
+
+def _memo(obj: object, name: str, compute: Callable[[], T]) -> T:
+    """Compute once per instance (frozen dataclasses too), without a lock.
+
+    Not ``functools.cached_property``: before Python 3.12 it takes one lock shared by all
+    instances, which a fork can leave held forever in the child. Two threads racing here
+    just compute the same value twice.
+    """
+    try:
+        return obj.__dict__[name]  # type: ignore[no-any-return]
+    except KeyError:
+        value = obj.__dict__[name] = compute()
+        return value
 
 
 @dataclass(frozen=True)
@@ -61,11 +87,10 @@ class PeerCertificate:
         )
 
     def days_left(self, now: dt.datetime | None = None) -> int:
-        now = now or dt.datetime.now(dt.timezone.utc)
-        return (self.not_after - now).days
+        return days_left(self.not_after, now)
 
     def expires_soon(self, now: dt.datetime | None = None) -> bool:
-        return self.days_left(now) < EXPIRY_WARNING_DAYS
+        return expiring(self.not_after, now)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -74,6 +99,17 @@ class PeerCertificate:
         data["subject_alt_names"] = list(self.subject_alt_names)
         data["serial_number"] = format(self.serial_number, "x")
         return data
+
+
+@functools.lru_cache(maxsize=32)
+def certificate_not_after(der: bytes) -> dt.datetime:
+    """A DER certificate's notAfter, cached per certificate.
+
+    Decoded by the OpenSSL of the TLS session (libpq's), so reading it on every connection
+    (the log line, metrics) never imports ``cryptography``; the full parse is the fallback
+    where that OpenSSL lacks the functions.
+    """
+    return libpq.certificate_not_after(der) or PeerCertificate.from_der(der).not_after
 
 
 @dataclass(frozen=True)
@@ -112,10 +148,35 @@ class TLSInfo:
             where += f" ({self.hostaddr})"
         return where
 
-    @cached_property
+    @property
     def peer_certificate(self) -> PeerCertificate | None:
-        """Parsed on first access (the DER was copied while the session was live)."""
-        return PeerCertificate.from_der(self._peer_der) if self._peer_der else None
+        """Parsed (with ``cryptography``) on first access; the DER was copied while the
+        session was live. For the expiry alone, ``not_after`` is much cheaper."""
+        der = self._peer_der
+        return _memo(
+            self, "_peer_certificate", lambda: PeerCertificate.from_der(der) if der else None
+        )
+
+    @property
+    def not_after(self) -> dt.datetime | None:
+        """When the server certificate expires (UTC); None without TLS.
+
+        Decoded by the OpenSSL of this TLS session, so the connection path (the start-up log
+        line, the expiry warning, metrics) never imports ``cryptography``; the full parse is
+        the fallback where that OpenSSL lacks the functions.
+        """
+        der = self._peer_der
+        return _memo(self, "_not_after", lambda: certificate_not_after(der) if der else None)
+
+    def days_left(self, now: dt.datetime | None = None) -> int | None:
+        """Whole days until the server certificate expires (negative once expired)."""
+        not_after = self.not_after
+        return None if not_after is None else days_left(not_after, now)
+
+    def expires_soon(self, now: dt.datetime | None = None) -> bool:
+        """Within ``EXPIRY_WARNING_DAYS`` of expiry (or expired)."""
+        not_after = self.not_after
+        return not_after is not None and expiring(not_after, now)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable; contains no secret (the password is never read)."""

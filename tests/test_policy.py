@@ -445,7 +445,7 @@ def test_link_over_socket_needs_opt_in() -> None:
         host="/run/pg", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
     )
     assert link_rules.check_link(DECISION, socket_facts) is not None
-    opted_in = Decision(**{**DECISION.__dict__, "allow_unix_socket": True})
+    opted_in = DECISION._replace(allow_unix_socket=True)
     assert link_rules.check_link(opted_in, socket_facts) is None
 
 
@@ -455,7 +455,7 @@ def test_link_gssapi_fails() -> None:
 
 
 def test_link_below_minimum_fails() -> None:
-    strict = Decision(**{**DECISION.__dict__, "min_protocol": "TLSv1.3"})
+    strict = DECISION._replace(min_protocol="TLSv1.3")
     problem = link_rules.check_link(
         strict,
         facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256", effective=strict.forced),
@@ -485,7 +485,7 @@ def test_link_effective_settings_must_equal_the_decision() -> None:
 
 
 def test_link_key_log_must_be_off() -> None:
-    decision = Decision(**{**DECISION.__dict__, "keylog_keyword": True})
+    decision = DECISION._replace(keylog_keyword=True)
     forced = dict(decision.forced)
     assert link_rules.check_link(decision, facts(effective=forced)) is None
     problem = link_rules.check_link(

@@ -1,0 +1,235 @@
+"""The targets, and the Markdown report of a run (the README's and docs' tables come from it).
+
+Every section is optional so that a run of a single mode (``run.py --only``) reports only
+what it measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import (
+    COUNT_SECURE,
+    COUNT_STOCK,
+    PLAIN,
+    REQ_AGE0,
+    REQ_AGE60,
+    REQ_POOL,
+    SECURE,
+    STOCK,
+)
+
+Lines = list[str]
+
+
+def _us(value: float) -> str:
+    return f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _row(label: str, cmp: dict[str, Any], a: str, b: str) -> str:
+    x, y = cmp[a], cmp[b]
+    return (
+        f"| {label} | {_us(x['median'])} ({_us(x['min'])}-{_us(x['max'])}) "
+        f"| {_us(y['median'])} ({_us(y['min'])}-{_us(y['max'])}) | {cmp['ratio']:.3f} |"
+    )
+
+
+def _header(results: dict[str, Any]) -> Lines:
+    p = results["plan"]
+    lines = []
+    if "machine" in results:
+        m = results["machine"]
+        lines.append(
+            f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']}, "
+            f"Django {m['django']}, psycopg {m['psycopg']}, libpq {m['libpq']}"
+            f" ({m['libpq_openssl']}), PostgreSQL {m['postgresql_server']} server; {m['tls']}."
+        )
+    if "connect" in results:
+        lines.append(
+            f"Mode: {results['mode']}: connect {p['connect_rounds']} rounds x "
+            f"{p['connect_iters']} calls per ENGINE, queries {p['query_rounds']} x "
+            f"{p['query_iters']}; run took {results['duration_s']:.0f} s."
+        )
+    else:
+        only = ", ".join(results.get("only", []))
+        lines.append(f"Mode: {results['mode']} ({only}); run took {results['duration_s']:.0f} s.")
+    return lines
+
+
+def _flow(w: dict[str, int]) -> str:
+    return (
+        f"{w.get('client_segments', 0):g} seg / {w.get('client_bytes', 0):g} B out, "
+        f"{w.get('server_segments', 0):g} seg / {w.get('server_bytes', 0):g} B in"
+    )
+
+
+def _secure_vs_stock(results: dict[str, Any]) -> Lines:
+    wire = results["wire"]
+    sec, sto = wire[COUNT_SECURE], wire[COUNT_STOCK]
+    return [
+        "",
+        "| Secure vs stock (µs, median of per-round means, min-max) "
+        "| secure_pg_backend | stock postgresql | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        _row("connect: `ensure_connection()` + `close()`", results["connect"], SECURE, STOCK),
+        _row("query: `select 1` via cursor", results["select_one"], SECURE, STOCK),
+        _row("query: ORM `.filter().first()`", results["orm"], SECURE, STOCK),
+        f"| statements per new connection (server log) | {len(sec['statements'])} "
+        f"| {len(sto['statements'])} | extra: {wire['extra_statements']} |",
+        f"| TCP data per new connection (kernel TCP_INFO) | {_flow(sec['wire'] or {})} "
+        f"| {_flow(sto['wire'] or {})} | extra round trips: {wire['extra_round_trips'] or 0:g} |",
+    ]
+
+
+def _own_work(results: dict[str, Any]) -> Lines:
+    cpu = results["connect"]["client_cpu_median_us"]
+    own = results["own_work"]
+    extra_us = own[SECURE]["median"] - own[STOCK]["median"] + own["verify"]["median"]
+    tls, rss = results["tls_info"], results["rss"]
+    return [
+        "",
+        f"Client CPU time per connect (this thread, median of per-round means): secure "
+        f"{cpu[SECURE]:,.0f} µs, stock {cpu[STOCK]:,.0f} µs ({cpu[SECURE] - cpu[STOCK]:+,.0f} µs).",
+        "",
+        f"The secure backend's own work per new connection, timed hot in a loop: {extra_us:.1f} µs "
+        f"(policy in `get_connection_params`: {own[SECURE]['median']:.1f} µs vs stock "
+        f"{own[STOCK]['median']:.1f} µs; post-handshake check and `TLSInfo`: "
+        f"{own['verify']['median']:.1f} µs), "
+        f"{extra_us / results['connect'][STOCK]['median']:.2%} of a stock connect.",
+        "",
+        f"`connection.tls_info` on an open connection: {tls['median'] * 1000:.0f} ns "
+        f"(min {tls['min'] * 1000:.0f}, max {tls['max'] * 1000:.0f}).",
+        f"RSS growth over {rss['cycles']:,} secure connect/close cycles (after "
+        f"{rss['warmup']} warm-up): {rss['growth_bytes'] / 1024:+,.0f} KiB "
+        f"({rss['before_bytes'] / 2**20:.1f} → {rss['after_bytes'] / 2**20:.1f} MiB).",
+    ]
+
+
+def _tls_cost_and_requests(results: dict[str, Any]) -> Lines:
+    lines = [
+        "",
+        "| What TLS itself costs (stock backend, µs) | verify-full TLS | sslmode=disable | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        _row("connect", results["tls_cost_connect"], STOCK, PLAIN),
+        _row("query: `select 1`", results["tls_cost_query"], STOCK, PLAIN),
+        "",
+        "| Request loop (test client, one ORM query per request, secure_pg_backend) "
+        "| requests/s median (min-max) |",
+        "| --- | ---: |",
+    ]
+    labels = {
+        REQ_AGE0: "`CONN_MAX_AGE=0` (new TLS connection per request)",
+        REQ_AGE60: "`CONN_MAX_AGE=60` (persistent)",
+        REQ_POOL: '`OPTIONS["pool"]` (Django\'s pool)',
+    }
+    for alias, label in labels.items():
+        r = results["requests"][alias]
+        lines.append(f"| {label} | {r['median']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) |")
+    return lines
+
+
+def _cold_start(cold: dict[str, Any]) -> Lines:
+    if "unavailable" in cold:
+        return ["", f"Cold start: not measured ({cold['unavailable']})."]
+    return [
+        "",
+        f"Cold start (a fresh process: `django.setup()`, the first connection, one query; "
+        f"{cold['rounds']} rounds, alternating): secure {cold['secure_ms_median']:.1f} ms, "
+        f"stock {cold['stock_ms_median']:.1f} ms, ratio {cold['ratio']:.3f}.",
+    ]
+
+
+def _negotiation(neg: dict[str, Any]) -> Lines:
+    if "unavailable" in neg:
+        return ["", f"`sslnegotiation=direct`: not measured ({neg['unavailable']})."]
+    alpn = neg["alpn"]
+    return [
+        "",
+        f"| New connection on PostgreSQL {neg['server']}, through a proxy adding "
+        f"{neg['rtt_ms']:g} ms per round trip (µs) | `sslnegotiation=direct` "
+        "| default (`postgres`) | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        _row("connect: `ensure_connection()` + `close()`", neg, "direct", "postgres"),
+        "",
+        f"`sslnegotiation=direct` saves {neg['saved_us']:,.0f} µs per new connection, "
+        f"{neg['saved_round_trips']:.2f} round trips of {neg['rtt_ms']:g} ms; "
+        f"ALPN reported: direct {alpn['direct']!r}, default {alpn['postgres']!r}.",
+    ]
+
+
+def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
+    lines = _header(results)
+    if "connect" in results:
+        lines += _secure_vs_stock(results)
+        lines += _own_work(results)
+        lines += _tls_cost_and_requests(results)
+    if "cold_start" in results:
+        lines += _cold_start(results["cold_start"])
+    if "negotiation" in results:
+        lines += _negotiation(results["negotiation"])
+    if results["mode"] == "quick":
+        lines += ["", "--quick: a smoke run, too short for the ratios; targets not enforced."]
+    if targets:
+        lines += ["", "| Target | measured | result |", "| --- | --- | --- |"]
+    for t in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a (too short)"}[t["ok"]]
+        if t["ok"] is None and t.get("unavailable"):
+            verdict = "n/a (not measured)"
+        lines.append(f"| {t['name']} | {t['measured']} | {verdict} |")
+    return "\n".join(lines)
+
+
+# -- targets -------------------------------------------------------------------------
+def _main_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    wire = results["wire"]
+    rss_mb = results["rss"]["growth_bytes"] / 2**20
+    query_ratio = max(results["select_one"]["ratio"], results["orm"]["ratio"])
+    return [
+        {
+            "name": "connect ratio ≤ 1.02",
+            "measured": f"{results['connect']['ratio']:.3f}",
+            "ok": results["connect"]["ratio"] <= 1.02,
+        },
+        {
+            "name": "query ratio ≤ 1.01 (worst of select 1, ORM)",
+            "measured": f"{query_ratio:.3f}",
+            "ok": query_ratio <= 1.01,
+        },
+        {
+            "name": "0 extra statements per new connection",
+            "measured": str(wire["extra_statements"]),
+            "ok": wire["extra_statements"] <= 0 and not wire["extra_statement_texts"],
+        },
+        {
+            "name": "0 extra round trips per new connection",
+            "measured": f"{wire['extra_round_trips']:g}"
+            if wire["extra_round_trips"] is not None
+            else "not measurable (no TCP_INFO)",
+            "ok": wire["extra_round_trips"] is not None and wire["extra_round_trips"] <= 0,
+        },
+        {
+            "name": "`tls_info` < 5 µs",
+            "measured": f"{results['tls_info']['median']:.3f} µs",
+            "ok": results["tls_info"]["median"] < 5,
+        },
+        {
+            "name": "RSS growth < 2 MB over 10,000 cycles",
+            "measured": f"{rss_mb:.2f} MiB over {results['rss']['cycles']:,}",
+            # A short (--quick) run cannot judge this target either way.
+            "ok": rss_mb * 2**20 < 2e6 if results["rss"]["cycles"] >= 10_000 else None,
+        },
+    ]
+
+
+def _cold_start_target(cold: dict[str, Any]) -> dict[str, Any]:
+    name = "cold start ratio ≤ 1.03"
+    if "unavailable" in cold:
+        return {"name": name, "measured": "not measured", "ok": None, "unavailable": True}
+    return {"name": name, "measured": f"{cold['ratio']:.3f}", "ok": cold["ratio"] <= 1.03}
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = _main_targets(results) if "connect" in results else []
+    if "cold_start" in results:
+        targets.append(_cold_start_target(results["cold_start"]))
+    return targets

@@ -1,0 +1,104 @@
+"""The benchmark's own logic: the delaying proxy, the statement counter, partial reports.
+
+The figures themselves come from ``make bench``; these check the instruments.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bench.delay_proxy import DelayProxy
+from bench.report import check_targets, report
+from bench.wire import statements_by_pid
+
+RTT_S = 0.05
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A loopback server that echoes every connection until EOF, then closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+    listener.close()
+    thread.join(timeout=5)
+
+
+def test_each_exchange_through_the_proxy_takes_a_round_trip(echo_port: int) -> None:
+    with (
+        DelayProxy(echo_port, RTT_S) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port)) as client,
+    ):
+        for message in (b"SSLRequest", b"S", b"ClientHello"):
+            start = time.monotonic()
+            client.sendall(message)
+            assert client.recv(100) == message
+            assert time.monotonic() - start >= RTT_S
+
+
+def test_the_proxy_keeps_order_and_passes_the_end_of_stream_on(echo_port: int) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB, many chunks
+    with (
+        DelayProxy(echo_port, 0.002) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port)) as client,
+    ):
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)  # the echo server sees EOF only through the proxy
+        received = b""
+        while data := client.recv(65536):
+            received += data
+    assert received == payload
+
+
+def test_statements_are_matched_to_backend_pids() -> None:
+    log = (
+        "[101] LOG:  statement: SELECT set_config('TimeZone', 'UTC', false)\n"
+        "[202] LOG:  execute <unnamed>: select 1\n"
+        "[101] LOG:  statement: select 2 \n"
+        "[303] LOG:  connection authorized: user=app\n"
+    )
+    assert statements_by_pid(log) == {
+        101: ["SELECT set_config('TimeZone', 'UTC', false)", "select 2"],
+        202: ["select 1"],
+    }
+
+
+def test_a_cold_start_that_could_not_run_is_reported_not_passed() -> None:
+    results = {
+        "mode": "full",
+        "plan": {},
+        "only": ["cold-start"],
+        "duration_s": 1.0,
+        "cold_start": {"unavailable": "bench/cold_start.py is not in this checkout"},
+    }
+    (target,) = check_targets(results)
+    assert target["ok"] is None  # a full run fails on anything but True
+    text = report(results, [target])
+    assert "Cold start: not measured (bench/cold_start.py is not in this checkout)." in text
+    assert "| cold start ratio ≤ 1.03 | not measured | n/a (not measured) |" in text
+
+
+def test_cold_start_ratio_is_judged() -> None:
+    cold = {"secure_ms_median": 331.0, "stock_ms_median": 300.0, "ratio": 331 / 300, "rounds": 41}
+    results = {"mode": "full", "plan": {}, "duration_s": 1.0, "cold_start": cold}
+    (target,) = check_targets(results)
+    assert target == {"name": "cold start ratio ≤ 1.03", "measured": "1.103", "ok": False}
+    assert "secure 331.0 ms, stock 300.0 ms, ratio 1.103" in report(results, [target])

@@ -1,0 +1,114 @@
+"""The connection path stays light (issue 9): the expiry comes from the session's OpenSSL, and
+``cryptography`` is imported only when someone asks for the parsed certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from secure_pg_backend import libpq
+from secure_pg_backend.testing import TestCA, TLSPostgres
+from tests.conftest import leaf_certificate
+
+ROOT = Path(__file__).resolve().parent.parent
+UTC = dt.timezone.utc
+
+
+@pytest.mark.parametrize(
+    "not_after",
+    [
+        dt.datetime(2021, 1, 1, tzinfo=UTC),  # UTCTime
+        dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=UTC),  # last UTCTime year
+        dt.datetime(2050, 1, 1, tzinfo=UTC),  # GeneralizedTime from 2050
+        dt.datetime(3000, 6, 15, 12, 30, 5, tzinfo=UTC),
+    ],
+)
+def test_not_after_is_read_by_openssl_exactly(ca: TestCA, not_after: dt.datetime) -> None:
+    from cryptography import x509
+
+    leaf = ca.issue("db.test", not_before=dt.datetime(2020, 1, 1, tzinfo=UTC), not_after=not_after)
+    cert = x509.load_pem_x509_certificates(leaf.cert_chain_pem)[0]
+    assert libpq.certificate_not_after(cert.public_bytes(Encoding.DER)) == not_after
+
+
+@pytest.mark.parametrize("der", [b"", b"\x30\x03\x02\x01\x01", os.urandom(64)])
+def test_not_after_of_something_that_is_not_a_certificate_is_none(der: bytes) -> None:
+    assert libpq.certificate_not_after(der) is None
+
+
+def test_tls_info_expiry_without_parsing_the_certificate(
+    make_wrapper: Callable[..., Any], expiring_server: TLSPostgres
+) -> None:
+    info = make_wrapper(expiring_server.database_settings(), alias="expiring").tls_info
+    assert info.not_after == leaf_certificate(expiring_server).not_valid_after_utc
+    assert info.days_left() == 10 and info.expires_soon()
+    assert "_peer_certificate" not in vars(info)  # nothing parsed so far
+    assert info.peer_certificate is not None
+    assert info.peer_certificate.not_after == info.not_after
+
+
+CHILD = """
+import json, logging, os, sys
+import django
+from django.conf import settings
+config = json.loads(os.environ["SPB_COLD_PATH"])
+settings.configure(
+    DATABASES={"default": config["database"]},
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "secure_pg_backend"],
+    USE_TZ=True,
+)
+django.setup()
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+logging.getLogger("secure_pg_backend").setLevel(config["level"])
+from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+print("cryptography imported:", "cryptography" in sys.modules)
+connection.tls_info.peer_certificate
+print("cryptography imported:", "cryptography" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_first_connection_does_not_import_cryptography(
+    good_server: TLSPostgres, expiring_server: TLSPostgres, level: str
+) -> None:
+    server = expiring_server if level == "WARNING" else good_server
+    config = {"database": server.database_settings(), "level": level}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=dict(os.environ, PYTHONPATH=str(ROOT), SPB_COLD_PATH=json.dumps(config)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # The start-up line (INFO, or WARNING for the certificate expiring in 10 days) has the expiry.
+    assert lines[0].startswith(f"{level} secure_pg_backend: database alias 'default'"), lines
+    assert "server certificate expires" in lines[0]
+    assert lines[1:] == ["cryptography imported: False", "cryptography imported: True"]
+
+
+def test_cold_start_bench_keeps_its_contract(good_server: TLSPostgres) -> None:
+    """bench/run.py calls ``measure(rounds)``; one round against our server checks the keys."""
+    spec = importlib.util.spec_from_file_location("cold_start", ROOT / "bench" / "cold_start.py")
+    assert spec is not None and spec.loader is not None
+    cold_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cold_start)
+    result = cold_start.measure_against(good_server.database_settings(), rounds=1)
+    assert {"secure_ms_median", "stock_ms_median", "ratio", "rounds"} <= set(result)
+    assert result["rounds"] == 1 and result["ratio"] > 0
+    assert "cold start" in cold_start.human(result)
