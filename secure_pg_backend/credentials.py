@@ -139,11 +139,16 @@ def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
 def with_password(
     alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Connection parameters with a fresh password (unchanged without a provider)."""
-    out = {k: v for k, v in params.items() if k != PROVIDER_KEY}
+    """Connection parameters with a fresh password (unchanged without a provider).
+
+    Without a provider the parameters are returned as they are (the gate never passes
+    the provider key on): no copy on every new connection.
+    """
     password = password_for(alias, settings_dict)
-    if password is not None:
-        out["password"] = password
+    if password is None:
+        return params if isinstance(params, dict) else dict(params)
+    out = {k: v for k, v in params.items() if k != PROVIDER_KEY}
+    out["password"] = password
     return out
 
 
