@@ -18,9 +18,6 @@ from . import inputs, libpq, policy
 from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
-_SECRETS = ("password", "sslpassword")
-
-
 class Verdict(NamedTuple):
     alias: str
     host: str | None
@@ -100,8 +97,3 @@ def _libpq_refused(message: str) -> Violation:
         "correct the setting libpq names (a service name must exist in pg_service.conf; "
         "host, hostaddr and port lists must have matching lengths).",
     )
-
-
-def without_secrets(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters safe to show or put on a command line."""
-    return {k: v for k, v in params.items() if k not in _SECRETS}
