@@ -18,6 +18,7 @@ from . import inputs, libpq, policy
 from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
+
 class Verdict(NamedTuple):
     alias: str
     host: str | None
