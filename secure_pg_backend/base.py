@@ -54,6 +54,21 @@ def standalone_wrapper(alias: str, settings_dict: Mapping[str, Any]) -> Any:
     return handler[alias]
 
 
+def verified_aliases() -> list[str]:
+    """The aliases whose wrapper carries the policy: by class (mixins too), not ENGINE name."""
+    from django.db import connections
+
+    aliases = []
+    for alias in connections:
+        try:
+            wrapper = connections[alias]
+        except ImproperlyConfigured:  # an ENGINE that does not load: Django reports it
+            continue
+        if isinstance(wrapper, VerifiedTLSMixin):
+            aliases.append(alias)
+    return aliases
+
+
 if TYPE_CHECKING:  # the mixin is only ever combined with a postgresql wrapper
     _WrapperBase = postgresql.DatabaseWrapper
 else:

@@ -20,6 +20,7 @@ from django.db import connections
 from django.db.backends.postgresql import client as postgresql
 
 from . import credentials, libpq
+from .compat import NEWER_KEYWORDS
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -27,10 +28,10 @@ if TYPE_CHECKING:
 # Secrets psql must not see on its command line (ps would show them).
 _SECRET_KEYWORDS = ("password", "sslpassword")
 
-# Keywords psql's own libpq (often older than psycopg's) may not know, with the first
-# major version that has them. Leaving them out is safe: an older libpq has no key log
-# to turn off, and the default negotiation is the other way to the same verified TLS.
-_NEWER_KEYWORDS = {"sslkeylogfile": 18, "sslnegotiation": 17}
+# Keywords psql's own libpq (often older than psycopg's) may not know. Leaving them out
+# is safe: an older libpq has no key log to turn off, and the default negotiation is the
+# other way to the same verified TLS. Any other keyword it lacks stays, and psql says so.
+_SAFE_TO_DROP = ("sslkeylogfile", "sslnegotiation")
 _VERSION = re.compile(r"\b(\d+)(?:\.\d+)?")
 
 
@@ -49,7 +50,11 @@ def psql_major_version(executable: str) -> int | None:
 
 def _for_psql(params: dict[str, str], executable: str) -> dict[str, str]:
     major = psql_major_version(executable) or 0
-    return {k: v for k, v in params.items() if _NEWER_KEYWORDS.get(k, 0) <= major}
+    return {
+        k: v
+        for k, v in params.items()
+        if k not in _SAFE_TO_DROP or NEWER_KEYWORDS[k] // 10000 <= major
+    }
 
 
 def _wrapper_for(settings_dict: Mapping[str, Any]) -> VerifiedTLSMixin:

@@ -169,17 +169,10 @@ def peer_certificate_der(pgconn_ptr: int) -> bytes | None:
 
 # -- libpq's own view of connection parameters ----------------------------------------------
 
-# The oldest libpq with ssl_min_protocol_version, which the policy always sends.
-MIN_LIBPQ_VERSION = 130000
-
 # A value libpq rejects only after it has resolved every parameter (explicit, service
 # file, environment) and before it opens a socket: connectOptions2 validates sslmode,
 # connectDBStart (the first I/O) never runs.
 _PROBE_SSLMODE = "x-secure-pg-backend-probe"
-
-
-def version() -> int:
-    return pq.version()
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,7 +200,7 @@ def keyword_variables() -> Mapping[str, str]:
 @functools.lru_cache(maxsize=1)
 def environment_variables() -> tuple[str, ...]:
     """The environment variables libpq reads for parameters, plus its file locations."""
-    names = {opt.envvar.decode() for opt in _defaults() if opt.envvar}
+    names = set(keyword_variables().values())
     names.update(("PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR", "PGREQUIRESSL", "HOME"))
     return tuple(sorted(names))
 

@@ -13,7 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
-from ...base import VerifiedTLSMixin
+from ...base import VerifiedTLSMixin, verified_aliases
 from ...errors import InsecureConnectionError, SecurePolicyError, redact
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
@@ -61,7 +61,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        ours = [alias for alias in connections if isinstance(connections[alias], VerifiedTLSMixin)]
+        ours = verified_aliases()
         selected: list[str] = options["databases"] or ours
         for alias in selected:
             if alias not in connections:
