@@ -24,7 +24,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .errors import InsecureConnectionError, location
+from .errors import InsecureConnectionError, Violation, location
 
 __all__ = [
     "PROVIDER_KEY",
@@ -52,8 +52,25 @@ class CredentialProviderError(InsecureConnectionError):
     """
 
 
+class ProviderConfigurationError(ImproperlyConfigured):
+    """The provider setting itself is unusable; the gate reports it as E015 before any I/O."""
+
+    def __init__(self, alias: str, host: str | None, problem: str, fix: str) -> None:
+        super().__init__(f"{location(alias, host)}: {problem} Fix: {fix}")
+        self.problem, self.fix = problem, fix
+
+
 def _configuration_error(alias: str, host: str | None, problem: str, fix: str) -> Exception:
-    return ImproperlyConfigured(f"{location(alias, host)}: {problem} Fix: {fix}")
+    return ProviderConfigurationError(alias, host, problem, fix)
+
+
+def provider_violation(alias: str, settings_dict: Mapping[str, Any]) -> Violation | None:
+    """E015 when OPTIONS['password_provider'] cannot be used (for the gate and the checks)."""
+    try:
+        load_provider(alias, settings_dict)
+    except ProviderConfigurationError as exc:
+        return Violation("E015", exc.problem, exc.fix)
+    return None
 
 
 def provider_name(provider: object) -> str:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from . import inputs, libpq, policy
+from . import credentials, inputs, libpq, policy
 from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
@@ -62,6 +62,9 @@ def _request(
 def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
     """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
     screened = inputs.screen(settings_dict, libpq.keywords())
+    provider = credentials.provider_violation(alias, settings_dict)
+    if provider is not None:
+        screened.append(provider)
     if screened:
         return Verdict(alias, settings_dict.get("HOST") or None, tuple(screened))
     keywords = libpq.keywords()

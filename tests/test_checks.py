@@ -46,6 +46,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ("E011", {"PORT": "5432\x00"}, {}, "control character"),
     ("E012", {"HOST": "a.example,b.example"}, {"hostaddr": "127.0.0.1"}, "host name"),
     ("E013", {"HOST": ""}, {"service": "no-such-service"}, "no-such-service"),
+    ("E015", {}, {"password_provider": "no_such_module.token"}, "cannot be imported"),
+    ("E015", {}, {"password_provider": "os.sep"}, "not a callable"),
     ("E006", {}, {"sslrootcert": "/nonexistent/ca.pem"}, "does not exist"),
     ("E007", {}, {"requiressl": "1"}, "'requiressl'"),
     ("E007", {}, {"sslkeylogfile": "/tmp/keys.log"}, "'sslkeylogfile'"),
