@@ -4,9 +4,22 @@ Use ``"ENGINE": "secure_pg_backend"``; add ``"secure_pg_backend"`` to
 INSTALLED_APPS for the system checks and the ``dbtls`` command.
 """
 
-from . import _requirements  # noqa: F401 - first: psycopg 3 and libpq >= 13, clearly
-from .errors import InsecureConnectionError, SecurePolicyError
-from .tlsinfo import PeerCertificate, TLSInfo
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+# First, before anything reads psycopg or libpq: one clear ImproperlyConfigured when psycopg 3
+# or libpq >= 13 is missing, instead of a ModuleNotFoundError from deep inside (or Django's
+# "isn't an available database backend") and libpq's "invalid connection option" later.
+from .compat import require_libpq, require_psycopg
+
+require_psycopg()
+require_libpq()
+
+from .errors import InsecureConnectionError, SecurePolicyError  # noqa: E402
+
+if TYPE_CHECKING:
+    from .tlsinfo import PeerCertificate, TLSInfo
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,3 +29,13 @@ __all__ = [
     "TLSInfo",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The report types are imported when first asked for: a process that connects but never
+    # inspects a connection does not pay for their dataclasses (part of every cold start).
+    if name in ("PeerCertificate", "TLSInfo"):
+        from . import tlsinfo
+
+        return getattr(tlsinfo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,3 +1,6 @@
+from collections.abc import Sequence
+from typing import Any
+
 from django.apps import AppConfig
 from django.core import checks
 
@@ -10,9 +13,17 @@ class SecurePgBackendConfig(AppConfig):
     def ready(self) -> None:
         from . import metrics
         from .base import verified_aliases
-        from .checks import check_databases
 
         # Tagged "security" (not "database"): these run offline on every `check`.
-        checks.register(check_databases, checks.Tags.security)
+        checks.register(_check_databases, checks.Tags.security)
         # Prometheus metrics when prometheus_client is installed (extra [metrics]).
         metrics.install(verified_aliases())
+
+
+def _check_databases(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    # The checks module is imported when checks run, not on every process start.
+    from .checks import check_databases
+
+    return check_databases(app_configs, **kwargs)

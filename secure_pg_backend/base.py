@@ -12,11 +12,13 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, gate, libpq, lifecycle, link_rules, logs, policy, signals
+from . import credentials, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
 from .client import DatabaseClient
 from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
-from .tlsinfo import TLSInfo, inspect_connection, read_facts
 from .validation import DatabaseValidation
+
+if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothing skips it
+    from .tlsinfo import TLSInfo
 
 __all__ = ["DatabaseWrapper", "VerifiedTLSMixin"]
 
@@ -33,10 +35,12 @@ def _tls_info_of(connection: Any) -> TLSInfo:
     """
     info: TLSInfo | None = getattr(connection, _TLS_INFO_ATTR, None)
     if info is None:
-        link = getattr(connection, _LINK_ATTR, None)
-        if link is None:  # pragma: no cover - every connection is verified on creation
+        from .tlsinfo import inspect_connection
+
+        checked = getattr(connection, _LINK_ATTR, None)
+        if checked is None:  # pragma: no cover - every connection is verified on creation
             raise ImproperlyConfigured("connection was not opened by secure_pg_backend")
-        info = inspect_connection(connection.pgconn, *link)
+        info = inspect_connection(connection.pgconn, *checked)
         setattr(connection, _TLS_INFO_ATTR, info)
     return info
 
@@ -158,7 +162,7 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
-        facts = read_facts(connection.pgconn)
+        facts = link.read_facts(connection.pgconn)
         problem = link_rules.check_link(decision, facts)
         if problem is not None:
             connection.close()
@@ -169,7 +173,11 @@ class VerifiedTLSMixin(_WrapperBase):
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
         lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-        logs.announce(self.alias, lambda: _tls_info_of(connection))
+        logs.announce(
+            self.alias,
+            lambda: link.peer_not_after(connection.pgconn),
+            lambda: _tls_info_of(connection),
+        )
         signals.connection_verified.send(
             type(self), alias=self.alias, tls_info=lambda: _tls_info_of(connection)
         )

@@ -32,7 +32,7 @@ _SECRET_KEYWORDS = ("password", "sslpassword")
 # is safe: an older libpq has no key log to turn off, and the default negotiation is the
 # other way to the same verified TLS. Any other keyword it lacks stays, and psql says so.
 _SAFE_TO_DROP = ("sslkeylogfile", "sslnegotiation")
-_VERSION = re.compile(r"\b(\d+)(?:\.\d+)?")
+_VERSION = r"\b(\d+)(?:\.\d+)?"  # compiled on first use: only dbshell needs it
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,7 +44,7 @@ def psql_major_version(executable: str) -> int | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    match = _VERSION.search(out)
+    match = re.search(_VERSION, out)
     return int(match.group(1)) if match else None
 
 

@@ -199,7 +199,8 @@ def pool_kwargs(
 
 # -- built-in providers -----------------------------------------------------------
 
-_RDS_REGION = re.compile(r"\.([a-z]{2}(?:-[a-z]+)+-\d+)\.rds\.amazonaws\.com(?:\.cn)?$")
+# Compiled on first use (re caches it): only the IAM provider needs it, not every start-up.
+_RDS_REGION = r"\.([a-z]{2}(?:-[a-z]+)+-\d+)\.rds\.amazonaws\.com(?:\.cn)?$"
 _client_lock = threading.Lock()
 _signing = threading.local()
 
@@ -265,7 +266,7 @@ def aws_rds_iam(
         raise ValueError("USER is empty; set it to the database user mapped to the IAM identity.")
     port = int(settings_dict.get("PORT") or 5432)
     if region is None:
-        match = _RDS_REGION.search(host.lower())
+        match = re.search(_RDS_REGION, host.lower())
         region = match.group(1) if match else None
     client = _rds_client(region, profile)
     auth_logger = logging.getLogger("botocore.auth")

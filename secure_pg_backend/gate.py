@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import credentials, inputs, libpq, policy
 from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
 
-class Verdict(NamedTuple):
-    alias: str
-    host: str | None
-    violations: tuple[Violation, ...] = ()
-    decision: Decision | None = None
-    params: Mapping[str, Any] | None = None  # for psycopg.connect, when allowed
+class Verdict:
+    """The gate's answer: the parameters for psycopg.connect, or the violations."""
+
+    __slots__ = ("alias", "decision", "host", "params", "violations")
+
+    def __init__(
+        self,
+        alias: str,
+        host: str | None,
+        violations: tuple[Violation, ...] = (),
+        decision: Decision | None = None,
+        params: Mapping[str, Any] | None = None,  # for psycopg.connect, when allowed
+    ) -> None:
+        self.alias = alias
+        self.host = host
+        self.violations = violations
+        self.decision = decision
+        self.params = params
 
     def raise_if_refused(self, password: object = None) -> None:
         if self.decision is None:

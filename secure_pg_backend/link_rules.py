@@ -1,14 +1,13 @@
 """The post-handshake rules: facts of an established link in, a refusal or None out.
 
 Pure functions, one per rule, applied in ``check_link`` to the ``LinkFacts`` that
-``tlsinfo.read_facts`` reads from libpq and the socket (no SQL, no round trip), and to
+``link.read_facts`` reads from libpq and the socket (no SQL, no round trip), and to
 the ``Decision`` the settings rules (``policy``) made for the same connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
@@ -17,17 +16,39 @@ _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
 
 
-class LinkFacts(NamedTuple):
+class LinkFacts:
     """What libpq and the kernel say about an established connection (no SQL involved)."""
 
-    host: str
-    ssl_in_use: bool
-    protocol: str | None
-    cipher: str | None
-    used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
-    unix_socket: bool = False  # the socket's address family, not the host string
-    effective: Mapping[str, str] = _EMPTY  # PQconninfo of the link
-    alpn: str | None = None
+    __slots__ = (
+        "alpn",
+        "cipher",
+        "effective",
+        "host",
+        "protocol",
+        "ssl_in_use",
+        "unix_socket",
+        "used_gssapi",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        ssl_in_use: bool,
+        protocol: str | None,
+        cipher: str | None,
+        used_gssapi: bool | None = False,  # None: this libpq cannot tell (< 16)
+        unix_socket: bool = False,  # the socket's address family, not the host string
+        effective: Mapping[str, str] = _EMPTY,  # PQconninfo of the link
+        alpn: str | None = None,
+    ) -> None:
+        self.host = host
+        self.ssl_in_use = ssl_in_use
+        self.protocol = protocol
+        self.cipher = cipher
+        self.used_gssapi = used_gssapi
+        self.unix_socket = unix_socket
+        self.effective = effective
+        self.alpn = alpn
 
 
 def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:

@@ -6,10 +6,13 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import lifecycle
-from .tlsinfo import TLSInfo
+from .link import expiring
+
+if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
+    from .tlsinfo import TLSInfo
 
 logger = logging.getLogger("secure_pg_backend")
 
@@ -68,20 +71,26 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
     }
 
 
-def announce(alias: str, build: Callable[[], TLSInfo]) -> None:
-    """Log a new physical connection; ``build`` runs only if a record will be emitted."""
-    if _first_time(alias):
-        if not logger.isEnabledFor(logging.WARNING):
-            return
-        info = build()
-        level = logging.WARNING if info.expires_soon() else logging.INFO
-    else:
-        level = logging.DEBUG
-    if not logger.isEnabledFor(level):
+def announce(
+    alias: str, not_after: Callable[[], dt.datetime | None], build: Callable[[], TLSInfo]
+) -> None:
+    """Log a new physical connection; ``build`` runs only if a record will be emitted.
+
+    The first connection of an alias is INFO, or WARNING when the server certificate expires
+    soon; later ones are DEBUG. Choosing the level needs only the expiry (``not_after``).
+    """
+    level = _first_level(not_after) if _first_time(alias) else logging.DEBUG
+    if level is None or not logger.isEnabledFor(level):
         return
-    if level == logging.DEBUG:
-        info = build()
+    info = build()
     logger.log(level, "secure_pg_backend: %s", describe(info), extra=extra_fields(info))
+
+
+def _first_level(not_after: Callable[[], dt.datetime | None]) -> int | None:
+    if not logger.isEnabledFor(logging.WARNING):
+        return None
+    expires = not_after()
+    return logging.WARNING if expires is not None and expiring(expires) else logging.INFO
 
 
 def reset() -> None:

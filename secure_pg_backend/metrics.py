@@ -17,10 +17,13 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import signals
-from .tlsinfo import TLSInfo, certificate_not_after
+from .link import certificate_not_after
+
+if TYPE_CHECKING:
+    from .tlsinfo import TLSInfo
 
 __all__ = ["install", "server_certificate_not_after"]
 

@@ -16,10 +16,9 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from .errors import Violation
-from .truststore import SystemTrustStoreError, system_trust_file
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"
@@ -41,8 +40,9 @@ WEAKENING_KEYWORDS = {
     "the captured traffic",
 }
 
-# Records here are NamedTuples, not frozen dataclasses: this module is imported by every
-# process that connects, and a frozen dataclass costs ~0.7 ms to create (cold start).
+# Records here (and in gate, libpq, link_rules) are plain slotted classes: these modules are
+# imported by every process that connects, and defining a frozen dataclass costs ~0.7 ms, a
+# typing.NamedTuple ~0.1 ms (it compiles its constructor with eval), a class like these 0.01 ms.
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
@@ -58,17 +58,39 @@ def remove_hint(key: str) -> str:
     return f"remove {option_name(key)} (from a DATABASE_URL: its ?{key}= query key)"
 
 
-class Request(NamedTuple):
+class Request:
     """Everything one alias's connection would use, as libpq sees it."""
 
-    alias: str
-    explicit: Mapping[str, str]  # keywords the settings pass, as strings
-    resolved: Mapping[str, str]  # libpq's value for every keyword that has one
-    options: Mapping[str, Any] = _EMPTY  # the backend's own OPTIONS
-    environ: Mapping[str, str] = _EMPTY
-    keywords: frozenset[str] = frozenset()  # what this libpq accepts
-    origins: Mapping[str, str] = _EMPTY  # keyword -> setting name
-    envvars: Mapping[str, str] = _EMPTY  # keyword -> libpq's variable
+    __slots__ = (
+        "alias",
+        "environ",
+        "envvars",
+        "explicit",
+        "keywords",
+        "options",
+        "origins",
+        "resolved",
+    )
+
+    def __init__(
+        self,
+        alias: str,
+        explicit: Mapping[str, str],  # keywords the settings pass, as strings
+        resolved: Mapping[str, str],  # libpq's value for every keyword that has one
+        options: Mapping[str, Any] = _EMPTY,  # the backend's own OPTIONS
+        environ: Mapping[str, str] = _EMPTY,
+        keywords: frozenset[str] = frozenset(),  # what this libpq accepts
+        origins: Mapping[str, str] = _EMPTY,  # keyword -> setting name
+        envvars: Mapping[str, str] = _EMPTY,  # keyword -> libpq's variable
+    ) -> None:
+        self.alias = alias
+        self.explicit = explicit
+        self.resolved = resolved
+        self.options = options
+        self.environ = environ
+        self.keywords = keywords
+        self.origins = origins
+        self.envvars = envvars
 
     def origin(self, key: str) -> str:
         """Where a resolved value came from, in the user's terms."""
@@ -86,17 +108,42 @@ class Request(NamedTuple):
         return "libpq's default"
 
 
-class Decision(NamedTuple):
-    """What the backend forces on libpq for one alias, and what it allowed."""
+class Decision:
+    """What the backend forces on libpq for one alias, and what it allowed.
 
-    alias: str
-    hosts: tuple[str, ...]
-    root_cert: str
-    root_cert_source: str
-    min_protocol: str = DEFAULT_MIN_PROTOCOL
-    allow_unix_socket: bool = False
-    allow_legacy_ciphers: bool = False
-    keylog_keyword: bool = False  # this libpq knows sslkeylogfile: send it empty
+    Shared by every connection of the alias while the settings are unchanged: never mutated.
+    """
+
+    __slots__ = (
+        "alias",
+        "allow_legacy_ciphers",
+        "allow_unix_socket",
+        "hosts",
+        "keylog_keyword",
+        "min_protocol",
+        "root_cert",
+        "root_cert_source",
+    )
+
+    def __init__(
+        self,
+        alias: str,
+        hosts: tuple[str, ...],
+        root_cert: str,
+        root_cert_source: str,
+        min_protocol: str = DEFAULT_MIN_PROTOCOL,
+        allow_unix_socket: bool = False,
+        allow_legacy_ciphers: bool = False,
+        keylog_keyword: bool = False,  # this libpq knows sslkeylogfile: send it empty
+    ) -> None:
+        self.alias = alias
+        self.hosts = hosts
+        self.root_cert = root_cert
+        self.root_cert_source = root_cert_source
+        self.min_protocol = min_protocol
+        self.allow_unix_socket = allow_unix_socket
+        self.allow_legacy_ciphers = allow_legacy_ciphers
+        self.keylog_keyword = keylog_keyword
 
     @property
     def forced(self) -> dict[str, str]:
@@ -116,13 +163,22 @@ class Decision(NamedTuple):
         return ",".join(self.hosts) or None
 
 
-class Evaluation(NamedTuple):
+class Evaluation:
     """Result of ``evaluate``: a decision when no rule is broken, else violations."""
 
-    alias: str
-    host: str | None
-    violations: tuple[Violation, ...] = ()
-    decision: Decision | None = None
+    __slots__ = ("alias", "decision", "host", "violations")
+
+    def __init__(
+        self,
+        alias: str,
+        host: str | None,
+        violations: tuple[Violation, ...] = (),
+        decision: Decision | None = None,
+    ) -> None:
+        self.alias = alias
+        self.host = host
+        self.violations = violations
+        self.decision = decision
 
 
 def is_socket_host(host: str) -> bool:
@@ -295,10 +351,13 @@ def e004_socket(req: Request) -> Violation | None:
 
 
 # -- the root of trust ----------------------------------------------------------------------
-class RootOfTrust(NamedTuple):
-    path: str
-    source: str
-    violation: Violation | None = None
+class RootOfTrust:
+    __slots__ = ("path", "source", "violation")
+
+    def __init__(self, path: str, source: str, violation: Violation | None = None) -> None:
+        self.path = path
+        self.source = source
+        self.violation = violation
 
 
 def _default_root(req: Request) -> str:
@@ -346,6 +405,8 @@ def root_of_trust(req: Request) -> RootOfTrust:
         return RootOfTrust("", "", Violation("E005", problem, fix))
     origin = req.origin("sslrootcert")
     if value == "system":
+        from .truststore import SystemTrustStoreError, system_trust_file  # only for "system"
+
         try:
             path, where = system_trust_file(req.environ)
         except SystemTrustStoreError as exc:

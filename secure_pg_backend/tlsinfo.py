@@ -1,40 +1,29 @@
-"""Live-link inspection: libpq state in, immutable TLS facts out.
+"""Live-link inspection: the public report of what a connection negotiated (``TLSInfo``).
 
-Everything here reads the client side of the established connection through
-libpq; nothing sends SQL. Behind PgBouncer that is the Django-to-PgBouncer leg,
-which is the leg this process is responsible for (``pg_stat_ssl`` would
-describe PgBouncer's own link to the server instead).
+Built on demand (``connection.tls_info``, a log record that will be emitted, a signal
+receiver), so this module is not imported on a cold start that inspects nothing.
+Everything here reads the client side of the established connection through libpq;
+nothing sends SQL. Behind PgBouncer that is the Django-to-PgBouncer leg, which is the leg
+this process is responsible for (``pg_stat_ssl`` would describe PgBouncer's own link to
+the server instead).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import libpq
+from .link import EXPIRY_WARNING_DAYS, certificate_not_after, days_left, decode, expiring
 from .link_rules import LinkFacts
 from .policy import Decision
 
 __all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
 
 T = TypeVar("T")
-
-# Log line, system check W001 and the example page all warn from this many days out.
-EXPIRY_WARNING_DAYS = 30
-
-
-def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
-    return (not_after - (now or dt.datetime.now(dt.timezone.utc))).days
-
-
-def expiring(not_after: dt.datetime, now: dt.datetime | None = None) -> bool:
-    """The one expiry rule: fewer than ``EXPIRY_WARNING_DAYS`` whole days left."""
-    return days_left(not_after, now) < EXPIRY_WARNING_DAYS
 
 
 def _memo(obj: object, name: str, compute: Callable[[], T]) -> T:
@@ -99,17 +88,6 @@ class PeerCertificate:
         data["subject_alt_names"] = list(self.subject_alt_names)
         data["serial_number"] = format(self.serial_number, "x")
         return data
-
-
-@functools.lru_cache(maxsize=32)
-def certificate_not_after(der: bytes) -> dt.datetime:
-    """A DER certificate's notAfter, cached per certificate.
-
-    Decoded by the OpenSSL of the TLS session (libpq's), so reading it on every connection
-    (the log line, metrics) never imports ``cryptography``; the full parse is the fallback
-    where that OpenSSL lacks the functions.
-    """
-    return libpq.certificate_not_after(der) or PeerCertificate.from_der(der).not_after
 
 
 @dataclass(frozen=True)
@@ -199,34 +177,6 @@ class TLSInfo:
         )
 
 
-def _decode(value: bytes | None) -> str:
-    return value.decode("utf-8", "replace") if value else ""
-
-
-def read_facts(pgconn: Any) -> LinkFacts:
-    """The facts the post-handshake check needs, from libpq and the socket (no SQL)."""
-    ssl_in_use = bool(pgconn.ssl_in_use)
-    protocol = cipher = alpn = None
-    effective = libpq.effective_settings(pgconn)
-    if ssl_in_use:
-        get = libpq.functions().ssl_attribute
-        ptr = pgconn.pgconn_ptr
-        protocol = _decode(get(ptr, b"protocol")) or None
-        cipher = _decode(get(ptr, b"cipher")) or None
-        if effective.get("sslnegotiation") == "direct":
-            alpn = _decode(get(ptr, b"alpn")) or None
-    return LinkFacts(
-        host=_decode(pgconn.host),
-        ssl_in_use=ssl_in_use,
-        protocol=protocol,
-        cipher=cipher,
-        used_gssapi=libpq.used_gssapi(pgconn),
-        unix_socket=libpq.socket_family(pgconn) == socket.AF_UNIX,
-        effective=effective,
-        alpn=alpn,
-    )
-
-
 def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLSInfo:
     """Build the ``TLSInfo`` for an established (already policy-checked) connection."""
     attrs: dict[str, str | None] = {}
@@ -235,7 +185,7 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     if facts.ssl_in_use and ptr:
         attrs = libpq.ssl_attributes(ptr)
         der = libpq.peer_certificate_der(ptr)
-    port = _decode(pgconn.port)
+    port = decode(pgconn.port)
     bits = attrs.get("key_bits")
     effective = facts.effective
     return TLSInfo(
@@ -248,9 +198,9 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         alpn=attrs.get("alpn") or None,
         library=attrs.get("library"),
         host=facts.host,
-        hostaddr=_decode(pgconn.hostaddr) or None,
+        hostaddr=decode(pgconn.hostaddr) or None,
         port=int(port) if port.isdigit() else None,
-        database=_decode(pgconn.db),
+        database=decode(pgconn.db),
         sslmode=effective.get("sslmode", ""),
         min_protocol=effective.get("ssl_min_protocol_version", ""),
         root_cert=effective.get("sslrootcert", ""),

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import libpq
+from secure_pg_backend import libpq, link
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import leaf_certificate
 
@@ -55,6 +55,72 @@ def test_tls_info_expiry_without_parsing_the_certificate(
     assert "_peer_certificate" not in vars(info)  # nothing parsed so far
     assert info.peer_certificate is not None
     assert info.peer_certificate.not_after == info.not_after
+
+
+def test_live_not_after_is_read_from_the_session(
+    make_wrapper: Callable[..., Any], expiring_server: TLSPostgres
+) -> None:
+    wrapper = make_wrapper(expiring_server.database_settings(), alias="expiring")
+    wrapper.ensure_connection()
+    pgconn = wrapper.connection.pgconn
+    expected = leaf_certificate(expiring_server).not_valid_after_utc
+    assert libpq.peer_not_after(pgconn.pgconn_ptr) == expected
+    assert link.peer_not_after(pgconn) == expected
+    wrapper.close()
+    assert link.peer_not_after(pgconn) is None  # closed: nothing left to read
+
+
+# Django's default logging (no LOGGING): what a worker boot or `manage.py` call pays. The base
+# install: with prometheus_client importable, the metrics build the report for every connection.
+DEFAULT_LOGGING_CHILD = """
+import json, os, sys
+sys.modules["prometheus_client"] = None
+import django
+from django.conf import settings
+settings.configure(
+    DATABASES={"default": json.loads(os.environ["SPB_COLD_PATH"])},
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "secure_pg_backend"],
+    USE_TZ=True,
+)
+django.setup()
+from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+light = ("secure_pg_backend.tlsinfo", "secure_pg_backend.checks", "cryptography")
+print("imported:", [name for name in light if name in sys.modules])
+print("tls_info:", connection.tls_info.protocol)
+print("imported:", [name for name in light if name in sys.modules])
+"""
+
+
+@pytest.mark.parametrize("which", ["good", "expiring"])
+def test_first_connection_builds_no_report_unless_it_is_logged(
+    good_server: TLSPostgres, expiring_server: TLSPostgres, which: str
+) -> None:
+    """The report (``TLSInfo``) and the checks are imported when used, not on every start;
+    the expiry warning is still decided on the first connection, from the session."""
+    server = expiring_server if which == "expiring" else good_server
+    proc = subprocess.run(
+        [sys.executable, "-c", DEFAULT_LOGGING_CHILD],
+        env=dict(
+            os.environ, PYTHONPATH=str(ROOT), SPB_COLD_PATH=json.dumps(server.database_settings())
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    before, protocol, after = proc.stdout.splitlines()
+    if which == "good":  # nothing to log at Django's default level: no report was built
+        assert before == "imported: []" and proc.stderr == ""
+    else:  # the warning is emitted, so its report was built (still no certificate parse)
+        assert before == "imported: ['secure_pg_backend.tlsinfo']"
+        assert "secure_pg_backend: database alias 'default'" in proc.stderr
+        assert "server certificate expires" in proc.stderr
+    assert protocol == "tls_info: TLSv1.3"
+    assert after == "imported: ['secure_pg_backend.tlsinfo']"
 
 
 CHILD = """

@@ -416,7 +416,17 @@ def test_assembled_string_is_read_back_by_libpq(root_cert: str) -> None:
 
 
 # -- the post-handshake rule -----------------------------------------------------------------------
-DECISION = Decision(alias="default", hosts=("db",), root_cert="/ca.pem", root_cert_source="x")
+def decision(**changes: Any) -> Decision:
+    fields: dict[str, Any] = {
+        "alias": "default",
+        "hosts": ("db",),
+        "root_cert": "/ca.pem",
+        "root_cert_source": "x",
+    }
+    return Decision(**{**fields, **changes})
+
+
+DECISION = decision()
 
 
 def facts(**kw: Any) -> LinkFacts:
@@ -445,7 +455,7 @@ def test_link_over_socket_needs_opt_in() -> None:
         host="/run/pg", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
     )
     assert link_rules.check_link(DECISION, socket_facts) is not None
-    opted_in = DECISION._replace(allow_unix_socket=True)
+    opted_in = decision(allow_unix_socket=True)
     assert link_rules.check_link(opted_in, socket_facts) is None
 
 
@@ -455,7 +465,7 @@ def test_link_gssapi_fails() -> None:
 
 
 def test_link_below_minimum_fails() -> None:
-    strict = DECISION._replace(min_protocol="TLSv1.3")
+    strict = decision(min_protocol="TLSv1.3")
     problem = link_rules.check_link(
         strict,
         facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256", effective=strict.forced),
@@ -485,11 +495,11 @@ def test_link_effective_settings_must_equal_the_decision() -> None:
 
 
 def test_link_key_log_must_be_off() -> None:
-    decision = DECISION._replace(keylog_keyword=True)
-    forced = dict(decision.forced)
-    assert link_rules.check_link(decision, facts(effective=forced)) is None
+    keylog_off = decision(keylog_keyword=True)
+    forced = dict(keylog_off.forced)
+    assert link_rules.check_link(keylog_off, facts(effective=forced)) is None
     problem = link_rules.check_link(
-        decision, facts(effective={**forced, "sslkeylogfile": "/tmp/k"})
+        keylog_off, facts(effective={**forced, "sslkeylogfile": "/tmp/k"})
     )
     assert problem is not None and "sslkeylogfile" in problem[0]
 

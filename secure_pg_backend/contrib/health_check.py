@@ -25,8 +25,9 @@ from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from ..base import VerifiedTLSMixin
 from ..errors import InsecureConnectionError, SecurePolicyError, location, redact
+from ..link import EXPIRY_WARNING_DAYS
 from ..logs import expiry_text
-from ..tlsinfo import EXPIRY_WARNING_DAYS, TLSInfo
+from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]
 
