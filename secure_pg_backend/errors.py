@@ -1,10 +1,8 @@
 """Exceptions and the one place refusal messages are worded."""
 
-# Annotations are evaluated here (no `from __future__ import annotations`): typing.NamedTuple
-# compiles each string annotation into a ForwardRef, which doubled the cost of defining
-# Violation in every process. Forward references are quoted.
+from __future__ import annotations
+
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
@@ -25,12 +23,22 @@ def location(alias: str, host: str | None) -> str:
     return f"{where} (host {host!r})" if host else where
 
 
-class Violation(NamedTuple):
-    """One broken rule: the check id it is reported under, what is wrong, the fix."""
+class Violation:
+    """One broken rule: the check id it is reported under, what is wrong, the fix.
 
-    code: str  # "E001": also the system check id suffix
-    problem: str
-    fix: str
+    A slotted class like the policy's other records (see ``policy``): a NamedTuple compiles
+    its constructor with eval when defined, on every process start.
+    """
+
+    __slots__ = ("code", "fix", "problem")
+
+    def __init__(self, code: str, problem: str, fix: str) -> None:
+        self.code = code  # "E001": also the system check id suffix
+        self.problem = problem
+        self.fix = fix
+
+    def __repr__(self) -> str:
+        return f"Violation({self.code!r}, {self.problem!r}, {self.fix!r})"
 
     def render(self, alias: str, host: str | None) -> str:
         return f"{location(alias, host)}: {self.problem} Fix: {self.fix}"
@@ -69,7 +77,7 @@ class InsecureConnectionError(OperationalError):
         self.alias = alias
         self.host = host
 
-    def copy(self) -> "InsecureConnectionError":
+    def copy(self) -> InsecureConnectionError:
         """A fresh instance, so one refusal can be raised in several threads."""
         return type(self)(str(self), alias=self.alias, host=self.host)
 
