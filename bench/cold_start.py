@@ -171,10 +171,11 @@ def count_instructions(envs: dict[str, dict[str, str]]) -> dict[str, Any]:
 
 def _instructions(valgrind: str, env: dict[str, str]) -> int:
     # malloc, not pymalloc: valgrind tracks every allocation (and pymalloc's arenas trip it).
+    # A fixed hash seed: set and dict orders (and so the work) are then the same every run.
     command = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     proc = subprocess.run(
         [*command, sys.executable, "-c", CHILD],
-        env={**env, "PYTHONMALLOC": "malloc"},
+        env={**env, "PYTHONMALLOC": "malloc", "PYTHONHASHSEED": "0"},
         cwd=ROOT,
         capture_output=True,
         text=True,

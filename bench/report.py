@@ -131,11 +131,19 @@ def _tls_cost_and_requests(results: dict[str, Any]) -> Lines:
 def _cold_start(cold: dict[str, Any]) -> Lines:
     if "unavailable" in cold:
         return ["", f"Cold start: not measured ({cold['unavailable']})."]
+    counted = cold.get("instructions", {})
+    instructions = (
+        f" Instructions executed (callgrind, one child each): {counted['secure']:,} vs "
+        f"{counted['stock']:,}, ratio {counted['ratio']:.4f}."
+        if "ratio" in counted
+        else ""
+    )
     return [
         "",
         f"Cold start (a fresh process: `django.setup()`, the first connection, one query; "
         f"{cold['rounds']} rounds, alternating): secure {cold['secure_ms_median']:.1f} ms, "
-        f"stock {cold['stock_ms_median']:.1f} ms, ratio {cold['ratio']:.3f}.",
+        f"stock {cold['stock_ms_median']:.1f} ms, ratio {cold['ratio']:.3f} (median of the "
+        f"per-pair ratios {cold.get('paired_ratio', float('nan')):.3f}).{instructions}",
     ]
 
 
