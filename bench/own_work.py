@@ -1,7 +1,7 @@
 """The backend's own work, timed hot in a loop: reading ``tls_info``, and per new connection.
 
 Not a comparison of whole operations: these isolate what secure_pg_backend adds (the
-policy in ``get_connection_params``, the post-handshake check and ``TLSInfo``), which
+policy in ``get_connection_params``, the post-handshake check and the log decision), which
 explains the connect ratio without the handshake's noise around it.
 """
 
@@ -46,7 +46,7 @@ def measure_own_work(plan: Plan) -> dict[str, Any]:
 
     def verify_loop(n: int) -> None:
         for _ in range(n):
-            secure._verify(secure.connection)  # the post-handshake check + TLSInfo
+            secure._verify(secure.connection)  # the post-handshake check + log decision
 
     per_round = interleaved(
         {SECURE: _params_loop(secure), STOCK: _params_loop(stock), "verify": verify_loop},

@@ -93,7 +93,7 @@ def _own_work(results: dict[str, Any]) -> Lines:
         "",
         f"The secure backend's own work per new connection, timed hot in a loop: {extra_us:.1f} µs "
         f"(policy in `get_connection_params`: {own[SECURE]['median']:.1f} µs vs stock "
-        f"{own[STOCK]['median']:.1f} µs; post-handshake check and `TLSInfo`: "
+        f"{own[STOCK]['median']:.1f} µs; post-handshake check and the log decision: "
         f"{own['verify']['median']:.1f} µs), "
         f"{extra_us / results['connect'][STOCK]['median']:.2%} of a stock connect.",
         "",
