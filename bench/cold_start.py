@@ -217,7 +217,7 @@ def human(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=41, help="alternating pairs (default 41)")
+    parser.add_argument("--rounds", type=int, default=81, help="alternating pairs (default 81)")
     parser.add_argument(
         "--no-instructions", action="store_true", help="skip the callgrind instruction count"
     )

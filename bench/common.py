@@ -66,7 +66,7 @@ FULL = Plan(
     rss_warmup=500,
     rss_cycles=10_000,
     count_connections=10,
-    cold_start_rounds=41,
+    cold_start_rounds=81,
     negotiation_rounds=41,
     negotiation_iters=2,
 )

@@ -17,7 +17,7 @@ class SecurePgBackendConfig(AppConfig):
         # Tagged "security" (not "database"): these run offline on every `check`.
         checks.register(_check_databases, checks.Tags.security)
         # Prometheus metrics when prometheus_client is installed (extra [metrics]).
-        metrics.install(verified_aliases())
+        metrics.install(verified_aliases)
 
 
 def _check_databases(

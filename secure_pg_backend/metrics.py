@@ -71,10 +71,12 @@ def _on_refused(sender: object, alias: str, **_: Any) -> None:
     _metrics["connections"].labels(alias=alias, outcome="refused").inc()
 
 
-def install(aliases: Iterable[str] = (), registry: Any = None) -> bool:
+def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) -> bool:
     """Create the metrics and connect the receivers (once); False without prometheus_client.
 
-    ``aliases`` get their counters at 0 up front, so ``rate()`` works from the first scrape.
+    The ``aliases()`` get their counters at 0 up front, so ``rate()`` works from the first
+    scrape. A callable: finding them builds every alias's wrapper, which a process without
+    prometheus_client should not pay for at start-up.
     """
     try:
         import prometheus_client
@@ -105,7 +107,7 @@ def install(aliases: Iterable[str] = (), registry: Any = None) -> bool:
             )
             signals.connection_verified.connect(_on_verified, weak=False, dispatch_uid=__name__)
             signals.connection_refused.connect(_on_refused, weak=False, dispatch_uid=__name__)
-    for alias in aliases:
+    for alias in aliases():
         for outcome in ("verified", "refused"):
             _metrics["connections"].labels(alias=alias, outcome=outcome)
     return True

@@ -182,7 +182,7 @@ def test_a_new_cipher_replaces_the_old_tls_info_series() -> None:
 
 def test_install_is_idempotent_and_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     # The app's ready() installed them; again adds nothing (a duplicate would raise).
-    assert metrics.install(["ops_new"]) is True
+    assert metrics.install(lambda: ["ops_new"]) is True
     labels = {"alias": "ops_new", "outcome": "refused"}
     assert REGISTRY.get_sample_value("secure_pg_backend_connections_total", labels) == 0
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
