@@ -19,10 +19,11 @@ from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
 
-class Verdict:
-    """The gate's answer: the parameters for psycopg.connect, or the violations."""
+class Verdict(policy.Evaluation):
+    """The gate's answer: the policy's evaluation, plus the parameters for psycopg.connect
+    when the connection is allowed."""
 
-    __slots__ = ("alias", "decision", "host", "params", "violations")
+    __slots__ = ("params",)
 
     def __init__(
         self,
@@ -30,12 +31,9 @@ class Verdict:
         host: str | None,
         violations: tuple[Violation, ...] = (),
         decision: Decision | None = None,
-        params: Mapping[str, Any] | None = None,  # for psycopg.connect, when allowed
+        params: Mapping[str, Any] | None = None,
     ) -> None:
-        self.alias = alias
-        self.host = host
-        self.violations = violations
-        self.decision = decision
+        super().__init__(alias, host, violations, decision)
         self.params = params
 
     def raise_if_refused(self, password: object = None) -> None:
