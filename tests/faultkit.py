@@ -558,7 +558,7 @@ def side_by_side(
                 body,
                 threads=threads,
                 retries=retries,
-                count_on=(lambda: count_on(engine)) if count_on else None,
+                count_on=(lambda e=engine: count_on(e)) if count_on else None,
             )
     finally:
         retries.close()
@@ -685,12 +685,17 @@ class StandbyPostgres(TLSPostgres):
         assert primary is not None and self.pg_bin is not None
         self.socket_dir.mkdir()
         _chown_tree(self.base, _pg_owner())
-        conninfo = (
-            f"host={primary.socket_dir} port={primary.port} user={SUPERUSER} "
-            f"password={SUPERUSER_PASSWORD}"
-        )
+        # The password goes in the environment, not on a command line anyone can read in ps;
+        # -R writes it into the standby's primary_conninfo. A fast checkpoint: the default
+        # (spread) would wait for most of checkpoint_timeout.
         _run_as_owner(
-            [str(self.pg_bin / "pg_basebackup"), "-D", str(self.data), "-R", "-d", conninfo]
+            [
+                str(self.pg_bin / "pg_basebackup"),
+                *("-D", str(self.data), "-R", "-c", "fast"),
+                *("-h", str(primary.socket_dir), "-p", str(primary.port), "-U", SUPERUSER),
+            ],
+            env={**os.environ, "PGPASSWORD": SUPERUSER_PASSWORD},
+            timeout=60,
         )
         self.data.chmod(0o700)
         self._write_tls_files()

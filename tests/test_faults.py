@@ -141,7 +141,7 @@ def test_fault_proxy_modes_give_libpq_the_real_errors(good_server: TLSPostgres) 
     with FaultProxy(good_server.port) as proxy:
         kept = connect(proxy.port)
         proxy.set_mode("cut")
-        with pytest.raises(psycopg.OperationalError, match="(?i)eof|ssl syscall"):
+        with pytest.raises(psycopg.OperationalError, match=r"(?i)eof|ssl syscall"):
             connect(proxy.port)
         proxy.set_mode("drop")
         with pytest.raises(psycopg.OperationalError, match="closed the connection"):
@@ -589,7 +589,11 @@ def test_failover_to_promoted_replica(
     }  # type: ignore[attr-defined]
     # Every session either server granted and that became a connection was verified by ours.
     assert len(on[ours.primary.port]) == len(app_sessions(ours.primary))
-    assert len(on[ours.standby.port]) == len(sessions_after_promotion(ours.standby))
+    # On the standby, the sessions it granted while still read-only were hung up by libpq's
+    # read-write check (no connection, no record); the log line that marks the promotion comes
+    # a moment after the first read-write sessions, hence bounds rather than an equality.
+    promoted, granted = sessions_after_promotion(ours.standby), app_sessions(ours.standby)
+    assert len(promoted) <= len(on[ours.standby.port]) <= len(granted)
 
 
 class ReplicaRouter:
@@ -608,7 +612,7 @@ class ReplicaRouter:
 def test_read_replica_alias_is_under_the_same_policy(
     ca: TestCA, pairs: Callable[[], Pair], aliases: Callable[..., None]
 ) -> None:
-    pair = pairs()
+    pair, stranger = pairs(), TestCA()
     replica = pair.standby.database_settings(options={"target_session_attrs": "any"})
     aliases(
         fk_primary=pair.primary.database_settings(),
@@ -616,7 +620,7 @@ def test_read_replica_alias_is_under_the_same_policy(
         fk_weak_mode={**replica, "OPTIONS": {**replica["OPTIONS"], "sslmode": "require"}},
         fk_weak_ca={
             **replica,
-            "OPTIONS": {**replica["OPTIONS"], "sslrootcert": str(TestCA().cert_path)},
+            "OPTIONS": {**replica["OPTIONS"], "sslrootcert": str(stranger.cert_path)},
         },
     )
     with connections["fk_primary"].schema_editor() as editor:
