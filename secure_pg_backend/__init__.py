@@ -16,13 +16,14 @@ from .compat import require_libpq, require_psycopg
 require_psycopg()
 require_libpq()
 
-from .errors import InsecureConnectionError, SecurePolicyError  # noqa: E402
+from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError  # noqa: E402
 
 if TYPE_CHECKING:
     from .tlsinfo import PeerCertificate, TLSInfo
 
 __version__ = "0.1.0"
 __all__ = [
+    "ConnectionFileError",
     "InsecureConnectionError",
     "PeerCertificate",
     "SecurePolicyError",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -12,9 +12,14 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
+from . import credentials, faults, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
 from .client import DatabaseClient
-from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
+from .errors import (
+    ConnectionFileError,
+    InsecureConnectionError,
+    SecurePolicyError,
+    link_message,
+)
 from .validation import DatabaseValidation
 
 if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothing skips it
@@ -97,9 +102,15 @@ class VerifiedTLSMixin(_WrapperBase):
     def get_connection_params(self) -> dict[str, Any]:
         verdict = self.policy_verdict()
         if verdict.decision is None or verdict.params is None:
-            error = SecurePolicyError(
-                self.alias, verdict.host, verdict.violations, self.settings_dict.get("PASSWORD")
-            )
+            error: Exception
+            if verdict.violations:  # the configuration: found without I/O
+                error = SecurePolicyError(
+                    self.alias, verdict.host, verdict.violations, self.settings_dict.get("PASSWORD")
+                )
+            else:  # a named service's file, looked at before libpq reads it
+                error = ConnectionFileError.from_violations(
+                    self.alias, verdict.host, verdict.file_violations
+                )
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
         self._decision = verdict.decision
@@ -126,7 +137,11 @@ class VerifiedTLSMixin(_WrapperBase):
             self.settings_dict = original
 
     def _settings_key(self) -> tuple[Any, ...] | None:
-        """Inputs of the verdict, or None when it depends on a file's contents (a service)."""
+        """Inputs of the verdict, or None when it depends on a file's contents (a service).
+
+        The verdict is about configuration only: whether the files libpq opens are usable
+        is checked again before every physical connection (``_check_files``).
+        """
         options = self.settings_dict.get("OPTIONS") or {}
         if "service" in options or "PGSERVICE" in os.environ:
             return None
@@ -136,20 +151,52 @@ class VerifiedTLSMixin(_WrapperBase):
 
     # -- the connection, checked after the handshake ---------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        if self.pool is None:  # a pool asks the provider itself, per connection (see pool)
-            conn_params = credentials.with_password(self.alias, self.settings_dict, conn_params)
-        try:
+        if self.pool is not None:  # the pool opens, retries and verifies (see pool)
             connection = super().get_new_connection(conn_params)
-        except self.Database.OperationalError as exc:
-            refusal = self._explain(exc)
-            if refusal is None:
-                raise
-            signals.connection_refused.send(type(self), alias=self.alias, error=refusal)
-            raise refusal from exc
-        if self.pool is None:  # pooled connections were verified in the pool's configure
+        else:
+            try:
+                connection = self._retrying(lambda: self._open(conn_params), conn_params)
+            except Exception as exc:
+                refusal = self._explain(exc)
+                if refusal is None:
+                    raise  # transient or not ours: exactly what stock raises
+                signals.connection_refused.send(type(self), alias=self.alias, error=refusal)
+                if refusal is exc:
+                    raise
+                raise refusal from exc
             self._verify(connection)
         lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
         return connection
+
+    def _open(self, conn_params: dict[str, Any]) -> Any:
+        """One attempt: the files checked now, a fresh password, libpq's handshake."""
+        self._check_files()
+        params = credentials.with_password(self.alias, self.settings_dict, conn_params)
+        return super().get_new_connection(params)
+
+    def _retrying(self, connect: Callable[[], Any], conn_params: Mapping[str, Any]) -> Any:
+        """``connect`` with transient failures retried within OPTIONS['connect_retry']."""
+        options = self.settings_dict.get("OPTIONS") or {}
+        return faults.retrying(
+            connect,
+            alias=self.alias,
+            budget=faults.retry_budget(options, conn_params.get("connect_timeout")),
+            sender=type(self),
+            password=self.settings_dict.get("PASSWORD"),
+        )
+
+    def _check_files(self) -> None:
+        """The files libpq will open, as they are now (``stat`` only, a few microseconds)."""
+        decision = self._decision
+        if decision is None:  # pragma: no cover - get_connection_params always runs first
+            raise ImproperlyConfigured("connection opened without the policy's decision")
+        problems = policy.file_problems(decision.files)
+        if problems:
+            raise ConnectionFileError.from_violations(
+                self.alias,
+                decision.host_display,
+                [policy.file_violation(need, problem) for need, problem in problems],
+            )
 
     def _configure_connection(self, connection: Any) -> bool:
         # Django's pool calls this for every physical connection it opens.
@@ -184,7 +231,7 @@ class VerifiedTLSMixin(_WrapperBase):
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return explain_libpq_error(exc, self.alias, host, self.settings_dict.get("PASSWORD"))
+        return faults.explain(exc, self.alias, host, self.settings_dict.get("PASSWORD"))
 
     @property
     def tls_info(self) -> TLSInfo:
@@ -225,6 +272,8 @@ class VerifiedTLSMixin(_WrapperBase):
                 open=False,
                 configure=self._configure_connection,
                 explain=self._explain,
+                prepare=self._check_files,
+                retry=lambda connect: self._retrying(connect, connect_kwargs),
                 **pool_options,
             )
             self._connection_pools.setdefault(self.alias, pool)

@@ -32,7 +32,7 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
             continue
         if not isinstance(wrapper, VerifiedTLSMixin):
             continue
-        verdict = wrapper.policy_verdict()
+        verdict = wrapper.policy_verdict().now()  # the files libpq opens, as they are now
         where = location(alias, verdict.host)
         password = wrapper.settings_dict.get("PASSWORD")
         for violation in verdict.violations:

@@ -72,83 +72,56 @@ class InsecureConnectionError(OperationalError):
     of Django's ``OperationalError`` so existing error handling keeps working.
     """
 
-    def __init__(self, message: str, *, alias: str = "", host: str | None = None) -> None:
+    #: What kind of refusal (``faults.Cause.name``: "untrusted", "hostname", "file", ...).
+    cause = "policy"
+
+    def __init__(
+        self, message: str, *, alias: str = "", host: str | None = None, cause: str | None = None
+    ) -> None:
         super().__init__(message)
         self.alias = alias
         self.host = host
+        if cause is not None:
+            self.cause = cause
 
     def copy(self) -> InsecureConnectionError:
         """A fresh instance, so one refusal can be raised in several threads."""
-        return type(self)(str(self), alias=self.alias, host=self.host)
+        return type(self)(str(self), alias=self.alias, host=self.host, cause=self.cause)
+
+
+class ConnectionFileError(InsecureConnectionError):
+    """A file libpq needs for this connection is missing or unusable *now* (E005, E006, E016).
+
+    Found at connection time, so an ``OperationalError`` like every other connection-time
+    failure; nothing is cached: the next physical connection looks at the files again.
+    """
+
+    cause = "file"
+
+    violations: tuple[Violation, ...] = ()
+
+    @classmethod
+    def from_violations(
+        cls, alias: str, host: str | None, violations: Sequence[Violation]
+    ) -> ConnectionFileError:
+        lines = [v.render(alias, host) for v in violations]
+        head = "secure_pg_backend could not open a connection"
+        message = (
+            f"{head}: {lines[0]}"
+            if len(lines) == 1
+            else head + ":\n" + "\n".join(f"  - {line}" for line in lines)
+        )
+        error = cls(message, alias=alias, host=host)
+        error.violations = tuple(violations)
+        return error
+
+    def copy(self) -> ConnectionFileError:
+        error = super().copy()
+        assert isinstance(error, ConnectionFileError)
+        error.violations = self.violations
+        return error
 
 
 def link_message(alias: str, host: str | None, problem: str, fix: str) -> str:
     where = location(alias, host)
     return f"secure_pg_backend refused the connection for {where}: {problem} Fix: {fix}"
-
-
-# libpq's wording (stable across libpq 12-18) -> what it means and how to fix it.
-_LIBPQ_TLS_ERRORS = (
-    (
-        "does not match host name",
-        "the server's certificate is not valid for the host name connected to "
-        "(a machine-in-the-middle, or the wrong name in HOST).",
-        "set HOST to a name listed on the certificate; to reach it by IP, keep the "
-        "name in HOST and put the IP in OPTIONS['hostaddr'].",
-    ),
-    (
-        "certificate verify failed",
-        "the server's certificate is not signed by a CA in the root certificate file "
-        "(or is expired or not yet valid).",
-        "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's "
-        "certificate (see docs/cloud-providers.md), or renew it if expired.",
-    ),
-    (
-        "server does not support SSL",
-        "the server does not offer TLS.",
-        "enable ssl on the server (ssl = on with a certificate); this backend never "
-        "falls back to plaintext.",
-    ),
-    (
-        "root certificate file",
-        "libpq could not use the root certificate file.",
-        "point OPTIONS['sslrootcert'] at a readable PEM CA bundle.",
-    ),
-    (
-        # libpq 17+, sslnegotiation=direct: "...established without ALPN protocol negotiation
-        # extension" or "...with unexpected ALPN protocol"
-        "ALPN",
-        "direct TLS negotiation did not select ALPN 'postgresql': the peer is not known "
-        "to be a PostgreSQL server (cross-protocol attacks).",
-        "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
-        "or remove OPTIONS['sslnegotiation'].",
-    ),
-    (
-        "ssl error",
-        "the TLS handshake failed.",
-        "check the server's TLS configuration (protocol versions and ciphers) "
-        "against this backend's minimum; with OPTIONS['sslnegotiation'] = 'direct' the "
-        "server must be PostgreSQL 17 or newer.",
-    ),
-    (
-        "ssl syscall error",
-        "the TLS connection broke during the handshake.",
-        "check that the port is a PostgreSQL server (or PgBouncer) with TLS enabled.",
-    ),
-)
-
-
-def explain_libpq_error(
-    exc: BaseException, alias: str, host: str | None, password: object = None
-) -> InsecureConnectionError | None:
-    """Turn a libpq TLS failure into an error that names alias, host and the fix."""
-    if isinstance(exc, InsecureConnectionError):
-        return exc
-    text = str(exc)
-    lowered = text.lower()
-    for needle, problem, fix in _LIBPQ_TLS_ERRORS:
-        if needle.lower() in lowered:
-            detail = " ".join(text.split())
-            message = link_message(alias, host, f"{problem} libpq said: {detail}.", fix)
-            return InsecureConnectionError(redact(message, password), alias=alias, host=host)
-    return None

@@ -21,9 +21,15 @@ from .policy import Decision
 
 class Verdict(policy.Evaluation):
     """The gate's answer: the policy's evaluation, plus the parameters for psycopg.connect
-    when the connection is allowed."""
+    when the connection is allowed.
 
-    __slots__ = ("params",)
+    ``violations`` are about the configuration and may be cached with it. The state of the
+    files libpq opens is not part of it: ``file_violations`` holds what the gate found
+    before resolving a service (service files), and ``check_files`` looks again, at every
+    physical connection.
+    """
+
+    __slots__ = ("file_violations", "params")
 
     def __init__(
         self,
@@ -32,13 +38,29 @@ class Verdict(policy.Evaluation):
         violations: tuple[Violation, ...] = (),
         decision: Decision | None = None,
         params: Mapping[str, Any] | None = None,
+        file_violations: tuple[Violation, ...] = (),
+        files: tuple[policy.FileNeed, ...] = (),
     ) -> None:
-        super().__init__(alias, host, violations, decision)
+        super().__init__(alias, host, violations, decision, files)
         self.params = params
+        self.file_violations = file_violations
+
+    def check_files(self) -> tuple[Violation, ...]:
+        """The file rules, now: ``stat`` only, never cached."""
+        return self.file_violations or policy.check_files(self.files)
+
+    def now(self) -> Verdict:
+        """This verdict with the files' current state: what the checks and dbshell report."""
+        files = self.check_files()
+        if not files:
+            return self
+        return Verdict(self.alias, self.host, self.violations + files)
 
     def raise_if_refused(self, password: object = None) -> None:
-        if self.decision is None:
-            raise SecurePolicyError(self.alias, self.host, self.violations, password=password)
+        """Offline callers (dbshell): refuse on the configuration and the files alike."""
+        verdict = self.now()
+        if verdict.decision is None:
+            raise SecurePolicyError(self.alias, self.host, verdict.violations, password=password)
 
 
 def _as_text(value: Any) -> str:
@@ -79,6 +101,12 @@ def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str
         return Verdict(alias, settings_dict.get("HOST") or None, tuple(screened))
     keywords = libpq.keywords()
     explicit = {k: _as_text(v) for k, v in conn_params.items() if k in keywords and v is not None}
+    # libpq reads a named service's files while resolving, holding the GIL: a FIFO there
+    # would freeze the process, so they are looked at first (and never cached, see base).
+    service = explicit.get("service") or os.environ.get("PGSERVICE")
+    blocked = policy.check_files(policy.service_file_needs(service, os.environ))
+    if blocked:
+        return Verdict(alias, settings_dict.get("HOST") or None, file_violations=blocked)
     resolution = libpq.resolve(explicit)
     if resolution.error and not resolution.values:  # nothing resolved: libpq's reason only
         return Verdict(
@@ -90,7 +118,7 @@ def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str
     if resolution.error and not violations:
         violations = (_libpq_refused(resolution.error),)
     if violations or evaluation.decision is None:
-        return Verdict(alias, evaluation.host, violations)
+        return Verdict(alias, evaluation.host, violations, files=evaluation.files)
     decision = evaluation.decision
     final = policy.final_parameters(decision, request, libpq.compiled_defaults())
     assembled = policy.e009_assembled(decision, libpq.parse(libpq.conninfo(final)))

@@ -7,8 +7,10 @@ already export::
     secure_pg_backend_connections_total{alias,outcome}      outcome: verified | refused
     secure_pg_backend_server_certificate_expiry_timestamp_seconds{alias,host}
     secure_pg_backend_tls_info{alias,protocol,cipher}       1 for what was last negotiated
+    secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried
 
-Driven by the ``connection_verified`` and ``connection_refused`` signals.
+Driven by the ``connection_verified``, ``connection_refused`` and ``connection_retried``
+signals.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _on_refused(sender: object, alias: str, **_: Any) -> None:
     _metrics["connections"].labels(alias=alias, outcome="refused").inc()
 
 
+def _on_retried(sender: object, alias: str, cause: str, **_: Any) -> None:
+    _metrics["retries"].labels(alias=alias, cause=cause).inc()
+
+
 def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) -> bool:
     """Create the metrics and connect the receivers (once); False without prometheus_client.
 
@@ -105,7 +111,14 @@ def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) 
                 multiprocess_mode="max",
                 **kwargs,
             )
+            _metrics["retries"] = prometheus_client.Counter(
+                "secure_pg_backend_connection_retries",
+                "Connection attempts that failed for a transient cause and were retried.",
+                ["alias", "cause"],
+                **kwargs,
+            )
             signals.connection_verified.connect(_on_verified, weak=False, dispatch_uid=__name__)
+            signals.connection_retried.connect(_on_retried, weak=False, dispatch_uid=__name__)
             signals.connection_refused.connect(_on_refused, weak=False, dispatch_uid=__name__)
     for alias in aliases():
         for outcome in ("verified", "refused"):

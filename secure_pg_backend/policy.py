@@ -6,7 +6,8 @@ file, environment, defaults; see ``libpq.resolve``). Each rule is one small func
 named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``), so a rule,
 its message and its tests share one name. The same rules serve the connection gate,
 the system checks and ``dbshell``; ``check_link`` holds the post-handshake rules.
-The only I/O is ``stat`` on the root certificate file.
+The only I/O is ``stat``: on the files libpq will open (``check_files``, before every
+physical connection, never cached) and, for ``sslrootcert='system'``, on the store's candidates.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ GSSENCMODE = "disable"
 DEFAULT_MIN_PROTOCOL = "TLSv1.2"
 PROTOCOL_RANK = {"TLSv1": 10, "TLSv1.1": 11, "TLSv1.2": 12, "TLSv1.3": 13}
 ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+DEFAULT_CONNECT_TIMEOUT = "10"  # seconds, when neither the settings nor PGCONNECT_TIMEOUT say
 
 # OPTIONS keys this backend reads itself; libpq never sees them.
 ALLOW_UNIX_SOCKET = "allow_unix_socket"
 ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
 PASSWORD_PROVIDER = "password_provider"
-BACKEND_OPTIONS = frozenset({ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER})
+CONNECT_RETRY = "connect_retry"  # seconds of retries for transient connect failures (faults)
+BACKEND_OPTIONS = frozenset(
+    {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER, CONNECT_RETRY}
+)
 OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS)
 
 KEYLOG = "sslkeylogfile"
@@ -118,6 +123,7 @@ class Decision:
         "alias",
         "allow_legacy_ciphers",
         "allow_unix_socket",
+        "files",
         "hosts",
         "keylog_keyword",
         "min_protocol",
@@ -135,6 +141,7 @@ class Decision:
         allow_unix_socket: bool = False,
         allow_legacy_ciphers: bool = False,
         keylog_keyword: bool = False,  # this libpq knows sslkeylogfile: send it empty
+        files: tuple[FileNeed, ...] = (),  # checked before each physical connection
     ) -> None:
         self.alias = alias
         self.hosts = hosts
@@ -144,6 +151,7 @@ class Decision:
         self.allow_unix_socket = allow_unix_socket
         self.allow_legacy_ciphers = allow_legacy_ciphers
         self.keylog_keyword = keylog_keyword
+        self.files = files
 
     @property
     def forced(self) -> dict[str, str]:
@@ -164,9 +172,12 @@ class Decision:
 
 
 class Evaluation:
-    """Result of ``evaluate``: a decision when no rule is broken, else violations."""
+    """Result of ``evaluate``: a decision when no rule is broken, else violations.
 
-    __slots__ = ("alias", "decision", "host", "violations")
+    ``files``: what libpq would open, for the file rules (checked when used, not here).
+    """
+
+    __slots__ = ("alias", "decision", "files", "host", "violations")
 
     def __init__(
         self,
@@ -174,11 +185,13 @@ class Evaluation:
         host: str | None,
         violations: tuple[Violation, ...] = (),
         decision: Decision | None = None,
+        files: tuple[FileNeed, ...] = (),
     ) -> None:
         self.alias = alias
         self.host = host
         self.violations = violations
         self.decision = decision
+        self.files = decision.files if decision is not None else files
 
 
 def is_socket_host(host: str) -> bool:
@@ -284,6 +297,19 @@ def e008_opt_ins(req: Request) -> Violation | None:
     return None
 
 
+def e017_connect_retry(req: Request) -> Violation | None:
+    value = req.options.get(CONNECT_RETRY, 0)
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 3600:
+        return None
+    return Violation(
+        "E017",
+        f"{option_name(CONNECT_RETRY)} is {value!r}; it is the number of seconds to keep "
+        "retrying a connection that failed for a transient reason (a restart, a failover).",
+        f"set {option_name(CONNECT_RETRY)} to a number of seconds from 0 (no retries) to "
+        "3600, or remove it (default 5).",
+    )
+
+
 # -- rules on where libpq will connect ------------------------------------------------------
 def _entries(req: Request) -> list[tuple[str, str]]:
     """(host name, address) for every host entry libpq will try, by libpq's pairing."""
@@ -351,6 +377,12 @@ def e004_socket(req: Request) -> Violation | None:
 
 
 # -- the root of trust ----------------------------------------------------------------------
+# Which file is the root of trust is configuration, judged once per settings; whether that
+# file is usable right now is not, and is checked before every physical connection
+# (``check_files``): a CA bundle being replaced must not strand a thread or a pool.
+DEFAULT_ROOT_SOURCE = "~/.postgresql/root.crt"
+
+
 class RootOfTrust:
     __slots__ = ("path", "source", "violation")
 
@@ -360,49 +392,26 @@ class RootOfTrust:
         self.violation = violation
 
 
-def _default_root(req: Request) -> str:
-    home = req.environ.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, ".postgresql", "root.crt")
+def home_directory(environ: Mapping[str, str]) -> str:
+    """libpq's home directory: HOME, else the password database's."""
+    return environ.get("HOME") or os.path.expanduser("~")
 
 
-def _file_problem(path: str) -> str | None:
-    """Why ``path`` is not a usable certificate file, checked with ``stat`` only.
+def _in_dot_postgresql(environ: Mapping[str, str], name: str) -> str:
+    return os.path.join(home_directory(environ), ".postgresql", name)
 
-    Never ``open``: a FIFO or a device would block or have side effects.
-    """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be examined ({exc.strerror})"
-    if stat.S_ISDIR(info.st_mode):
-        return "is a directory, not a certificate file"
-    if not stat.S_ISREG(info.st_mode):
-        return "is not a regular file (a FIFO, socket or device)"
-    if not os.access(path, os.R_OK):
-        return "cannot be read (permission denied)"
-    return None
+
+_ROOT_FIX = (
+    "set OPTIONS['sslrootcert'] to a readable file with your provider's CA bundle (PEM), "
+    "or to 'system' for a server with a publicly trusted certificate."
+)
 
 
 def root_of_trust(req: Request) -> RootOfTrust:
     """The CA file libpq will trust: explicit, service, PGSSLROOTCERT, then ~/.postgresql."""
     value = req.resolved.get("sslrootcert")
-    fix = (
-        "set OPTIONS['sslrootcert'] to a readable file with your provider's CA bundle (PEM), "
-        "or to 'system' for a server with a publicly trusted certificate."
-    )
-    problem: str | None
     if value is None:
-        default = _default_root(req)
-        if _file_problem(default) is None:
-            return RootOfTrust(default, "~/.postgresql/root.crt")
-        problem = (
-            f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
-            f"a service entry's sslrootcert, and {default} is not a readable file, so the "
-            "server's certificate cannot be verified."
-        )
-        return RootOfTrust("", "", Violation("E005", problem, fix))
+        return RootOfTrust(_in_dot_postgresql(req.environ, "root.crt"), DEFAULT_ROOT_SOURCE)
     origin = req.origin("sslrootcert")
     if value == "system":
         from .truststore import SystemTrustStoreError, system_trust_file  # only for "system"
@@ -414,17 +423,159 @@ def root_of_trust(req: Request) -> RootOfTrust:
                 "", "", Violation("E006", f"{origin} is 'system', but {exc}", exc.fix)
             )
         return RootOfTrust(path, f"system ({where})")
-    path = os.path.expanduser(value)
-    problem = _file_problem(path) if value.strip() else "is empty"
-    if problem is not None:
+    if not value.strip():
         return RootOfTrust(
-            "", "", Violation("E006", f"{origin} is {value!r}, which {problem}.", fix)
+            "", "", Violation("E006", f"{origin} is {value!r}, which is empty.", _ROOT_FIX)
         )
-    return RootOfTrust(path, origin)
+    return RootOfTrust(os.path.expanduser(value), origin)
 
 
-def e005_e006_root_cert(req: Request) -> Violation | None:
+def e006_root_cert(req: Request) -> Violation | None:
     return root_of_trust(req).violation
+
+
+# -- the files libpq opens, checked before each physical connection ---------------------------
+REGULAR, DIRECTORY = "file", "directory"
+MISSING = "does not exist"
+
+
+class FileNeed:
+    """A file libpq opens for a connection: where it is, who set it, what it must be.
+
+    ``required``: a missing file is refused (the root of trust); libpq skips the others
+    when they do not exist. Anything present of the wrong type (a FIFO would block libpq
+    while it holds the GIL, a directory fails obscurely) is refused by name.
+    """
+
+    __slots__ = ("code", "kind", "origin", "path", "required")
+
+    def __init__(
+        self, code: str, origin: str, path: str, kind: str = REGULAR, required: bool = False
+    ) -> None:
+        self.code = code
+        self.origin = origin
+        self.path = path
+        self.kind = kind
+        self.required = required
+
+
+def file_problem(path: str, kind: str = REGULAR) -> str | None:
+    """Why ``path`` is not a usable file (or directory), checked with ``stat`` only.
+
+    Never ``open``: a FIFO or a device would block or have side effects.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return MISSING
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if kind == DIRECTORY:
+        if not stat.S_ISDIR(info.st_mode):
+            return "is not a directory"
+    elif stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    elif not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def _file_need(
+    req: Request, keyword: str, default: str | None, kind: str = REGULAR
+) -> FileNeed | None:
+    value = req.resolved.get(keyword)
+    if value:
+        return FileNeed("E016", req.origin(keyword), os.path.expanduser(value), kind)
+    if default is None:
+        return None
+    return FileNeed("E016", f"libpq's default {keyword} ({default})", default, kind)
+
+
+def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
+    """Every file libpq may open for this connection (root, client cert and key, CRLs, passfile)."""
+    if root.source == DEFAULT_ROOT_SOURCE:
+        needs = [FileNeed("E005", DEFAULT_ROOT_SOURCE, root.path, required=True)]
+    elif root.source.startswith("system"):
+        needs = [
+            FileNeed("E006", f"the system trust store ({root.source})", root.path, required=True)
+        ]
+    else:
+        needs = [FileNeed("E006", req.origin("sslrootcert"), root.path, required=True)]
+    env = req.environ
+    client_cert = req.resolved.get("sslcertmode") != "disable"
+    candidates = [
+        _file_need(req, "sslcert", _in_dot_postgresql(env, "postgresql.crt"))
+        if client_cert
+        else None,
+        _file_need(req, "sslkey", _in_dot_postgresql(env, "postgresql.key"))
+        if client_cert
+        else None,
+        _file_need(req, "sslcrl", _in_dot_postgresql(env, "root.crl")),
+        _file_need(req, "sslcrldir", None, DIRECTORY),
+        _file_need(req, "passfile", os.path.join(home_directory(env), ".pgpass")),
+    ]
+    return tuple(needs + [need for need in candidates if need is not None])
+
+
+def service_file_needs(service: str | None, environ: Mapping[str, str]) -> tuple[FileNeed, ...]:
+    """The service files libpq reads while resolving a named service (before any rule)."""
+    if not service:
+        return ()
+    user_file = environ.get("PGSERVICEFILE")
+    needs = [
+        FileNeed("E016", "PGSERVICEFILE", user_file)
+        if user_file
+        else FileNeed(
+            "E016",
+            "libpq's default service file",
+            os.path.join(home_directory(environ), ".pg_service.conf"),
+        )
+    ]
+    sysconf = environ.get("PGSYSCONFDIR")
+    if sysconf:
+        needs.append(
+            FileNeed(
+                "E016", "PGSYSCONFDIR's pg_service.conf", os.path.join(sysconf, "pg_service.conf")
+            )
+        )
+    return tuple(needs)
+
+
+def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
+    """What is wrong with the files now: ``stat`` only, so cheap enough for every connection."""
+    found = []
+    for need in needs:
+        problem = file_problem(need.path, need.kind)
+        if problem is not None and (need.required or problem != MISSING):
+            found.append((need, problem))
+    return found
+
+
+def check_files(needs: tuple[FileNeed, ...]) -> tuple[Violation, ...]:
+    """The file rules (E005, E006, E016) as violations, for the checks and dbshell."""
+    return tuple(file_violation(need, problem) for need, problem in file_problems(needs))
+
+
+def file_violation(need: FileNeed, problem: str) -> Violation:
+    if need.code == "E005":
+        return Violation(
+            "E005",
+            f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
+            f"a service entry's sslrootcert, and {need.path} is not a readable file, so the "
+            "server's certificate cannot be verified.",
+            _ROOT_FIX,
+        )
+    if need.code == "E006":
+        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", _ROOT_FIX)
+    wanted = "a directory" if need.kind == DIRECTORY else "a regular file"
+    return Violation(
+        "E016",
+        f"{need.origin} is {need.path!r}, which {problem}; libpq opens it for every "
+        "connection and would block or fail on anything but " + wanted + ".",
+        f"point {need.origin} at {wanted} (or remove what is at {need.path}).",
+    )
 
 
 RULES: tuple[Callable[[Request], Violation | None], ...] = (
@@ -433,9 +584,10 @@ RULES: tuple[Callable[[Request], Violation | None], ...] = (
     e003_protocol,
     e012_host_lists,
     e004_socket,
-    e005_e006_root_cert,
+    e006_root_cert,
     e007_weakening,
     e008_opt_ins,
+    e017_connect_retry,
 )
 
 
@@ -446,9 +598,10 @@ def host_display(req: Request) -> str | None:
 def evaluate(req: Request) -> Evaluation:
     """Apply every rule; a decision only when none is broken."""
     violations = tuple(v for rule in RULES if (v := rule(req)) is not None)
-    if violations:
-        return Evaluation(req.alias, host_display(req), violations, None)
     trust = root_of_trust(req)
+    files = file_needs(req, trust) if trust.violation is None else ()
+    if violations:
+        return Evaluation(req.alias, host_display(req), violations, None, files)
     decision = Decision(
         alias=req.alias,
         hosts=tuple(name for name, _ in _entries(req)),
@@ -458,6 +611,7 @@ def evaluate(req: Request) -> Evaluation:
         allow_unix_socket=req.options.get(ALLOW_UNIX_SOCKET) is True,
         allow_legacy_ciphers=req.options.get(ALLOW_LEGACY_CIPHERS) is True,
         keylog_keyword=KEYLOG in req.keywords,
+        files=files,
     )
     return Evaluation(req.alias, host_display(req), (), decision)
 
@@ -478,6 +632,9 @@ def final_parameters(
     }
     if "service" in req.explicit:
         params["service"] = req.explicit["service"]
+    # libpq waits for ever by default: an address that accepts TCP and never answers
+    # would hold a request (and a pool worker) for minutes. An explicit value, 0 too, wins.
+    params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     params.update(decision.forced)
     return params
 

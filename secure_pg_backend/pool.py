@@ -1,12 +1,15 @@
 """Django's psycopg pool, but a refused connection reaches the caller at once.
 
-psycopg_pool retries failed connections in the background and lets
-``getconn()`` wait; with a certificate problem every request then ends in a
-bare ``PoolTimeout`` after 30 s, hiding the reason. Here a refusal (TLS
-verification failed, or the post-handshake policy check) is handed to the
-waiting clients immediately, and later requests get it without waiting while
-no connection is available. Background retries continue, so fixing the server
-heals the pool without a restart.
+psycopg_pool retries failed connections in the background and lets ``getconn()`` wait;
+with a certificate problem every request then ends in a bare ``PoolTimeout`` after 30 s,
+hiding the reason. Here a *refusal* (``faults``: TLS verification failed, a file libpq
+needs is unusable, the post-handshake policy check) is handed to the waiting clients
+immediately. While refused and nothing is idle, the next request tries a new connection
+itself (one at a time; the others share its outcome), so the first attempt after the fix
+heals the pool. A *transient* failure (a restart, a reset, EOF) is retried within
+``OPTIONS['connect_retry']`` and otherwise left to psycopg_pool, exactly as stock: requests
+wait for the reconnect. Idle connections, verified when they were made, are served
+whatever the state of files only new connections need.
 
 Lifecycle (see ``lifecycle``): at interpreter exit no worker thread is left running Python
 code (this backend's check, its log line, ``connection_verified`` receivers) while the
@@ -40,10 +43,17 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         self,
         *args: Any,
         explain: Callable[[Exception], InsecureConnectionError | None],
+        prepare: Callable[[], None],
+        retry: Callable[[Callable[[], Connection[Any]]], Connection[Any]],
         **kwargs: Any,
     ) -> None:
         self._explain = explain
+        self._prepare = prepare  # per new connection: the files libpq opens (never cached)
+        self._retry = retry  # faults.retrying, with the alias's budget
         self._refusal: InsecureConnectionError | None = None
+        self._probe = threading.Condition()
+        self._probing = False
+        self._probes = 0  # finished probes, so waiters see that one ended
         self._pid = os.getpid()
         # Exit bookkeeping: attempts in progress (network or configure), configures running.
         self._state = threading.Condition()
@@ -66,31 +76,83 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
 
     def _connect_or_explain(self, timeout: float | None) -> Connection[Any]:
         try:
-            conn = super()._connect(timeout)
+            conn = self._retry(lambda: self._attempt(timeout))
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:
+                self._refusal = None  # whatever it is now, it is not a refusal: wait as stock
                 raise
             self._refusal = refusal
-            with self._lock:
-                waiting = list(self._waiting)
-                self._waiting.clear()
-            for client in waiting:
+            for client in self._take_waiting():
                 client.fail(refusal.copy())
+            if refusal is exc:
+                raise
             raise refusal from exc
         self._refusal = None
         return conn
 
+    def _attempt(self, timeout: float | None) -> Connection[Any]:
+        self._prepare()
+        return super()._connect(timeout)
+
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
-        refusal = self._refusal
-        if refusal is not None:
-            with self._lock:
-                idle = bool(self._pool)
-                if not idle:
-                    self._maybe_grow_pool()  # keep trying, so a fixed server heals us
-            if not idle:
-                raise refusal.copy()  # one instance per raising thread
+        if self._refusal is not None and not self._has_idle():
+            self._try_again(self.timeout if timeout is None else timeout)
         return super().getconn(timeout)
+
+    def _try_again(self, timeout: float) -> None:
+        """While refused with nothing idle: a new connection now, or the refusal at once.
+
+        One caller at a time makes the attempt; callers arriving meanwhile wait for its
+        outcome instead of opening their own. A success is added to the pool (so the
+        first attempt after a fix serves requests); a refusal is raised to every one of
+        them; anything else leaves them to wait for the pool, as stock.
+        """
+        with self._probe:
+            if self._probing:
+                seen = self._probes
+                self._probe.wait_for(lambda: self._probes != seen, timeout=timeout)
+                refusal = self._refusal
+                if refusal is not None:
+                    raise refusal.copy()  # one instance per raising thread
+                return
+            self._probing = True
+        conn = None
+        try:
+            conn = self._connect(timeout)
+        except InsecureConnectionError:
+            raise
+        except Exception:
+            pass  # transient: _connect_or_explain cleared the refusal; wait as stock does
+        finally:
+            with self._probe:
+                self._probing = False
+                self._probes += 1
+                self._probe.notify_all()
+        if conn is not None:
+            self._adopt(conn)
+
+    # -- psycopg_pool's internals: the only place they are used (tests/test_pool pins them) --
+    def _has_idle(self) -> bool:
+        with self._lock:
+            return bool(self._pool)
+
+    def _take_waiting(self) -> list[Any]:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        return waiting
+
+    def _adopt(self, conn: Connection[Any]) -> None:
+        """Count a connection made outside the pool's workers as the pool's own."""
+        with self._lock:
+            room = self._nconns < self._max_size
+            if room:
+                self._nconns += 1
+        if room:
+            self._add_to_pool(conn)  # to a waiting client, or idle
+        else:
+            conn.close()
 
     # -- lifecycle ------------------------------------------------------------------------
     def _configure_unless_exiting(self, configure: Callable[[Any], Any], conn: Any) -> Any:

@@ -9,6 +9,9 @@ so they must be quick and must not raise; exceptions are not caught for them.
   so a receiver that does not need it costs nothing).
 - ``connection_refused(sender, alias, error)``: the settings or the live link were
   refused (``SecurePolicyError`` or ``InsecureConnectionError``).
+- ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
+  connection failed for a transient cause (``faults``) and is tried again in ``delay``
+  seconds; ``message`` is libpq's, the password removed.
 
 ``sender`` is the wrapper class.
 """
@@ -19,3 +22,4 @@ from django.dispatch import Signal
 
 connection_verified = Signal()
 connection_refused = Signal()
+connection_retried = Signal()

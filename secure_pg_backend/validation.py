@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
-from .errors import InsecureConnectionError, SecurePolicyError, redact
+from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, redact
 from .logs import expiry_text
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class DatabaseValidation(BaseDatabaseValidation):
         where = f"DATABASES[{alias!r}]"
         try:
             info = self.connection.tls_info
-        except SecurePolicyError:
+        except (SecurePolicyError, ConnectionFileError):
             return issues  # the offline check already reported each broken rule
         except InsecureConnectionError as exc:
             message = f"Database alias {alias!r}: {self._redact(exc)}"

@@ -44,14 +44,19 @@ EXPIRED = {
     "not_before": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
     "not_after": dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
 }
-SETTINGS, TLS, OTHER = "settings refused", "TLS refused", "not a TLS problem"
+SETTINGS, FILE, TLS, OTHER = (
+    "settings refused",
+    "file unusable",
+    "TLS refused",
+    "not a TLS problem",
+)
 CASES = (
     Case("`sslmode` weaker than verify-full", SETTINGS, "good", _options(sslmode="require")),
     Case("GSSAPI encryption asked for", SETTINGS, "good", _options(gssencmode="prefer")),
     Case("TLS below 1.2 allowed", SETTINGS, "good", _options(ssl_min_protocol_version="TLSv1")),
     Case("A Unix-domain socket", SETTINGS, "good", _fields(HOST="/var/run/postgresql")),
-    Case("No root of trust", SETTINGS, "good", _no_root),
-    Case("Root certificate missing", SETTINGS, "good", _options(sslrootcert="/etc/missing.pem")),
+    Case("No root of trust", FILE, "good", _no_root),
+    Case("Root certificate missing", FILE, "good", _options(sslrootcert="/etc/missing.pem")),
     Case("TLS key log asked for", SETTINGS, "good", _options(sslkeylogfile="/tmp/keys.log")),
     Case("Unknown or misspelled key", SETTINGS, "good", _options(**{"sslmode ": "require"})),
     Case("A control character in a field", SETTINGS, "good", _fields(PORT="5432\x00")),
@@ -97,6 +102,7 @@ _VOLATILE = (
     (re.compile(r":\d{4,5}\b"), ":5432"),
     (re.compile(r"/tmp/spb-[^\s'\"]+"), "/path/to/ca.pem"),
     (re.compile(r"\d{4}-\d{2}-\d{2}"), "YYYY-MM-DD"),
+    (re.compile(r"/[^\s'\"]*/\.postgresql/"), "~/.postgresql/"),
 )
 
 
@@ -117,16 +123,23 @@ def rows(servers: dict[str, TLSPostgres], root_cert: str) -> Iterator[str]:
 HEADER = """# Errors and what they mean
 
 Every failure class, with the exact message a user gets (generated from real servers by
-`python -m tests.error_table`; ports, paths and dates normalised). Three causes:
+`python -m tests.error_table`; ports, paths and dates normalised). Four causes:
 
 - **settings refused**: `SecurePolicyError` (an `ImproperlyConfigured`) before any network
   I/O; `manage.py check` reports the same rule as `secure_pg_backend.E0xx`.
+- **file unusable**: `ConnectionFileError` (an `InsecureConnectionError`, so an
+  `OperationalError`): a file libpq would open (the root certificate, a client certificate,
+  key or CRL, the passfile) is missing or not a regular file *now*. Checked before every new
+  connection and never cached: the next connection after the file is back succeeds.
+  `manage.py check` reports it offline as `E005`, `E006` or `E016`.
 - **TLS refused**: `InsecureConnectionError` (a subclass of Django's `OperationalError`)
   after libpq or the post-handshake check refused the link; `manage.py check --database`
   reports it as `secure_pg_backend.E010`.
-- **not a TLS problem**: Django's ordinary `OperationalError` with libpq's words;
-  `manage.py check --database` reports it as `secure_pg_backend.E014`, `dbtls` as
-  `FAILED (could not connect)`.
+- **not a TLS problem**: Django's ordinary `OperationalError` with libpq's words, exactly
+  what the stock backend raises; `manage.py check --database` reports it as
+  `secure_pg_backend.E014`, `dbtls` as `FAILED (could not connect)`. When the cause is
+  transient (refused, reset, a restart, too many clients) the connection was first retried
+  within `OPTIONS['connect_retry']` ([Reliability](reliability.md)).
 
 The password never appears in any of them.
 

@@ -70,7 +70,7 @@ def test_each_rule_is_reported_with_its_id(
     assert error.obj == "DATABASES['weak']"
     assert error.hint and error.hint[0].isalpha()
     # The message is exactly the policy's own wording, not a second copy of the rule.
-    (violation,) = standalone_wrapper("weak", entry).policy_verdict().violations
+    (violation,) = standalone_wrapper("weak", entry).policy_verdict().now().violations
     assert violation.problem in error.msg
     assert error.hint == violation.fix
 

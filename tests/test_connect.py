@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.utils import OperationalError
 
-from secure_pg_backend import InsecureConnectionError, TLSInfo, libpq
+from secure_pg_backend import ConnectionFileError, InsecureConnectionError, TLSInfo, libpq
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
 from .conftest import TCPRecorder, assert_no_secret
@@ -156,8 +156,11 @@ def test_missing_root_certificate_is_refused(
     monkeypatch.delenv("PGSSLROOTCERT", raising=False)
     settings = good_server.database_settings()
     del settings["OPTIONS"]["sslrootcert"]
-    with pytest.raises(ImproperlyConfigured, match="sslrootcert"):
+    # Found at connection time (a file, not the settings): an OperationalError, like stock's.
+    with pytest.raises(ConnectionFileError, match="sslrootcert") as caught:
         make_wrapper(settings).ensure_connection()
+    assert isinstance(caught.value, OperationalError)
+    assert [v.code for v in caught.value.violations] == ["E005"]
 
 
 # -- the environment and service files cannot weaken anything --------------------------------------
@@ -369,5 +372,5 @@ def test_changed_environment_is_evaluated_again(
     assert wrapper.tls_info.root_cert_source == "PGSSLROOTCERT"
     wrapper.close()
     monkeypatch.delenv("PGSSLROOTCERT")
-    with pytest.raises(ImproperlyConfigured, match="sslrootcert"):
+    with pytest.raises(ConnectionFileError, match="sslrootcert"):
         wrapper.ensure_connection()

@@ -25,7 +25,7 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import SecurePolicyError, libpq
+from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 
 from .conftest import TCPRecorder, assert_no_secret
@@ -303,7 +303,7 @@ def test_fifo_root_certificate_is_refused_without_blocking(
 
     def connect() -> None:
         try:
-            wrapper.get_connection_params()
+            wrapper.ensure_connection()
         except BaseException as exc:
             outcome.append(exc)
 
@@ -311,7 +311,9 @@ def test_fifo_root_certificate_is_refused_without_blocking(
     thread.start()
     thread.join(10)
     assert not thread.is_alive(), "the policy blocked on the FIFO"
-    assert isinstance(outcome[0], SecurePolicyError) and "FIFO" in str(outcome[0])
+    # A file's state is checked at connection time: an OperationalError, naming the setting.
+    assert isinstance(outcome[0], ConnectionFileError) and "FIFO" in str(outcome[0])
+    assert "OPTIONS['sslrootcert']" in str(outcome[0])
 
 
 # -- 8. the post-handshake check and tls_info read libpq's facts ----------------------------

@@ -69,8 +69,9 @@ def entry(
 def judge(
     settings: dict[str, Any], environ: dict[str, str] | None = None, alias: str = "default"
 ) -> Verdict:
+    """The verdict with the files' current state, as the system checks report it."""
     with mock.patch.dict(os.environ, environ or {}):
-        return standalone_wrapper(alias, settings).policy_verdict()  # type: ignore[no-any-return]
+        return standalone_wrapper(alias, settings).policy_verdict().now()  # type: ignore[no-any-return]
 
 
 def enforce(
@@ -544,8 +545,9 @@ def test_matching_host_and_address_lists_pass() -> None:
 def test_root_certificate_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
     fifo = tmp_path / "ca.fifo"
     os.mkfifo(fifo)
-    violation = policy.e005_e006_root_cert(request(sslrootcert=str(fifo)))  # would block if opened
-    assert violation is not None and violation.code == "E006" and "FIFO" in violation.problem
+    req = request(sslrootcert=str(fifo))
+    (violation,) = policy.check_files(policy.file_needs(req, policy.root_of_trust(req)))
+    assert violation.code == "E006" and "FIFO" in violation.problem  # would block if opened
 
 
 # -- reusing a verdict -----------------------------------------------------------------------------
