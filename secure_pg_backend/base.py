@@ -151,19 +151,20 @@ class VerifiedTLSMixin(_WrapperBase):
 
     # -- the connection, checked after the handshake ---------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        if self.pool is not None:  # the pool opens, retries and verifies (see pool)
-            connection = super().get_new_connection(conn_params)
-        else:
-            try:
+        try:
+            if self.pool is not None:  # the pool opens, retries and verifies (see pool)
+                connection = super().get_new_connection(conn_params)
+            else:
                 connection = self._retrying(lambda: self._open(conn_params), conn_params)
-            except Exception as exc:
-                refusal = self._explain(exc)
-                if refusal is None:
-                    raise  # transient or not ours: exactly what stock raises
-                signals.connection_refused.send(type(self), alias=self.alias, error=refusal)
-                if refusal is exc:
-                    raise
-                raise refusal from exc
+        except Exception as exc:
+            refusal = self._explain(exc)
+            if refusal is None:
+                raise  # transient or not ours: exactly what stock raises
+            signals.connection_refused.send(type(self), alias=self.alias, error=refusal)
+            if refusal is exc:
+                raise
+            raise refusal from exc
+        if self.pool is None:  # pooled connections were verified in the pool's configure
             self._verify(connection)
         lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
         return connection

@@ -222,7 +222,7 @@ def _segments(text: str) -> list[str]:
     head, sep, tail = text.lower().partition(_ATTEMPTS_HEADER)
     if not sep:
         return [text]
-    return [part for part in tail.split("\n- host:") if part.strip(" :\n")] or [head]
+    return tail.split("\n- host:")[1:] or [head]
 
 
 def classify(exc: BaseException) -> Cause | None:

@@ -92,6 +92,8 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         return conn
 
     def _attempt(self, timeout: float | None) -> Connection[Any]:
+        if self._exiting:  # a retry that woke up while the interpreter exits: go no further
+            _park_forever()
         self._prepare()
         return super()._connect(timeout)
 

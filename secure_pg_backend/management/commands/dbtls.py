@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import InsecureConnectionError, SecurePolicyError, redact
+from ...errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, redact
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
 
@@ -37,6 +37,7 @@ def describe(info: TLSInfo) -> str:
 # missing database) is reported as what it is.
 _CAUSES: dict[type[Exception], str] = {
     SecurePolicyError: "settings refused",
+    ConnectionFileError: "file unusable",
     InsecureConnectionError: "TLS refused",
 }
 
