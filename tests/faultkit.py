@@ -226,6 +226,9 @@ class Request:
     ok: bool
     error: str = ""  # exception class, module-qualified
     message: str = ""  # its first line
+    # Where it failed: "connect" (opening or getting a connection), "init" (Django's session
+    # setup on a connection just opened) or "query".
+    stage: str = ""
 
 
 @dataclass
@@ -254,6 +257,10 @@ class Run:
     @property
     def failed(self) -> int:
         return len(self.failures)
+
+    @property
+    def connect_failures(self) -> list[Request]:
+        return [r for r in self.failures if r.stage == "connect"]
 
     @property
     def lost(self) -> int:
@@ -385,10 +392,19 @@ class Load:
 
     def _one(self, index: int, row_id: int) -> None:
         conn = connections[self.alias]
-        began = time.monotonic()
+        began, stage = time.monotonic(), "connect"
         try:
             conn.close_if_unusable_or_obsolete()  # request_started
             try:
+                try:
+                    conn.ensure_connection()  # what the first query does; here for the stage
+                except Exception:
+                    # Opened, then lost while Django set the session up: past authentication,
+                    # so not a connect failure (and not one a connect retry may repeat).
+                    if conn.connection is not None:
+                        stage = "init"
+                    raise
+                stage = "query"
                 with transaction.atomic(using=self.alias), conn.cursor() as cur:
                     cur.execute(
                         f"INSERT INTO {self.table} (id, thread) VALUES (%s, %s)", [row_id, index]
@@ -400,7 +416,7 @@ class Load:
             message = (str(exc).strip().splitlines() or [""])[0]
             error = f"{type(exc).__module__}.{type(exc).__qualname__}"
             with self._lock:
-                self.run.requests.append(Request(index, began, ended, False, error, message))
+                self.run.requests.append(Request(index, began, ended, False, error, message, stage))
             time.sleep(BACKOFF)
             return
         ended = time.monotonic()
@@ -567,7 +583,7 @@ def side_by_side(
 
 # -- the report ---------------------------------------------------------------------------
 REPORT_HEADER = (
-    "| scenario | ENGINE | threads | attempted | failed | lost | retries "
+    "| scenario | ENGINE | threads | attempted | failed (connect/query) | lost | retries "
     "| recover, every thread (s) | recover, first (s) "
     "| latency before p50/p99 (ms) | during p50/p99/max (ms) | failures by class |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -590,7 +606,8 @@ def report_row(run: Run) -> str:
     if run.note:
         classes = f"{classes} ({run.note})"
     return (
-        f"| {run.scenario} | {run.engine} | {run.threads} | {run.attempted} | {run.failed} "
+        f"| {run.scenario} | {run.engine} | {run.threads} | {run.attempted} "
+        f"| {run.failed} ({len(run.connect_failures)}/{run.failed - len(run.connect_failures)}) "
         f"| {run.lost} | {run.retries} | {_seconds(run.recovery)} "
         f"| {_seconds(run.recovery_first)} | {_ms(run.before(), 0.5, 0.99)} "
         f"| {_ms(run.during(), 0.5, 0.99, 1.0)} | {classes} |"

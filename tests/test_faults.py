@@ -99,6 +99,7 @@ def assert_no_worse(runs: dict[str, Run], slack: int = SLACK) -> None:
 def assert_only_in_flight(run: Run, threads: int = THREADS) -> None:
     """Only requests on the wire when the fault hit may fail (at most one per thread): every
     connect that failed for a transient cause was retried until the cause went away."""
+    assert not run.connect_failures, summary({run.engine: run})
     assert run.failed <= threads, summary({run.engine: run})
 
 
@@ -214,6 +215,7 @@ def test_handshakes_cut_for_3_seconds(
     assert_lossless(runs)
     assert_no_worse(runs)
     assert_recovers(runs["ours"])
+    assert_only_in_flight(runs["ours"])
     # Not a TLS refusal: the EOF is a transient fault, and ours never says otherwise.
     assert not [r for r in runs["ours"].failures if "InsecureConnectionError" in r.error]
 
