@@ -57,6 +57,20 @@ test: test-servers
 test-servers: $(VENV_DJ52)/.installed system-deps
 	SPB_PG_VERSIONS="$(PG_VERSIONS)" $(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
 
+# Django's own test suite (the sdist of each environment's Django, cached in .cache/) on both
+# ENGINEs (core, PostGIS) over verified TLS: scripts/django-suite; ci/django-expected-failures.txt.
+# DJANGO_SUITE_ARGS='--run core backends' for a part; '--stock' for Django's own ENGINEs.
+DJANGO_SUITE_ARGS ?=
+.PHONY: test-django test-django-dj52 test-django-dj61
+test: test-django
+test-django: test-django-dj52 test-django-dj61
+
+test-django-dj52: $(VENV_DJ52)/.installed system-deps
+	$(VENV_DJ52)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
+
+test-django-dj61: $(VENV_DJ61)/.installed system-deps
+	$(VENV_DJ61)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
+
 bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
 

@@ -282,4 +282,9 @@ class VerifiedTLSMixin(_WrapperBase):
 
 
 class DatabaseWrapper(VerifiedTLSMixin, postgresql.DatabaseWrapper):
-    display_name = "PostgreSQL (verified TLS)"
+    """Django's PostgreSQL wrapper under the verified-TLS policy.
+
+    ``display_name`` stays Django's: Django builds user-facing messages from it ("PostgreSQL 14
+    or later is required", "... does not support ..."), which must read as on the stock ENGINE.
+    What the link is shows in ``tls_info`` and ``manage.py dbtls``.
+    """

@@ -65,7 +65,8 @@ def test_migration_and_spatial_queries_run_over_verified_tls(postgis_server: TLS
     assert 870 <= out["paris_berlin_km"] <= 890  # geodesic distance on the spheroid
     assert out["berlin_location"] == [13.4, 52.52]  # geometry read back through the adapters
     assert out["postgis"].startswith("3.")
-    assert out["display_name"] == "PostGIS (verified TLS)"
+    assert out["wrapper"] == "secure_pg_backend.postgis.base"
+    assert out["display_name"] == "PostgreSQL"  # Django's, which its messages are built from
     assert out["server_ssl"] is True
     tls = out["tls"]
     assert tls["sslmode"] == "verify-full"

@@ -12,7 +12,7 @@ __all__ = ["DatabaseWrapper"]
 
 
 class DatabaseWrapper(VerifiedTLSMixin, postgis.DatabaseWrapper):
-    display_name = "PostGIS (verified TLS)"
+    # display_name stays Django's, as on the core ENGINE (see secure_pg_backend.base).
 
     # PostGIS's get_new_connection looks up the geometry types with SQL right after the
     # connect, which is before the mixin's post-handshake check. Defer that lookup until the

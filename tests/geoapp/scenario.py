@@ -9,7 +9,7 @@ django.setup()
 from django.contrib.gis.db.models.functions import Distance  # noqa: E402
 from django.contrib.gis.geos import Point, Polygon  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from django.db import connection  # noqa: E402
+from django.db import connection, connections  # noqa: E402
 
 from tests.geoapp.models import City  # noqa: E402
 
@@ -38,6 +38,7 @@ print(
             "berlin_location": berlin.location.coords,
             "postgis": connection.ops.postgis_lib_version(),
             "display_name": connection.display_name,
+            "wrapper": type(connections["default"]).__module__,
             "tls": connection.tls_info.as_dict(),
             "server_ssl": server_ssl,
         }
