@@ -583,7 +583,7 @@ def side_by_side(
 
 # -- the report ---------------------------------------------------------------------------
 REPORT_HEADER = (
-    "| scenario | ENGINE | threads | attempted | failed (connect/query) | lost | retries "
+    "| scenario | ENGINE | threads | attempted | failed (connect/other) | lost | retries "
     "| recover, every thread (s) | recover, first (s) "
     "| latency before p50/p99 (ms) | during p50/p99/max (ms) | failures by class |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
