@@ -76,8 +76,11 @@ class FaultProxy:
     at once, like a full listen queue); ``close()`` stops every thread.
     """
 
-    def __init__(self, target_port: int, max_connections: int = 64) -> None:
+    def __init__(
+        self, target_port: int, max_connections: int = 64, lifetime: float = 300.0
+    ) -> None:
         self.target = ("127.0.0.1", target_port)
+        self._deadline = time.monotonic() + lifetime  # every loop here ends by then
         self.mode = "pass"
         self.max_connections = max_connections
         self.accepted = 0
@@ -127,7 +130,7 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            if self._stop.is_set():
+            if self._stop.is_set() or time.monotonic() > self._deadline:
                 client.close()
                 return
             self.accepted += 1
@@ -181,7 +184,7 @@ class FaultProxy:
         try:
             for sock in peer:
                 selector.register(sock, selectors.EVENT_READ)
-            while not self._stop.is_set():
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
                 for key, _ in selector.select(timeout=0.2):
                     src: socket.socket = key.fileobj  # type: ignore[assignment]
                     try:

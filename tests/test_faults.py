@@ -54,9 +54,11 @@ THREADS = 4
 # most one such request; whether it is on the wire or between requests at that instant is the
 # scheduler's choice on a loaded 2-core machine, differently in the two runs.
 SLACK = THREADS
-# Recovery within 1 s of the cause going away, plus the slowest request before the fault: a
-# request in flight at the moment of removal cannot end sooner than the load lets it.
+# Recovery within 1 s of the cause going away, plus an allowance for the load itself: the slowest
+# request before the fault, and at least 0.25 s, because the first connection after a restart
+# meets a server forking for every client at once on a 2-core machine running other tests.
 RECOVERY = 1.0
+LOAD_ALLOWANCE = 0.25
 LOG_CONNECTIONS = {"log_connections": "on"}
 REPORT_PATH = Path(__file__).resolve().parents[1] / "build" / "reliability.md"
 
@@ -104,8 +106,8 @@ def assert_only_in_flight(run: Run, threads: int = THREADS) -> None:
 
 
 def assert_recovers(run: Run) -> None:
-    """Ours: every thread succeeded within RECOVERY (+ the load's own slowest request)."""
-    bound = RECOVERY + max(run.before(), default=0.0)
+    """Ours: every thread succeeded within RECOVERY (+ the load's allowance)."""
+    bound = RECOVERY + max([LOAD_ALLOWANCE, *run.before()])
     assert run.recovery is not None, f"a thread never recovered: {summary({run.engine: run})}"
     assert run.recovery <= bound, f"recovered after {run.recovery:.2f} s > {bound:.2f} s"
 
