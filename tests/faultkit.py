@@ -762,6 +762,10 @@ class VerifiedLog(logging.Handler):
         with self._records_lock:
             self.records.append(record)
 
+    def for_port(self, port: int) -> list[logging.LogRecord]:
+        with self._records_lock:
+            return [r for r in self.records if getattr(r, "db_port", None) == port]
+
     def verified(self, alias: str) -> list[logging.LogRecord]:
         with self._records_lock:
             return [
@@ -771,8 +775,23 @@ class VerifiedLog(logging.Handler):
             ]
 
 
+@contextlib.contextmanager
+def capture_verified() -> Iterator[VerifiedLog]:
+    """Every record of the ``secure_pg_backend`` logger, DEBUG included, while inside."""
+    logger = logging.getLogger("secure_pg_backend")
+    handler, level = VerifiedLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def app_sessions(server: TLSPostgres) -> list[str]:
-    """Sessions the server authorised for the app user (log_connections = on)."""
+    """Sessions the server authorised for the app user (log_connections = on; the superuser
+    uses the Unix socket)."""
     return [
         line
         for line in server.log_text().splitlines()

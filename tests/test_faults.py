@@ -35,6 +35,7 @@ from tests.faultkit import (
     StandbyPostgres,
     VerifiedLog,
     app_sessions,
+    capture_verified,
     engine_settings,
     hide,
     movable_root,
@@ -537,15 +538,8 @@ def pairs(ca: TestCA) -> Iterator[Callable[[], Pair]]:
 
 @pytest.fixture
 def verified_log() -> Iterator[VerifiedLog]:
-    import logging
-
-    logger = logging.getLogger("secure_pg_backend")
-    handler, level = VerifiedLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with capture_verified() as log:
+        yield log
 
 
 @pytest.mark.parametrize("mode", ["CONN_MAX_AGE=0", "pool+health"])
