@@ -14,7 +14,13 @@ from django.db.utils import ConnectionHandler
 
 from . import credentials, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
 from .client import DatabaseClient
-from .errors import InsecureConnectionError, SecurePolicyError, explain_libpq_error, link_message
+from .errors import (
+    InsecureConnectionError,
+    SecurePolicyError,
+    explain_libpq_error,
+    link_message,
+    secret_values,
+)
 from .validation import DatabaseValidation
 
 if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothing skips it
@@ -98,7 +104,7 @@ class VerifiedTLSMixin(_WrapperBase):
         verdict = self.policy_verdict()
         if verdict.decision is None or verdict.params is None:
             error = SecurePolicyError(
-                self.alias, verdict.host, verdict.violations, self.settings_dict.get("PASSWORD")
+                self.alias, verdict.host, verdict.violations, secret_values(self.settings_dict)
             )
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
@@ -184,7 +190,8 @@ class VerifiedTLSMixin(_WrapperBase):
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return explain_libpq_error(exc, self.alias, host, self.settings_dict.get("PASSWORD"))
+        secrets = secret_values(self.settings_dict)
+        return explain_libpq_error(exc, self.alias, host, secrets)
 
     @property
     def tls_info(self) -> TLSInfo:
