@@ -127,9 +127,16 @@ class VerifiedTLSMixin(_WrapperBase):
         original = self.settings_dict
         self.settings_dict = {**original, "OPTIONS": dict(original.get("OPTIONS") or {})}
         try:
-            return dict(super().get_connection_params())
+            params = dict(super().get_connection_params())
         finally:
             self.settings_dict = original
+        service = (original.get("OPTIONS") or {}).get("service")
+        if original.get("NAME") is None and service:
+            # Beyond stock: without its service a service-only configuration would fall to
+            # the local socket (refused). Keep it (its host, port, TLS settings, judged as
+            # usual); Django's dbname 'postgres' stays explicit and outranks the service's.
+            params["service"] = service
+        return params
 
     def _settings_key(self) -> tuple[Any, ...] | None:
         """Inputs of the verdict, or None when it depends on a file's contents (a service)."""

@@ -639,3 +639,35 @@ def test_pool_asks_for_a_screened_value_per_connection() -> None:
     with pytest.raises(CredentialProviderError, match=r"DATABASES\['pooled'\]") as caught:
         fresh()
     assert "tok" not in str(caught.value).replace("token", "")
+
+
+def test_no_database_path_keeps_the_service_and_verifies(
+    good_server: TLSPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_wrapper: Wrapper
+) -> None:
+    """Issue 17, class 7: test-database creation (Django's _nodb_cursor, NAME None) with a
+    service-only configuration. Stock drops the service and falls to the Unix socket; here
+    the service's host and port are kept, the database is 'postgres', TLS is verified."""
+    service = tmp_path / "pg_service.conf"
+    service.write_text(
+        f"[only]\nhost=127.0.0.1\nport={good_server.port}\ndbname=app\nuser=app\n"
+        f"sslrootcert={good_server.root_cert}\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(service))
+    entry = {
+        "ENGINE": "secure_pg_backend",
+        "NAME": "",
+        "PASSWORD": APP_PASSWORD,
+        "OPTIONS": {"service": "only"},
+    }
+    wrapper = make_wrapper(entry, "service_only")
+    with wrapper._nodb_cursor() as cursor:
+        cursor.execute(
+            "select current_database(), ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        )
+        assert cursor.fetchone() == ("postgres", True)
+        info = cursor.db.tls_info
+    assert (info.host, info.port, info.sslmode) == ("127.0.0.1", good_server.port, "verify-full")
+    assert wrapper.settings_dict["OPTIONS"] == {"service": "only"}  # the alias is untouched
+    with wrapper.cursor() as cursor:  # and the alias itself still uses the service's database
+        cursor.execute("select current_database()")
+        assert cursor.fetchone() == ("app",)
