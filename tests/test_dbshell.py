@@ -302,11 +302,12 @@ def test_random_psql_arguments_are_refused_or_reach_the_judged_server_only(
     listeners: dict[str, HostileServer],
 ) -> None:
     says_n = str(listeners["says-n"].port)
-    parameters = [says_n if p == "postgres" else p for p in parameters]  # a port, or a name
+    # "postgres" becomes the listener's port (a port, or a name); -w: never prompt
+    parameters = ["-w", *(says_n if p == "postgres" else p for p in parameters)]
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
     before = _counts(listeners)
     try:
-        with psql_session(wrapper, [*parameters, "-w"]) as (args, env):
+        with psql_session(wrapper, parameters) as (args, env):
             result = subprocess.run(
                 args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
             )
