@@ -21,14 +21,11 @@ import contextlib
 import functools
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from django.core.management.base import CommandError
 from django.db import DatabaseError, connections
 from django.db.backends.postgresql import client as postgresql
 
@@ -206,6 +203,8 @@ def target_arguments(parameters: Sequence[str]) -> list[str]:
 def _refuse_target_arguments(alias: str, host: str | None, parameters: Sequence[str]) -> None:
     found = target_arguments(parameters)
     if found:
+        from django.core.management.base import CommandError  # dbshell only
+
         # Named by option only: a value may be a conninfo with a password in it.
         shown = ", ".join(dict.fromkeys(found))
         raise CommandError(
@@ -309,6 +308,12 @@ def private_files(command: PsqlCommand) -> Iterator[dict[str, str]]:
     if command.password is None and not command.secrets:
         yield env  # the user's own passfile (~/.pgpass, PGPASSFILE) works as in stock
         return
+    # Imported here: dbshell only (a web worker's start-up never gets this far).
+    import shutil
+    import tempfile
+
+    from django.core.management.base import CommandError
+
     if _unwritable(command) is not None:
         raise CommandError(
             f"secure_pg_backend refused dbshell for {location(command.alias, command.host)}: "
@@ -357,6 +362,8 @@ def _explain_failure(wrapper: VerifiedTLSMixin, returncode: int, shown: list[str
             with wrapper.temporary_connection():
                 pass
         except DatabaseError as exc:
+            from django.core.management.base import CommandError
+
             reason = " ".join(redact(str(exc), secret_values(wrapper.settings_dict)).split())
             return CommandError(
                 f"psql could not connect for {where}. {reason}", returncode=returncode

@@ -92,7 +92,7 @@ class LeafPair:
     """A server certificate chain and its key, as PEM bytes."""
 
     cert_chain_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # a private key: not in tracebacks or test reports
 
 
 class TestCA:
