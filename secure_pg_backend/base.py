@@ -19,6 +19,7 @@ from .errors import (
     InsecureConnectionError,
     SecurePolicyError,
     link_message,
+    secret_values,
 )
 from .validation import DatabaseValidation
 
@@ -105,7 +106,7 @@ class VerifiedTLSMixin(_WrapperBase):
             error: Exception
             if verdict.violations:  # the configuration: found without I/O
                 error = SecurePolicyError(
-                    self.alias, verdict.host, verdict.violations, self.settings_dict.get("PASSWORD")
+                    self.alias, verdict.host, verdict.violations, secret_values(self.settings_dict)
                 )
             else:  # a named service's file, looked at before libpq reads it
                 error = ConnectionFileError.from_violations(
@@ -132,9 +133,16 @@ class VerifiedTLSMixin(_WrapperBase):
         original = self.settings_dict
         self.settings_dict = {**original, "OPTIONS": dict(original.get("OPTIONS") or {})}
         try:
-            return dict(super().get_connection_params())
+            params = dict(super().get_connection_params())
         finally:
             self.settings_dict = original
+        service = (original.get("OPTIONS") or {}).get("service")
+        if original.get("NAME") is None and service:
+            # Beyond stock: without its service a service-only configuration would fall to
+            # the local socket (refused). Keep it (its host, port, TLS settings, judged as
+            # usual); Django's dbname 'postgres' stays explicit and outranks the service's.
+            params["service"] = service
+        return params
 
     def _settings_key(self) -> tuple[Any, ...] | None:
         """Inputs of the verdict, or None when it depends on a file's contents (a service).
@@ -183,7 +191,7 @@ class VerifiedTLSMixin(_WrapperBase):
             alias=self.alias,
             budget=faults.retry_budget(options, conn_params.get("connect_timeout")),
             sender=type(self),
-            password=self.settings_dict.get("PASSWORD"),
+            secrets=secret_values(self.settings_dict),
         )
 
     def _check_files(self) -> None:
@@ -232,7 +240,7 @@ class VerifiedTLSMixin(_WrapperBase):
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return faults.explain(exc, self.alias, host, self.settings_dict.get("PASSWORD"))
+        return faults.explain(exc, self.alias, host, secret_values(self.settings_dict))
 
     @property
     def tls_info(self) -> TLSInfo:

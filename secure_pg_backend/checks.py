@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 
-from .errors import location, redact
+from .errors import location, redact, secret_values
 
 __all__ = ["check_databases"]
 
@@ -34,7 +34,7 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
             continue
         verdict = wrapper.policy_verdict().now()  # the files libpq opens, as they are now
         where = location(alias, verdict.host)
-        password = wrapper.settings_dict.get("PASSWORD")
+        password = secret_values(wrapper.settings_dict)
         for violation in verdict.violations:
             errors.append(
                 Error(

@@ -7,9 +7,17 @@ connection instead, after the TLS policy has passed::
 
     "OPTIONS": {"password_provider": "secure_pg_backend.credentials.aws_rds_iam"}
 
-A provider is a callable (or the dotted path of one) taking ``(alias, settings_dict)``
-and returning the password. Its value goes straight to libpq: it is never stored in
-``settings_dict``, logged, or put in an error message.
+A provider is a callable taking ``(alias, settings_dict)`` and returning the password.
+A string names one only where settings code vouches for it: a built-in provider's path,
+or a path listed in ``settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS``. dj-database-url
+copies a URL's query keys into OPTIONS, so any other string may come from a
+``DATABASE_URL``, and a URL must never make the process import or call code; it is
+refused (E015) before any import.
+
+Its value goes straight to libpq: it is screened like a setting (a str, no control
+characters: a NUL would cut off the TLS keywords after it), never stored in
+``settings_dict``, logged, or put in an error message, and placed last in the
+connection parameters.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .errors import InsecureConnectionError, Violation, location
+from .inputs import control_character
 
 __all__ = [
     "PROVIDER_KEY",
@@ -39,6 +48,8 @@ __all__ = [
 
 PROVIDER_KEY = "password_provider"
 FIELD = f"OPTIONS[{PROVIDER_KEY!r}]"
+# Settings code lists here the dotted paths of its own providers it lets OPTIONS name.
+ALLOWED_SETTING = "SECURE_PG_BACKEND_PASSWORD_PROVIDERS"
 
 Provider = Callable[[str, Mapping[str, Any]], str]
 
@@ -89,6 +100,42 @@ def _import(path: str) -> Any:
     return import_string(path)
 
 
+def _allowed_paths() -> tuple[str, ...]:
+    from django.conf import settings
+
+    listed = getattr(settings, ALLOWED_SETTING, ())
+    return tuple(listed) if isinstance(listed, list | tuple | frozenset | set) else ()
+
+
+def _named_provider(alias: str, host: str | None, path: str) -> Any:
+    """The provider a string names; nothing is imported unless settings code allowed it."""
+    if path in BUILTIN_PROVIDERS:
+        return BUILTIN_PROVIDERS[path]
+    if path not in _allowed_paths():
+        # Never echo more than a name: the string may be anything a URL carried.
+        shown = path if path.replace(".", "").replace("_", "").isalnum() else "a string"
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {shown!r}, a dotted path settings code has not allowed; this "
+            "backend imports nothing a DATABASE_URL can name (dj-database-url copies its "
+            "query keys into OPTIONS).",
+            f"in settings, set {FIELD} to the function itself, or add its dotted path to "
+            f"settings.{ALLOWED_SETTING} (a list); built-in: "
+            f"{', '.join(repr(name) for name in BUILTIN_PROVIDERS)}.",
+        )
+    try:
+        return _import(path)
+    except ImportError as exc:
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {path!r}, which cannot be imported ({exc}).",
+            f"list the dotted path of a function (alias, settings_dict) -> password in "
+            f"settings.{ALLOWED_SETTING}, or set {FIELD} to the function itself.",
+        ) from None
+
+
 def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provider, str] | None:
     """The configured provider and its name, or None; ImproperlyConfigured when unusable."""
     options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
@@ -97,19 +144,7 @@ def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provide
         return None
     host = settings_dict.get("HOST") or None
     example = "'secure_pg_backend.credentials.aws_rds_iam'"
-    if isinstance(value, str):
-        try:
-            provider = _import(value)
-        except ImportError as exc:
-            raise _configuration_error(
-                alias,
-                host,
-                f"{FIELD} is {value!r}, which cannot be imported ({exc}).",
-                f"set it to the dotted path of a function (alias, settings_dict) -> password, "
-                f"e.g. {example}.",
-            ) from None
-    else:
-        provider = value
+    provider = _named_provider(alias, host, value) if isinstance(value, str) else value
     if not callable(provider):
         raise _configuration_error(
             alias,
@@ -145,12 +180,29 @@ def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
         fix = "check the provider's credentials and configuration."
         message = f"{head} raised {detail}. Fix: {fix}"
         raise CredentialProviderError(message, alias=alias, host=host) from exc
-    if not isinstance(password, str) or not password:
-        # Never show the value: a wrongly typed secret is still a secret.
-        got = "an empty string" if password == "" else f"a {type(password).__name__}"
-        message = f"{head} returned {got} instead of a non-empty str. Fix: return the password."
+    problem = _unusable(password)
+    if problem is not None:
+        # Never show the value: a wrongly typed or malformed secret is still a secret.
+        message = f"{head} ({FIELD}) returned {problem} Nothing was sent. Fix: {_FIX_VALUE}"
         raise CredentialProviderError(message, alias=alias, host=host)
-    return password
+    return password  # type: ignore[no-any-return]  # _unusable checked it is a str
+
+
+_FIX_VALUE = "return the password or token itself, as a str without control characters."
+
+
+def _unusable(password: object) -> str | None:
+    """Why a provider's value cannot go to libpq, worded without the value; None if it can."""
+    if not isinstance(password, str):
+        return f"a {type(password).__name__} instead of a non-empty str."
+    if not password:
+        return "an empty string instead of a non-empty str."
+    found = control_character(password)
+    if found is not None:
+        # libpq reads the connection string as a C string: a NUL would cut off every
+        # keyword after the password, the forced TLS settings among them.
+        return f"a value containing the control character {found}, which libpq cannot take."
+    return None
 
 
 def with_password(
@@ -164,7 +216,9 @@ def with_password(
     password = password_for(alias, settings_dict)
     if password is None:
         return params if isinstance(params, dict) else dict(params)
-    out = {k: v for k, v in params.items() if k != PROVIDER_KEY}
+    # Appended, not replaced in place (a password libpq resolved from PGPASSWORD may sit
+    # early in the parameters): nothing the provider returns comes before a TLS keyword.
+    out = {k: v for k, v in params.items() if k not in (PROVIDER_KEY, "password")}
     out["password"] = password
     return out
 
@@ -280,3 +334,7 @@ def aws_rds_iam(
     finally:
         _signing.active = False
     return token
+
+
+# Strings that name a provider without importing anything (defined in this module).
+BUILTIN_PROVIDERS: dict[str, Provider] = {f"{__name__}.aws_rds_iam": aws_rds_iam}

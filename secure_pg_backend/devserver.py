@@ -6,7 +6,8 @@ plugin (``secure_pg_backend.pytest_plugin``) starts the same server for a test s
 
 Unlike the fixed passwords of ``secure_pg_backend.testing`` (made for tests that grep for
 leaks), a dev server gets fresh random passwords for the app user and the superuser: it listens
-on 127.0.0.1, which every local user can reach.
+on 127.0.0.1, which every local user can reach. They are set before the server first listens
+(``TLSPostgres`` bootstraps in single-user mode), so no known password is ever accepted.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from .testing import APP_DB, APP_USER, SUPERUSER, TestCA, TLSPostgres, find_pg_bin
+from .testing import APP_DB, APP_USER, TestCA, TLSPostgres, find_pg_bin
 
 __all__ = ["DevServer", "main"]
 
@@ -42,22 +43,24 @@ class DevServer:
 
     ca: TestCA
     server: TLSPostgres
-    password: str
+    password: str = field(repr=False)
     version: str
 
     @classmethod
     def start(cls, *, port: int = 0, pg_bin: Path | None = None) -> DevServer:
         ca = TestCA()
-        server = TLSPostgres(ca.issue("localhost", HOST), trust=ca, port=port, pg_bin=pg_bin)
+        password = _password()
+        server = TLSPostgres(
+            ca.issue("localhost", HOST),
+            trust=ca,
+            port=port,
+            pg_bin=pg_bin,
+            app_password=password,
+            superuser_password=_password(),
+        )
         server.start()
         try:
             version = server.admin_sql("SHOW server_version")[0][0]
-            password = _password()
-            server.admin_sql(
-                f"ALTER ROLE {APP_USER} PASSWORD '{password}'",
-                # Last: this session is already authenticated with the old superuser password.
-                f"ALTER ROLE {SUPERUSER} PASSWORD '{_password()}'",
-            )
         except BaseException:
             server.stop()
             raise
@@ -89,7 +92,7 @@ class DevServer:
 
     def database_settings(self, **extra: Any) -> dict[str, Any]:
         """A ``DATABASES`` entry (ENGINE secure_pg_backend, verify-full against the CA)."""
-        return self.server.database_settings(**{"PASSWORD": self.password, **extra})
+        return self.server.database_settings(**extra)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
@@ -10,10 +11,31 @@ from django.db.utils import OperationalError
 REDACTED = "********"
 
 
-def redact(text: str, secret: object) -> str:
-    """Remove ``secret`` from ``text``: messages may quote user-supplied values."""
-    if isinstance(secret, str) and secret:
-        return text.replace(secret, REDACTED)
+def secret_values(settings_dict: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every secret a DATABASES entry holds: PASSWORD and each OPTIONS value whose keyword
+    libpq marks secret (``libpq.secret_keywords``). The one list every message is cleaned of."""
+    from .libpq import secret_keywords  # psycopg is loaded by then; errors stays import-light
+
+    options = settings_dict.get("OPTIONS") or {}
+    found = [settings_dict.get("PASSWORD")]
+    if isinstance(options, Mapping):
+        hidden = secret_keywords()
+        found.extend(value for key, value in options.items() if key in hidden)
+    return tuple(value for value in found if isinstance(value, str) and value)
+
+
+def redact(text: str, secrets: object) -> str:
+    """Remove every secret from ``text``: messages may quote user-supplied values.
+
+    ``secrets`` is one secret or several (``secret_values``); anything not a non-empty
+    string is ignored. Longest first, so a secret containing another is removed whole.
+    """
+    if isinstance(secrets, str):
+        secrets = (secrets,)
+    if not isinstance(secrets, Iterable):
+        return text
+    for secret in sorted((s for s in secrets if isinstance(s, str) and s), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
     return text
 
 

@@ -246,7 +246,7 @@ def classify(exc: BaseException) -> Cause | None:
 
 
 def explain(
-    exc: BaseException, alias: str, host: str | None, password: object = None
+    exc: BaseException, alias: str, host: str | None, secrets: object = None
 ) -> InsecureConnectionError | None:
     """A refusal, as an error naming the alias, the host, libpq's words and the fix.
 
@@ -260,7 +260,7 @@ def explain(
     detail = " ".join(str(exc).split())
     message = link_message(alias, host, f"{cause.problem} libpq said: {detail}.", cause.fix)
     return InsecureConnectionError(
-        redact(message, password), alias=alias, host=host, cause=cause.name
+        redact(message, secrets), alias=alias, host=host, cause=cause.name
     )
 
 
@@ -283,7 +283,7 @@ def retrying(
     alias: str,
     budget: float,
     sender: type,
-    password: object = None,
+    secrets: object = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
@@ -307,7 +307,7 @@ def retrying(
             if clock() + wait >= deadline:
                 raise
             _announce(
-                sender, alias, attempt, cause, wait, redact(" ".join(str(exc).split()), password)
+                sender, alias, attempt, cause, wait, redact(" ".join(str(exc).split()), secrets)
             )
             sleep(wait)
             attempt += 1

@@ -93,7 +93,7 @@ def _request(
 
 def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
     """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
-    screened = inputs.screen(settings_dict, libpq.keywords())
+    screened = inputs.screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
     provider = credentials.provider_violation(alias, settings_dict)
     if provider is not None:
         screened.append(provider)

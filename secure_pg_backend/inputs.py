@@ -51,14 +51,15 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _control_character(value: Any) -> str | None:
+def control_character(value: Any) -> str | None:
+    """The first control character in a text value, as its repr (for messages), or None."""
     text = _text(value)
     match = _CONTROL.search(text) if text is not None else None
     return repr(match.group()) if match else None
 
 
 def _character_violation(name: str, value: Any, secret: bool) -> Violation | None:
-    found = _control_character(value)
+    found = control_character(value)
     if found is None:
         return None
     shown = "" if secret else f" ({value!r})"
@@ -70,14 +71,17 @@ def _character_violation(name: str, value: Any, secret: bool) -> Violation | Non
     )
 
 
-def _shape_violation(name: str, key: Any, value: Any, keywords: frozenset[str]) -> Violation | None:
+def _shape_violation(
+    name: str, key: Any, value: Any, keywords: frozenset[str], secret: bool
+) -> Violation | None:
     # psycopg would send str() of anything; a list (a repeated DATABASE_URL query key, as
     # dj-database-url returns it) would reach libpq as "[5, 5]".
     if key not in keywords or value is None or isinstance(value, _SCALARS):
         return None
     return Violation(
         "E011",
-        f"{name} is a {type(value).__name__} ({value!r}); libpq takes exactly one value.",
+        f"{name} is a {type(value).__name__}{'' if secret else f' ({value!r})'}; libpq takes "
+        "exactly one value.",
         f"give {name} one value (in a DATABASE_URL: the query key once).",
     )
 
@@ -125,9 +129,17 @@ def _pool_violations(pool: Any) -> Iterator[Violation | None]:
         yield _character_violation(name, value, secret=False)
 
 
-def screen(settings_dict: Mapping[str, Any], keywords: frozenset[str]) -> list[Violation]:
-    """Every key and character problem in one DATABASES entry (values never echoed for
-    PASSWORD or OPTIONS['password'])."""
+def screen(
+    settings_dict: Mapping[str, Any],
+    keywords: frozenset[str],
+    secret_keywords: frozenset[str] = frozenset(),
+) -> list[Violation]:
+    """Every key and character problem in one DATABASES entry.
+
+    Values are never echoed for PASSWORD, for the keywords libpq marks secret
+    (``libpq.secret_keywords``, passed in) or for keys this libpq does not know (a
+    newer libpq's secret, say ``oauth_client_secret`` on libpq 15, is refused by name).
+    """
     found: list[Violation | None] = [
         _character_violation(field, settings_dict.get(field), secret=field == "PASSWORD")
         for field in FIELDS
@@ -135,11 +147,10 @@ def screen(settings_dict: Mapping[str, Any], keywords: frozenset[str]) -> list[V
     options = settings_dict.get("OPTIONS") or {}
     allowed = allowed_keys(keywords)
     for name, key, value in _nested("OPTIONS", options):
-        secret = key in ("password", "sslpassword")
+        secret = key in secret_keywords or key not in allowed
         found.append(_key_violation(_named(key, name), key, allowed))
         found.append(_character_violation(_named(key, name), value, secret=secret))
-        if not secret:
-            found.append(_shape_violation(_named(key, name), key, value, keywords))
+        found.append(_shape_violation(_named(key, name), key, value, keywords, secret))
     found.extend(_pool_violations(options.get("pool")))
     return [v for v in found if v is not None]
 

@@ -210,6 +210,29 @@ def keywords() -> frozenset[str]:
     return frozenset(opt.keyword.decode() for opt in _defaults())
 
 
+# Options libpq hides but this backend judges by value (the policy names them in its
+# refusals): a replication mode and a key log path are settings, not credentials.
+_JUDGED_DEBUG_OPTIONS = frozenset({"replication", "sslkeylogfile"})
+
+
+@functools.lru_cache(maxsize=1)
+def secret_keywords() -> frozenset[str]:
+    """Keywords whose values are secrets, as this libpq marks them in ``PQconndefaults``.
+
+    ``*`` is libpq's mark for a password field (password, sslpassword, libpq 18's
+    oauth_client_secret); ``D`` for an option never displayed, which is where libpq 18
+    keeps the SCRAM client and server keys (they authenticate like the password). A
+    hidden option a later libpq adds is therefore secret until this backend learns
+    otherwise: the safe direction.
+    """
+    return frozenset(
+        keyword
+        for opt in _defaults()
+        if opt.dispchar and opt.dispchar[:1] in (b"*", b"D")
+        if (keyword := opt.keyword.decode()) not in _JUDGED_DEBUG_OPTIONS
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def compiled_defaults() -> Mapping[str, str | None]:
     return {opt.keyword.decode(): _text(opt.compiled) for opt in _defaults()}

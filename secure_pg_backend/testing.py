@@ -14,6 +14,16 @@ PostgreSQL instead of a mock. It needs the PostgreSQL server binaries
 ``postgres`` refuses to run as root, so when the current user is root every
 server command runs as the unprivileged ``postgres`` user (``runuser``) on
 files it owns. Servers listen on loopback only.
+
+Passwords: by default the app user and the superuser get the fixed, distinctive
+``APP_PASSWORD`` and ``SUPERUSER_PASSWORD`` (so tests can grep output for leaks); any
+local user who reads this file can log in to such a server. Pass ``app_password`` and
+``superuser_password`` for a server others must not enter (the dev server and the pytest
+plugin use random ones). Either way the roles and passwords are set in single-user mode
+before the server first listens on TCP, so no client ever sees the template's password.
+
+Server certificates from ``TestCA.issue`` are valid for ``LEAF_VALIDITY`` (90 days) from
+a day ago, like a real short-lived certificate, so expiry lines and warnings mean something.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["LeafPair", "TLSPostgres", "TestCA", "cleanup", "find_pg_bin", "free_port"]
+
+LEAF_VALIDITY = dt.timedelta(days=90)
 
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "superuser-Pw-9f3e1c"  # distinctive, so tests can grep for leaks
@@ -80,7 +92,7 @@ class LeafPair:
     """A server certificate chain and its key, as PEM bytes."""
 
     cert_chain_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # a private key: not in tracebacks or test reports
 
 
 class TestCA:
@@ -114,6 +126,9 @@ class TestCA:
         key_type = self.key_type
         if rsa is not None:
             key_type = self._trustme.KeyType.RSA if rsa else self._trustme.KeyType.ECDSA
+        now = dt.datetime.now(dt.timezone.utc)
+        not_before = not_before or now - dt.timedelta(days=1)  # clock skew
+        not_after = not_after or not_before + LEAF_VALIDITY
         leaf = self.ca.issue_cert(
             *hostnames, not_before=not_before, not_after=not_after, key_type=key_type
         )
@@ -283,6 +298,8 @@ class TLSPostgres:
     settings: Mapping[str, str] = field(default_factory=dict)
     port: int = 0
     pg_bin: Path | None = None
+    app_password: str = field(default=APP_PASSWORD, repr=False)
+    superuser_password: str = field(default=SUPERUSER_PASSWORD, repr=False)
 
     def __post_init__(self) -> None:
         self.pg_bin = self.pg_bin or find_pg_bin()
@@ -309,8 +326,8 @@ class TLSPostgres:
         self._write_tls_files()
         self._write_conf()
         _chown_tree(self.base, _pg_owner())
+        self._bootstrap()  # before the server first listens: no window with a known password
         self._started()
-        self._bootstrap()
         return self
 
     def stop(self) -> None:
@@ -398,10 +415,26 @@ class TLSPostgres:
         (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
 
     def _bootstrap(self) -> None:
-        self.admin_sql(
-            f"CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'",
+        """Roles, passwords and the app database, in single-user mode (no listener at all)."""
+        assert self.pg_bin is not None
+        statements = [
+            f"CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD {_literal(self.app_password)}",
             f"CREATE DATABASE {APP_DB} OWNER {APP_USER}",
+        ]
+        if self.superuser_password != SUPERUSER_PASSWORD:  # the template's
+            statements.append(
+                f"ALTER ROLE {SUPERUSER} PASSWORD {_literal(self.superuser_password)}"
+            )
+        result = _run_as_owner(
+            [str(self.pg_bin / "postgres"), "--single", "-D", str(self.data), "-F", "postgres"],
+            input="".join(f"{statement}\n" for statement in statements),
         )
+        # Single-user mode reports a failed statement and carries on, exit status 0.
+        if "ERROR:" in result.stdout + result.stderr:
+            problem = " ".join(result.stderr.split()) or "a bootstrap statement failed"
+            for secret in (self.app_password, self.superuser_password):
+                problem = problem.replace(secret, "********")
+            raise RuntimeError(f"bootstrapping the server failed: {problem}")
 
     # -- access ------------------------------------------------------------
     def admin_sql(self, *statements: str, dbname: str = "postgres") -> list[Any]:
@@ -413,7 +446,7 @@ class TLSPostgres:
             host=str(self.socket_dir),
             port=self.port,
             user=SUPERUSER,
-            password=SUPERUSER_PASSWORD,
+            password=self.superuser_password,
             dbname=dbname,
             autocommit=True,
             gssencmode="disable",
@@ -446,7 +479,7 @@ class TLSPostgres:
             "ENGINE": engine,
             "NAME": APP_DB,
             "USER": APP_USER,
-            "PASSWORD": APP_PASSWORD,
+            "PASSWORD": self.app_password,
             "HOST": host,
             "PORT": str(self.port),
             "OPTIONS": opts,
@@ -460,6 +493,11 @@ class TLSPostgres:
             return self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings is on from PostgreSQL 9.1)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 if __name__ == "__main__":  # python -m secure_pg_backend.testing: the dev server

@@ -15,7 +15,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
-from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, redact
+from .errors import (
+    ConnectionFileError,
+    InsecureConnectionError,
+    SecurePolicyError,
+    redact,
+    secret_values,
+)
 from .logs import expiry_text
 
 if TYPE_CHECKING:
@@ -63,4 +69,4 @@ class DatabaseValidation(BaseDatabaseValidation):
         return issues
 
     def _redact(self, exc: Exception) -> str:
-        return redact(" ".join(str(exc).split()), self.connection.settings_dict.get("PASSWORD"))
+        return redact(" ".join(str(exc).split()), secret_values(self.connection.settings_dict))

@@ -10,13 +10,14 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db import OperationalError, connections
 
-from secure_pg_backend.client import DatabaseClient
+from secure_pg_backend.client import DatabaseClient, psql_session
 from secure_pg_backend.credentials import CredentialProviderError
 from secure_pg_backend.errors import SecurePolicyError
 from secure_pg_backend.testing import TLSPostgres
@@ -146,8 +147,9 @@ def failing(alias: str, settings_dict: Mapping[str, Any]) -> str:
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["conn_max_age", "pool"])
 def test_failing_provider_names_alias_and_provider(
-    pooled: bool, good_server: TLSPostgres, make_wrapper: Any
+    pooled: bool, good_server: TLSPostgres, make_wrapper: Any, settings: Any
 ) -> None:
+    settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS = [f"{__name__}.failing"]
     options: dict[str, Any] = {"password_provider": f"{__name__}.failing"}
     if pooled:
         options["pool"] = {"min_size": 1, "timeout": 30}
@@ -164,13 +166,13 @@ def test_failing_provider_names_alias_and_provider(
     )
 
 
-def test_dbshell_passes_the_provider_value_in_the_environment(
+def test_dbshell_passes_the_provider_value_in_a_private_passfile(
     role: RotatingRole, aliases: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     aliases(rot_shell=role.settings())
-    settings = connections.settings["rot_shell"]
-    args, env = DatabaseClient.settings_to_cmd_args_env(settings, [])
-    assert env is not None and env["PGPASSWORD"] == role.current
+    with psql_session(connections["rot_shell"], []) as (args, env):
+        assert "PGPASSWORD" not in env
+        assert Path(env["PGPASSFILE"]).read_text().rstrip("\n").endswith(f":{role.current}")
     assert role.current not in " ".join(args)
     assert not any("password_provider" in arg for arg in args)
 

@@ -8,12 +8,15 @@ import hashlib
 import hmac
 import logging
 import re
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.db.utils import OperationalError
 
 from secure_pg_backend import credentials
 from secure_pg_backend.credentials import CredentialProviderError, password_for, with_password
@@ -42,7 +45,8 @@ def test_without_a_provider_params_are_unchanged() -> None:
     assert with_password("default", settings, {"dbname": "app"}) == {"dbname": "app"}
 
 
-def test_callable_and_dotted_path_give_the_password() -> None:
+def test_callable_and_allowed_dotted_path_give_the_password(settings: Any) -> None:
+    settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS = [f"{__name__}.fixed"]
     calls: list[tuple[str, str]] = []
 
     def provider(alias: str, settings_dict: Mapping[str, Any]) -> str:
@@ -69,7 +73,13 @@ def test_each_call_asks_again() -> None:
         (42, r"is '?builtins\.int'?, a int, not a callable"),
     ],
 )
-def test_unusable_provider_is_a_configuration_error(value: object, needle: str) -> None:
+def test_unusable_provider_is_a_configuration_error(
+    value: object, needle: str, settings: Any
+) -> None:
+    settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS = [
+        "no_such_module_xyz.provider",
+        f"{__name__}.SECRET",
+    ]
     with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['main'\] \(host 'db.test'\)") as e:
         password_for("main", entry(value))
     assert re.search(needle, str(e.value)), str(e.value)
@@ -83,7 +93,8 @@ def test_password_and_provider_together_are_refused() -> None:
     assert "static-Pw-1" not in str(e.value)
 
 
-def test_raising_provider_names_alias_and_provider() -> None:
+def test_raising_provider_names_alias_and_provider(settings: Any) -> None:
+    settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS = (f"{__name__}.failing",)
     with pytest.raises(CredentialProviderError) as e:
         password_for("replica", entry(f"{__name__}.failing"))
     message = str(e.value)
@@ -103,11 +114,58 @@ def test_callable_provider_is_named_by_module_and_qualname() -> None:
     )
 
 
-@pytest.mark.parametrize(("value", "shown"), [("", "an empty string"), (b"tok", "a bytes")])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("", "an empty string instead"),
+        (b"tok", "a bytes instead"),
+        ("tok\x00host=evil sslmode=disable", r"the control character '\\x00'"),
+        ("tok\nsslmode=disable", r"the control character '\\n'"),
+        ("tok\x7f", r"the control character '\\x7f'"),
+    ],
+)
 def test_wrong_return_value_is_refused_without_showing_it(value: object, shown: str) -> None:
-    with pytest.raises(CredentialProviderError, match=f"returned {shown} instead") as e:
-        password_for("main", entry(lambda alias, settings_dict: value))
-    assert "tok" not in str(e.value).replace("token", "")
+    with pytest.raises(CredentialProviderError, match=f"returned .*{shown}") as e:
+        with_password("main", entry(lambda alias, settings_dict: value), {"dbname": "app"})
+    message = str(e.value)
+    assert "tok" not in message.replace("token", "")
+    assert "DATABASES['main'] (host 'db.test')" in message
+    assert "OPTIONS['password_provider']" in message and "Fix:" in message
+    assert isinstance(e.value, OperationalError)  # found at connection time
+
+
+def test_provider_password_goes_last_even_when_libpq_resolved_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PGPASSWORD in the environment: the gate makes libpq's resolved password explicit,
+    # early among the parameters. The provider's value must not take its place there.
+    params = {"host": "db.test", "password": "from-env", "sslmode": "verify-full"}
+    out = with_password("main", entry(fixed), params)
+    assert list(out) == ["host", "sslmode", "password"]
+    assert out["password"] == SECRET
+
+
+def test_dotted_path_not_allowed_by_settings_is_refused_before_any_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "imported"
+    (tmp_path / "spb_side_effect_provider.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "def provide(alias, settings_dict):\n    return 'tok'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings_dict = entry("spb_side_effect_provider.provide")
+    violation = credentials.provider_violation("url", settings_dict)
+    assert violation is not None and violation.code == "E015"
+    assert "SECURE_PG_BACKEND_PASSWORD_PROVIDERS" in violation.fix
+    with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['url'\].*not allowed"):
+        password_for("url", settings_dict)
+    assert not marker.exists() and "spb_side_effect_provider" not in sys.modules
+
+
+def test_builtin_provider_is_named_without_an_import() -> None:
+    loaded = credentials.load_provider("main", entry("secure_pg_backend.credentials.aws_rds_iam"))
+    assert loaded is not None and loaded[0] is credentials.aws_rds_iam
 
 
 # -- the built-in AWS RDS IAM provider, offline ----------------------------------------

@@ -97,3 +97,30 @@ def test_example_project_falls_back_to_db_variables() -> None:
     (entry,) = databases_from_env(env).values()
     assert (entry["HOST"], entry["PORT"], entry["NAME"]) == ("db.example.com", "6432", "app")
     assert entry["OPTIONS"] == {"sslrootcert": "system"}
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_provider_named_in_a_url_is_refused_before_any_import(
+    good_server: TLSPostgres, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """A DATABASE_URL alone never makes the process import or call code (E015 in check)."""
+    import sys
+
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    marker = tmp_path / "imported"
+    (tmp_path / "spb_url_provider.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport builtins\nmain = builtins.print\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    query = f"sslrootcert={good_server.root_cert}&password_provider=spb_url_provider.main"
+    entry = _parse(_url(good_server, query).replace(f"app:{APP_PASSWORD}@", "app@"))
+    assert entry["OPTIONS"]["password_provider"] == "spb_url_provider.main"
+    settings.DATABASES = {**settings.DATABASES, "from_url": entry}
+    with pytest.raises(SystemCheckError) as caught:
+        call_command("check")
+    message = str(caught.value)
+    assert "secure_pg_backend.E015" in message and "DATABASES['from_url']" in message
+    assert "SECURE_PG_BACKEND_PASSWORD_PROVIDERS" in message
+    assert not marker.exists() and "spb_url_provider" not in sys.modules

@@ -72,7 +72,7 @@ def test_a_refusal_is_explained_with_the_fix_and_without_the_password() -> None:
         psycopg.OperationalError(REFUSALS["untrusted"] + " pw-Secret-1"),
         "default",
         "db.example.com",
-        password="pw-Secret-1",
+        secrets="pw-Secret-1",
     )
     assert isinstance(error, InsecureConnectionError) and error.cause == "untrusted"
     text = str(error)
@@ -190,13 +190,13 @@ def retried() -> Iterator[list[dict[str, Any]]]:
     signals.connection_retried.disconnect(dispatch_uid="test_faults_unit")
 
 
-def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, password: object = None) -> Any:
+def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, secrets: object = None) -> Any:
     return faults.retrying(
         connect,
         alias="default",
         budget=budget,
         sender=object,
-        password=password,
+        secrets=secrets,
         sleep=clock.sleep,
         clock=clock,
     )
@@ -208,7 +208,7 @@ def test_transient_failures_are_retried_until_it_works(
     clock = FakeClock()
     connect = Flaky(psycopg.OperationalError(TRANSIENT["refused"] + " pw-S3"), 4, clock)
     with caplog.at_level(logging.WARNING, logger="secure_pg_backend"):
-        assert _retry(connect, clock, password="pw-S3") == "connected"
+        assert _retry(connect, clock, secrets="pw-S3") == "connected"
     assert connect.calls == 5
     assert [r["attempt"] for r in retried] == [1, 2, 3, 4]
     assert {r["cause"] for r in retried} == {"refused"} and {r["alias"] for r in retried} == {

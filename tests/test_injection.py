@@ -25,7 +25,8 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq
+from secure_pg_backend import ConnectionFileError, SecurePolicyError, credentials, libpq
+from secure_pg_backend.credentials import CredentialProviderError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 
 from .conftest import TCPRecorder, assert_no_secret
@@ -562,3 +563,113 @@ def test_service_file_differential(
             assert (info.transport, info.host) == ("tls", verdict.decision.hosts[0])
         finally:
             wrapper.close()
+
+
+# -- provider values: screened, and never able to cut the string libpq receives -------------
+_MARK = "spbTok"
+provider_values = st.one_of(
+    st.sampled_from(
+        [
+            APP_PASSWORD,
+            APP_PASSWORD + "\x00",
+            f"{_MARK}\x00 host=127.0.0.1 sslmode=disable",
+            f"{_MARK}' sslmode='disable",
+            f"{_MARK} sslmode=disable",
+            f"{_MARK}\\' host=127.0.0.1",
+            f"{_MARK}\nsslmode=disable",
+            "",
+        ]
+    ),
+    st.text(
+        alphabet=st.sampled_from(list("ab= '\\\x00\x01\n\t\x7f\u00e9")), min_size=1, max_size=12
+    ).map(lambda s: _MARK + s),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(value=provider_values, pgpassword=st.booleans())
+def test_provider_values_are_refused_or_reach_the_judged_server_only(
+    value: str,
+    pgpassword: bool,
+    good_server: TLSPostgres,
+    endpoints: dict[str, HostileServer],
+    django_db_blocker: Any,
+) -> None:
+    """Issue 17, class 1: with PGPASSWORD set, a provider value with a NUL replaced the
+    resolved password in place, cut off the forced TLS keywords, and libpq fell back to
+    PGHOST/PGPORT with sslmode=prefer, sending the token in plaintext to a server that
+    said N. Every value is now refused by name, or goes, whole and last, to the judged
+    server only."""
+    says_n = endpoints["says-n"]
+    environ = {"PGHOST": "127.0.0.1", "PGPORT": str(says_n.port), "PGSSLMODE": "prefer"}
+    if pgpassword:
+        environ["PGPASSWORD"] = "env-Pw-" + _MARK
+    entry = _entry(good_server.port, good_server.root_cert, {})
+    del entry["PASSWORD"]
+    entry["OPTIONS"]["password_provider"] = lambda alias, settings_dict: value
+    before = len(says_n.recordings)
+    with django_db_blocker.unblock(), mock.patch.dict(os.environ, environ):
+        wrapper, error = _attempt(entry)
+    says_n.settle()
+    assert says_n.recordings[before:] == []  # the fallback host never hears of us
+    if error is None:  # authenticated: the judged server, verified
+        try:
+            assert value == APP_PASSWORD
+            assert (wrapper.tls_info.port, wrapper.tls_info.transport) == (good_server.port, "tls")
+        finally:
+            wrapper.close()
+        return
+    message = str(error)
+    if isinstance(error, CredentialProviderError):  # screened: named, never echoed
+        assert "OPTIONS['password_provider']" in message and "DATABASES['default']" in message
+        assert not value or value not in message
+        return
+    # Accepted and sent whole to the judged server, which refused the wrong password.
+    assert "password authentication failed" in message, message
+    assert _MARK not in message
+
+
+def test_pool_asks_for_a_screened_value_per_connection() -> None:
+    entry = {"HOST": "db.test", "OPTIONS": {"password_provider": lambda a, s: "tok\x00x"}}
+    fresh = credentials.pool_kwargs("pooled", entry, {"host": "db.test", "password": "env"})
+    assert callable(fresh)
+    with pytest.raises(CredentialProviderError, match=r"DATABASES\['pooled'\]") as caught:
+        fresh()
+    assert "tok" not in str(caught.value).replace("token", "")
+
+
+def test_no_database_path_keeps_the_service_and_verifies(
+    good_server: TLSPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_wrapper: Wrapper
+) -> None:
+    """Issue 17, class 7: test-database creation (Django's _nodb_cursor, NAME None) with a
+    service-only configuration. Stock drops the service and falls to the Unix socket; here
+    the service's host and port are kept, the database is 'postgres', TLS is verified."""
+    service = tmp_path / "pg_service.conf"
+    service.write_text(
+        f"[only]\nhost=127.0.0.1\nport={good_server.port}\ndbname=app\nuser=app\n"
+        f"sslrootcert={good_server.root_cert}\n"
+    )
+    monkeypatch.setenv("PGSERVICEFILE", str(service))
+    entry = {
+        "ENGINE": "secure_pg_backend",
+        "NAME": "",
+        "PASSWORD": APP_PASSWORD,
+        "OPTIONS": {"service": "only"},
+    }
+    wrapper = make_wrapper(entry, "service_only")
+    with wrapper._nodb_cursor() as cursor:
+        cursor.execute(
+            "select current_database(), ssl from pg_stat_ssl where pid = pg_backend_pid()"
+        )
+        assert cursor.fetchone() == ("postgres", True)
+        info = cursor.db.tls_info
+    assert (info.host, info.port, info.sslmode) == ("127.0.0.1", good_server.port, "verify-full")
+    assert wrapper.settings_dict["OPTIONS"] == {"service": "only"}  # the alias is untouched
+    with wrapper.cursor() as cursor:  # and the alias itself still uses the service's database
+        cursor.execute("select current_database()")
+        assert cursor.fetchone() == ("app",)

@@ -160,3 +160,66 @@ def test_dev_server_without_binaries_says_so(fresh_tmpdir: Path) -> None:
     assert "/nonexistent/bin/initdb" in result.stderr
     assert "Traceback" not in result.stderr
     assert os.listdir(fresh_tmpdir) == []
+
+
+def test_start_up_never_accepts_a_known_password() -> None:
+    """Issue 17, class 5: the dev server (and so the pytest plugin) listened on 127.0.0.1
+    with the superuser password from the source until it switched to random ones; a local
+    client racing the start-up logged in. A client knocks with every known credential from
+    before the server listens until after it is up; it must never get in."""
+    import threading
+    import time
+
+    import psycopg
+
+    from secure_pg_backend.devserver import DevServer
+    from secure_pg_backend.testing import (
+        APP_DB,
+        APP_PASSWORD,
+        APP_USER,
+        SUPERUSER,
+        SUPERUSER_PASSWORD,
+        free_port,
+    )
+
+    port = free_port()
+    known = [(SUPERUSER, SUPERUSER_PASSWORD, "postgres"), (APP_USER, APP_PASSWORD, APP_DB)]
+    up = threading.Event()
+    logged_in: list[str] = []
+    refused_after_up: list[str] = []
+
+    def knock() -> None:
+        deadline = time.monotonic() + 180
+        for _ in range(20000):  # bounded in count and in time
+            if time.monotonic() > deadline or (up.is_set() and len(refused_after_up) >= 20):
+                return
+            for user, password, dbname in known:
+                try:
+                    with psycopg.connect(
+                        host="127.0.0.1",
+                        port=port,
+                        user=user,
+                        password=password,
+                        dbname=dbname,
+                        sslmode="prefer",
+                        gssencmode="disable",
+                        connect_timeout=5,
+                    ):
+                        logged_in.append(user)
+                except psycopg.OperationalError as exc:
+                    if up.is_set() and "password authentication failed" in str(exc):
+                        refused_after_up.append(user)
+            time.sleep(0.002)
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    try:
+        with DevServer.start(port=port) as dev:
+            up.set()
+            knocker.join(120)
+            assert dev.password not in (APP_PASSWORD, SUPERUSER_PASSWORD)
+    finally:
+        up.set()
+        knocker.join(120)
+    assert logged_in == []
+    assert refused_after_up, "the knocker never reached the running server"

@@ -24,7 +24,13 @@ from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from ..base import VerifiedTLSMixin
-from ..errors import InsecureConnectionError, SecurePolicyError, location, redact
+from ..errors import (
+    InsecureConnectionError,
+    SecurePolicyError,
+    location,
+    redact,
+    secret_values,
+)
 from ..link import EXPIRY_WARNING_DAYS
 from ..logs import expiry_text
 from ..tlsinfo import TLSInfo
@@ -63,7 +69,7 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
                 cursor.execute("SELECT 1")
             return connection.tls_info
         except Exception as exc:  # refused (policy, TLS) or failed: the reason is the result
-            password = connection.settings_dict.get("PASSWORD")
+            password = secret_values(connection.settings_dict)
             reason = " ".join(redact(str(exc), password).split())
             if not isinstance(exc, SecurePolicyError | InsecureConnectionError):
                 # Our refusals name the alias already; anything else gets it here.

@@ -14,7 +14,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, redact
+from ...errors import (
+    ConnectionFileError,
+    InsecureConnectionError,
+    SecurePolicyError,
+    redact,
+    secret_values,
+)
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
 
@@ -111,7 +117,7 @@ class Command(BaseCommand):
             return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
             cause = _CAUSES.get(type(exc), "could not connect")
-            text = redact(" ".join(str(exc).split()), wrapper.settings_dict.get("PASSWORD"))
+            text = redact(" ".join(str(exc).split()), secret_values(wrapper.settings_dict))
             return None, (cause, text)
         finally:
             # Leave a connection the caller already had (e.g. call_command in a request) open.
