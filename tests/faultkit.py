@@ -41,7 +41,6 @@ from django.db import connections, transaction
 
 from secure_pg_backend.testing import (
     SUPERUSER,
-    SUPERUSER_PASSWORD,
     TLSPostgres,
     _chown_tree,
     _pg_owner,
@@ -703,6 +702,7 @@ class StandbyPostgres(TLSPostgres):
     def start(self) -> StandbyPostgres:
         primary = self.primary
         assert primary is not None and self.pg_bin is not None
+        self.superuser_password = primary.superuser_password  # the same cluster, copied
         self.socket_dir.mkdir()
         _chown_tree(self.base, _pg_owner())
         # The password goes in the environment, not on a command line anyone can read in ps;
@@ -714,7 +714,7 @@ class StandbyPostgres(TLSPostgres):
                 *("-D", str(self.data), "-R", "-c", "fast"),
                 *("-h", str(primary.socket_dir), "-p", str(primary.port), "-U", SUPERUSER),
             ],
-            env={**os.environ, "PGPASSWORD": SUPERUSER_PASSWORD},
+            env={**os.environ, "PGPASSWORD": primary.superuser_password},
             timeout=60,
         )
         self.data.chmod(0o700)
