@@ -330,7 +330,7 @@ def test_ca_bundle_missing_pool_serves_verified_connections(
             pool = conn.pool
             conn.close()
             for _ in range(100):  # the pool opens min_size connections in the background
-                if pool.get_stats().get("pool_size", 0) >= POOL["min_size"]:
+                if pool.get_stats().get("pool_available", 0) >= POOL["min_size"]:
                     break
                 time.sleep(0.05)
             load.mark_fault()
