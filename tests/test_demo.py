@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from secure_pg_backend.testing import free_port
 
 from .conftest import assert_no_secret
@@ -36,6 +38,7 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.needs_server  # the demo starts PostgreSQL in a child process
 def test_non_interactive_part() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "example_project.demo", "--no-serve"],
@@ -77,6 +80,7 @@ def test_non_interactive_part() -> None:
     assert web and not _accepts(int(web.group(1))), "the demo left the web server running"
 
 
+@pytest.mark.needs_server  # the demo starts PostgreSQL in a child process
 def test_serves_the_page_and_stops_cleanly_on_sigterm() -> None:
     web_port = free_port()
     demo = subprocess.Popen(
@@ -114,3 +118,43 @@ def test_serves_the_page_and_stops_cleanly_on_sigterm() -> None:
     assert "Stopping PostgreSQL" in out
     assert not _accepts(_db_port(out)), "SIGTERM left PostgreSQL running"
     assert not _accepts(web_port), "SIGTERM left the web server running"
+
+
+def test_a_taken_port_is_reported_before_anything_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "example_project.demo", "--port", str(port)],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"Error: cannot serve on 127.0.0.1:{port}: ")
+    assert "already in use" in done.stderr
+    assert f"make demo PORT={port + 1}" in done.stderr
+    # Nothing started: no CA, no PostgreSQL, nothing that looks like a health check.
+    assert done.stdout == ""
+
+
+def test_make_demo_passes_port_to_the_demo() -> None:
+    done = subprocess.run(
+        # -B: as from a fresh clone (the virtualenv's recipe shown even if it is built).
+        ["make", "--no-print-directory", "-n", "-B", "demo", "PORT=8123"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (run,) = [line for line in done.stdout.splitlines() if "-m example_project.demo" in line]
+    assert run.endswith("/bin/python -m example_project.demo --port 8123")
+    # Its own virtualenv with the demo extra only, not the dev toolchain.
+    assert run.startswith(".venv-demo/")
+    assert "-e '.[demo]'" in done.stdout
