@@ -89,7 +89,7 @@ def psql_command(
 
 
 class DatabaseClient(postgresql.DatabaseClient):
-    connection: VerifiedTLSMixin  # type: ignore[assignment]
+    connection: VerifiedTLSMixin
 
     def runshell(self, parameters: Iterable[str]) -> None:
         args, env = psql_command(self.connection, parameters, self.executable_name)

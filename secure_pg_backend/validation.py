@@ -28,7 +28,7 @@ DOCS_HINT = "docs/errors.md lists every refusal and failure with its fix."
 
 
 class DatabaseValidation(BaseDatabaseValidation):
-    connection: VerifiedTLSMixin  # type: ignore[assignment]
+    connection: VerifiedTLSMixin
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         issues = list(super().check(**kwargs))
