@@ -14,9 +14,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import InsecureConnectionError, SecurePolicyError, redact
+from ...errors import redact
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
+from ...validation import failure_cause
 
 
 def describe(info: TLSInfo) -> str:
@@ -31,14 +32,6 @@ def describe(info: TLSInfo) -> str:
     if cert is not None:
         parts.append(f"server certificate {cert.subject}, {expiry_text(info)}")
     return "; ".join(parts)
-
-
-# A refusal by the policy is a TLS problem; anything else (server down, wrong password,
-# missing database) is reported as what it is.
-_CAUSES: dict[type[Exception], str] = {
-    SecurePolicyError: "settings refused",
-    InsecureConnectionError: "TLS refused",
-}
 
 
 class Command(BaseCommand):
@@ -109,7 +102,7 @@ class Command(BaseCommand):
         try:
             return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
-            cause = _CAUSES.get(type(exc), "could not connect")
+            cause = failure_cause(exc)
             text = redact(" ".join(str(exc).split()), wrapper.settings_dict.get("PASSWORD"))
             return None, (cause, text)
         finally:
