@@ -217,7 +217,9 @@ def good_server() -> TLSPostgres:
         if not _port_free(good.port):
             good.port = free_port()
             fresh = good.database_settings()
-            settings.DATABASES["default"].update(PORT=fresh["PORT"], TEST=fresh["TEST"])
+            entry = settings.DATABASES["default"]  # in place: Django may have filled defaults in
+            entry["PORT"] = fresh["PORT"]
+            entry["TEST"]["NAME"] = fresh["TEST"]["NAME"]
         _start(good)
     return good
 
