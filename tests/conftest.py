@@ -95,6 +95,7 @@ def _forbid_servers() -> None:
     exit 1.
     """
     stub_dir = Path(tempfile.mkdtemp(prefix="spb-no-servers-"))
+    stub_dir.chmod(0o755)  # as root, testing.py runs initdb as the postgres user
     atexit.register(shutil.rmtree, stub_dir, ignore_errors=True)
     message = (
         "--no-servers (make test-fast): this test starts PostgreSQL; "
