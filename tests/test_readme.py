@@ -20,7 +20,7 @@ import logging
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,13 @@ from secure_pg_backend.management.commands.dbtls import describe
 from secure_pg_backend.testing import TLSPostgres
 
 from .conftest import assert_no_secret
+from .docs_examples import (
+    KINDS,
+    TLSINFO_DEPLOYMENT_FIELDS,
+    deployment_neutral,
+    documented,
+    tlsinfo_fields,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -112,60 +119,7 @@ def test_readme_logging_prints_the_readme_line(good_server: TLSPostgres) -> None
     assert done.stderr.splitlines() == [expected]
 
 
-# -- every documented example of output ------------------------------------------------
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# Values that belong to the deployment, not to the backend: the example's and the test
-# server's differ, and both are replaced by a placeholder before comparing.
-TLSINFO_DEPLOYMENT_FIELDS = {"host", "hostaddr", "port", "root_cert"}
-_DEPLOYMENT_PARTS = (
-    (re.compile(r"(connected to|host) \S+:\d+ \(\S+\)"), r"\1 HOST:PORT (ADDRESS)"),
-    (re.compile(r"root certificate \S+ \("), "root certificate PATH ("),
-    (re.compile(r"server certificate .+?, expires"), "server certificate SUBJECT, expires"),
-    (re.compile(r"expires \d{4}-\d\d-\d\d, in \d+ days"), "expires DATE, in N days"),
-)
-KINDS = {
-    "repr": re.compile(r"^TLSInfo\("),
-    "log": re.compile(r"^(INFO|WARNING) secure_pg_backend: database alias "),
-    "dbtls": re.compile(r"^default: SSL connection \("),
-    "datetime": re.compile(r"^datetime\.datetime\("),
-    "stage": re.compile(r"^== .*: (ok in \d+ s|FAILED \(exit \d+\) after \d+ s)$"),
-}
-
-
-def code_lines(path: Path) -> Iterator[str]:
-    """Every line inside a fenced code block of a Markdown file."""
-    fenced = False
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-        elif fenced:
-            yield line.strip()
-
-
-def documented(kind: str) -> list[tuple[str, str]]:
-    """(file, line) for every documented example of this kind of output."""
-    pattern = KINDS[kind]
-    return [
-        (path.relative_to(REPO).as_posix(), line)
-        for path in DOCUMENTS
-        for line in code_lines(path)
-        if pattern.search(line)
-    ]
-
-
-def tlsinfo_fields(text: str) -> list[tuple[str, Any]]:
-    """The keyword arguments of a ``TLSInfo(...)`` repr, in order, as Python values."""
-    call = ast.parse(text, mode="eval").body
-    assert isinstance(call, ast.Call), text
-    return [(str(kw.arg), ast.literal_eval(kw.value)) for kw in call.keywords]
-
-
-def deployment_neutral(line: str) -> str:
-    for pattern, placeholder in _DEPLOYMENT_PARTS:
-        line = pattern.sub(placeholder, line)
-    return line
-
-
+# -- every documented example of output (tests/docs_examples.py finds them) -----------------
 @pytest.fixture
 def live(
     good_server: TLSPostgres, make_wrapper: Callable[..., Any], caplog: pytest.LogCaptureFixture
@@ -186,8 +140,8 @@ def live(
 
 
 def test_the_docs_show_each_kind_of_output() -> None:
-    # The comparisons below must have something to compare: the README shows the repr and
-    # the log line, the docs the rest.
+    # The comparisons must have something to compare: the README shows the repr and the log
+    # line, the docs the rest (the demo's output: tests/test_demo.py).
     for kind in KINDS:
         assert documented(kind), f"no example of {kind} found in README.md or docs/"
     assert any(where == "README.md" for where, _ in documented("repr"))
