@@ -21,6 +21,8 @@ KINDS = {
     "log": re.compile(r"^(INFO|WARNING) secure_pg_backend: database alias "),
     "dbtls": re.compile(r"^default: SSL connection \("),
     "datetime": re.compile(r"^datetime\.datetime\("),
+    "dbtls-failed": re.compile(r"^\w+: FAILED \("),
+    "dbtls-exit": re.compile(r"^CommandError: \d+ of \d+ database aliases failed: "),
     "stage": re.compile(r"^== .*: (ok in \d+ s|FAILED \(exit \d+\) after \d+ s)$"),
     # The demo's output (tests/test_demo.py): its steps, the health check, the metrics.
     "demo": re.compile(r"^(==> |\$ python example_project/manage\.py )"),
@@ -37,6 +39,7 @@ _DEPLOYMENT_PARTS = (
     (re.compile(r"server certificate .+?, expires"), "server certificate SUBJECT, expires"),
     (re.compile(r"expires \d{4}-\d\d-\d\d, in \d+ days"), "expires DATE, in N days"),
     (re.compile(r"http://127\.0\.0\.1:\d+"), "http://127.0.0.1:PORT"),
+    (re.compile(r"\(host '[^']*'\)"), "(host 'HOST')"),
     (re.compile(r"^(secure_pg_backend_\w+\{[^}]*\}) \S+$"), r"\1 VALUE"),
 )
 
@@ -73,3 +76,14 @@ def deployment_neutral(line: str) -> str:
     for pattern, placeholder in _DEPLOYMENT_PARTS:
         line = pattern.sub(placeholder, line)
     return line
+
+
+def shown_in(example: str, real: str) -> bool:
+    """Whether an example with elisions ("…") shows ``real``: its parts, in order."""
+    position = 0
+    for part in deployment_neutral(example).split("…"):
+        found = deployment_neutral(real).find(part.strip(), position)
+        if found < 0:
+            return False
+        position = found + len(part.strip())
+    return True

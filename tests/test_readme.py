@@ -15,6 +15,7 @@ the same fields in the same order, the same fixed values, only the deployment's 
 from __future__ import annotations
 
 import ast
+import io
 import json
 import logging
 import re
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from secure_pg_backend.management.commands.dbtls import describe
 from secure_pg_backend.testing import TLSPostgres
@@ -35,6 +38,7 @@ from .docs_examples import (
     TLSINFO_DEPLOYMENT_FIELDS,
     deployment_neutral,
     documented,
+    shown_in,
     tlsinfo_fields,
 )
 
@@ -187,3 +191,18 @@ def test_make_test_stage_lines_are_what_scripts_stage_prints() -> None:
             ok.stdout.splitlines()[-1],
             failed.stdout.splitlines()[-1],
         ), where
+
+
+def test_every_dbtls_refusal_shown_is_the_real_one(
+    aliases: Callable[..., None], mitm_server: TLSPostgres
+) -> None:
+    # docs/commands.md: a replica behind a machine-in-the-middle, beside a good default.
+    aliases(replica=mitm_server.database_settings(host="localhost"))
+    err = io.StringIO()
+    with pytest.raises(CommandError) as caught:
+        call_command("dbtls", stdout=io.StringIO(), stderr=err)
+    (refusal,) = [x for x in err.getvalue().splitlines() if x.startswith("replica: FAILED")]
+    for where, line in documented("dbtls-failed"):
+        assert shown_in(line, refusal), f"{where} shows:\n{line}\nreal:\n{refusal}"
+    for where, line in documented("dbtls-exit"):
+        assert line == f"CommandError: {caught.value}", where
