@@ -1,6 +1,8 @@
-# One command each: `make test` (what CI runs), `make demo`, `make bench`.
+# One command each: `make test` (what CI runs), `make test-fast` (the inner loop: every test that
+# needs no server, no PostgreSQL started), `make demo` (PORT=8001 to serve elsewhere), `make bench`.
 # Two main environments: Django 5.2 LTS on Python 3.11, Django 6.1 on Python 3.12.
 # The rest of the support matrix (docs/support.md) is `make test-matrix`, also part of `make test`.
+# Every step of `make test` is framed by scripts/stage: "== NAME ..." then "== NAME: ok in 12 s".
 
 SHELL := /bin/bash
 PY311 ?= $(shell scripts/find-python 3.11)
@@ -9,16 +11,21 @@ PY310 ?= $(shell scripts/find-python 3.10)
 PY313 ?= $(shell scripts/find-python 3.13)
 VENV_DJ52 := .venv
 VENV_DJ61 := .venv-dj61
+# Only what the demo runs (the package and example_project's extras), not the dev toolchain.
+VENV_DEMO := .venv-demo
+PORT ?= 8000
+STAGE := scripts/stage
 PYTEST_ARGS ?=
 # make bench BENCH_ARGS=--quick (a smoke run), or BENCH_ARGS='--only negotiation'
 BENCH_ARGS ?=
 
-.PHONY: test test-dj52 test-dj61 lint system-deps demo bench clean
+.PHONY: test test-fast test-dj52 test-dj61 lint system-deps demo bench clean
 .PHONY: matrix-venvs test-matrix test-c test-core-matrix test-python test-lowest test-pairs
 .PHONY: docs dist-check
 
+# The virtualenvs build three at a time; -Oline keeps each "== venv ..." line whole and prompt.
 test: system-deps
-	$(MAKE) --no-print-directory -j3 -Otarget matrix-venvs
+	$(MAKE) --no-print-directory -j3 -Oline matrix-venvs
 	$(MAKE) --no-print-directory lint test-dj52 test-dj61 test-matrix
 test: docs dist-check
 
@@ -26,36 +33,48 @@ system-deps:
 	@scripts/system-deps test
 
 $(VENV_DJ52)/.installed: pyproject.toml ci/django52.txt
-	$(PY311) -m venv $(VENV_DJ52)
-	$(VENV_DJ52)/bin/pip install -q --disable-pip-version-check -c ci/django52.txt -e '.[dev]'
-	touch $@
+	@scripts/venv $(VENV_DJ52) $(PY311) -c ci/django52.txt -e '.[dev]'
 
 $(VENV_DJ61)/.installed: pyproject.toml ci/django61.txt
-	$(PY312) -m venv $(VENV_DJ61)
-	$(VENV_DJ61)/bin/pip install -q --disable-pip-version-check -c ci/django61.txt -e '.[dev]'
-	touch $@
+	@scripts/venv $(VENV_DJ61) $(PY312) -c ci/django61.txt -e '.[dev]'
 
+$(VENV_DEMO)/.installed: pyproject.toml ci/django52.txt
+	@scripts/venv $(VENV_DEMO) $(PY311) -c ci/django52.txt -e '.[demo]'
+
+LINT_PATHS := secure_pg_backend tests bench example_project
 lint: $(VENV_DJ52)/.installed
-	$(VENV_DJ52)/bin/ruff check secure_pg_backend tests bench example_project
-	$(VENV_DJ52)/bin/ruff format --check secure_pg_backend tests bench example_project
-	$(VENV_DJ52)/bin/mypy
+	@$(STAGE) "lint: ruff check" $(VENV_DJ52)/bin/ruff check $(LINT_PATHS)
+	@$(STAGE) "lint: ruff format --check" $(VENV_DJ52)/bin/ruff format --check $(LINT_PATHS)
+	@$(STAGE) "lint: mypy" $(VENV_DJ52)/bin/mypy
 
 test-dj52: $(VENV_DJ52)/.installed system-deps
-	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
+	@$(STAGE) "test-dj52: full suite, Django 5.2, Python 3.11" \
+		$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-dj61: $(VENV_DJ61)/.installed system-deps
-	$(VENV_DJ61)/bin/python -m pytest $(PYTEST_ARGS)
+	@$(STAGE) "test-dj61: full suite, Django 6.1, Python 3.12" \
+		$(VENV_DJ61)/bin/python -m pytest $(PYTEST_ARGS)
 
-demo: $(VENV_DJ52)/.installed
+# Every test that needs no server (tests/conftest.py: --no-servers), in seconds, and no
+# PostgreSQL process is started. The full run (test-dj52) still runs them all. Bytecode is
+# written even where PYTHONDONTWRITEBYTECODE is set: pytest caches its assertion-rewritten test
+# modules there, and recompiling them is a third of the run.
+test-fast: $(VENV_DJ52)/.installed
+	@$(STAGE) "test-fast: the tests that need no server" env -u PYTHONDONTWRITEBYTECODE \
+		$(VENV_DJ52)/bin/python -m pytest -q --no-servers $(PYTEST_ARGS)
+
+# The port is checked first (example_project/demo.py): taken, the demo says so and starts nothing.
+demo: $(VENV_DEMO)/.installed
 	@scripts/system-deps demo
-	$(VENV_DJ52)/bin/python -m example_project.demo
+	$(VENV_DEMO)/bin/python -m example_project.demo --port $(PORT)
 
 # Core checks on every supported PostgreSQL server (PyPI builds via scripts/pg-binaries).
 PG_VERSIONS ?= 14 15 16 17 18
 .PHONY: test-servers
 test: test-servers
 test-servers: $(VENV_DJ52)/.installed system-deps
-	SPB_PG_VERSIONS="$(PG_VERSIONS)" $(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
+	@SPB_PG_VERSIONS="$(PG_VERSIONS)" $(STAGE) "test-servers: PostgreSQL $(PG_VERSIONS)" \
+		$(VENV_DJ52)/bin/python -m pytest tests/test_server_versions.py $(PYTEST_ARGS)
 
 # Django's own test suite (the sdist of each environment's Django, cached in .cache/) on both
 # ENGINEs (core, PostGIS) over verified TLS: scripts/django-suite; ci/django-expected-failures.txt.
@@ -78,23 +97,23 @@ bench: $(VENV_DJ52)/.installed system-deps
 # link or anchor, a page missing from nav) into errors. Not --quiet: it hides the warnings
 # from the strict count.
 docs: $(VENV_DJ52)/.installed
-	$(VENV_DJ52)/bin/mkdocs build --strict
+	@$(STAGE) "docs: mkdocs build --strict" $(VENV_DJ52)/bin/mkdocs build --strict
 
 # The sdist and wheel a release would upload: built in isolation, checked by twine (the README
 # must render on the package index) and for contents (LICENSE, CHANGELOG in; junk out).
 dist-check: $(VENV_DJ52)/.installed
 	rm -rf build/dist
-	$(VENV_DJ52)/bin/python -m build --quiet --outdir build/dist .
+	@$(STAGE) "dist-check: build sdist and wheel" \
+		$(VENV_DJ52)/bin/python -m build --quiet --outdir build/dist .
 	$(VENV_DJ52)/bin/twine check --strict build/dist/*
 	$(VENV_DJ52)/bin/python scripts/check-dist build/dist
 
 clean:
-	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(VENV_DEMO) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache
 
 # -- the support matrix (docs/support.md) -------------------------------------------------
 # Full suite: psycopg's C build against the distribution's libpq. Core subset: the pure-Python
 # build (same libpq), the lowest versions pyproject allows, every other Python x Django pair.
-PIP := pip install -q --disable-pip-version-check
 # What proves the backend end to end: verified connects and refusals, the live certificate,
 # the libpq/psycopg checks, `system` roots, the pool, PostGIS and the composed backends.
 CORE_TESTS := tests/test_connect.py tests/test_peer_certificate.py tests/test_compat.py \
@@ -109,43 +128,39 @@ matrix-venvs: $(VENV_DJ52)/.installed $(VENV_DJ61)/.installed $(MATRIX_VENVS:%=%
 
 # Python 3.13 + Django 6.1 + psycopg[c] built against libpq-dev (also runs PSYCOPG_IMPL=python).
 $(VENV_C)/.installed: pyproject.toml ci/django61.txt ci/psycopg-c.txt
-	$(PY313) -m venv $(VENV_C)
-	$(VENV_C)/bin/$(PIP) -c ci/django61.txt -e '.[test]' -r ci/psycopg-c.txt
-	touch $@
+	@scripts/venv $(VENV_C) $(PY313) -c ci/django61.txt -e '.[test]' -r ci/psycopg-c.txt
 
 # Python 3.10 + exactly the lowest bounds (ci/lowest.txt).
 $(VENV_LOWEST)/.installed: pyproject.toml ci/lowest.txt
-	$(PY310) -m venv $(VENV_LOWEST)
-	$(VENV_LOWEST)/bin/$(PIP) -c ci/lowest.txt -e '.[test]'
-	touch $@
+	@scripts/venv $(VENV_LOWEST) $(PY310) -c ci/lowest.txt -e '.[test]'
 
 # .venv-py313-dj60 = Python 3.13 + ci/django60.txt
 .venv-py%/.installed: pyproject.toml ci/django52.txt ci/django60.txt
-	py=$$(echo '$*' | sed -E 's/^([0-9])([0-9]+)-.*/\1.\2/') && dj=$$(echo '$*' | sed 's/.*-dj//') && \
-	"$$(scripts/find-python $$py)" -m venv .venv-py$* && \
-	.venv-py$*/bin/$(PIP) -c ci/django$$dj.txt -e '.[test]'
-	touch $@
+	@py=$$(echo '$*' | sed -E 's/^([0-9])([0-9]+)-.*/\1.\2/') && dj=$$(echo '$*' | sed 's/.*-dj//') && \
+	scripts/venv .venv-py$* "$$(scripts/find-python $$py)" -c ci/django$$dj.txt -e '.[test]'
 
 test-matrix: test-c test-core-matrix
 
 test-c: $(VENV_C)/.installed system-deps
 	$(VENV_C)/bin/python -c 'import psycopg; assert psycopg.pq.__impl__ == "c", psycopg.pq.__impl__'
-	$(VENV_C)/bin/python -m pytest $(PYTEST_ARGS)
+	@$(STAGE) "test-c: full suite, psycopg's C build, Python 3.13, Django 6.1" \
+		$(VENV_C)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The core-subset runs, two at a time: they mostly wait on servers (each starts its own).
+# The core-subset runs, two at a time: they mostly wait on servers (each starts its own). Each
+# run's output is shown whole when it ends (-Otarget), so the whole group is framed too.
 test-core-matrix: system-deps
-	$(MAKE) --no-print-directory -j2 -Otarget test-python test-lowest test-pairs
+	@$(STAGE) "test-core-matrix: core subset on 6 more environments, 2 at a time" \
+		$(MAKE) --no-print-directory -j2 -Otarget test-python test-lowest test-pairs
 
 test-python: $(VENV_C)/.installed system-deps
-	@echo "== psycopg pure-Python build on the system libpq (core subset)"
-	PSYCOPG_IMPL=python $(VENV_C)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
+	@PSYCOPG_IMPL=python $(STAGE) "test-python: psycopg pure-Python build, system libpq (core)" \
+		$(VENV_C)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
 test-lowest: $(VENV_LOWEST)/.installed system-deps
-	@echo "== lowest allowed versions, ci/lowest.txt (core subset)"
-	$(VENV_LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
+	@$(STAGE) "test-lowest: lowest allowed versions, ci/lowest.txt (core)" \
+		$(VENV_LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
 test-pairs: $(VENV_PAIRS:.venv-%=test-pair-%)
 
 test-pair-%: .venv-%/.installed
-	@echo "== .venv-$* (core subset)"
-	.venv-$*/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
+	@$(STAGE) "test-pair-$*: .venv-$* (core)" .venv-$*/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)

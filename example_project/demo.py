@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,14 +56,32 @@ def get(url: str, accept: str = "*/*") -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+def port_taken(port: int) -> str | None:
+    """Why the web server could not listen on 127.0.0.1:``port``, or None if it can."""
+    with socket.socket() as sock:
+        # As runserver binds it (SO_REUSEADDR), so a port in TIME_WAIT is not reported.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def wait_for(web: subprocess.Popen[bytes], url: str) -> bool:
+    """True once *our* web server answers ``url`` with 200.
+
+    Another process on the port (a race after the start-up check) would answer too: a
+    response only counts while our server is still running, and only a 200.
+    """
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and web.poll() is None:
         try:
-            get(url)
-            return True
+            status, _ = get(url)
         except OSError:
             time.sleep(0.2)
+            continue
+        return status == 200 and web.poll() is None
     return False
 
 
@@ -96,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-serve", action="store_true", help="stop after dbtls")
     parser.add_argument("--port", type=int, default=8000, help="web port (default 8000)")
     args = parser.parse_args(argv)
+    if not args.no_serve and (why := port_taken(args.port)):
+        # Before the CA and the server: nothing to clean up, nothing printed that looks healthy.
+        print(
+            f"Error: cannot serve on 127.0.0.1:{args.port}: {why}.\n"
+            f"Stop what uses it, or choose another port: make demo PORT={args.port + 1} "
+            f"(python -m example_project.demo --port {args.port + 1}).",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, _terminate)
 
     say("Creating a throwaway CA and a PostgreSQL server with TLS (certificate for localhost)")
@@ -127,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{port}"
             say(f"Starting the web server on {base}")
             web = start_web(env, port)
-            if wait_for(web, f"{base}/tls/"):
+            if not wait_for(web, f"{base}/tls/"):
+                print(f"Error: the web server did not serve {base}/tls/", file=sys.stderr)
+                status = 1
+            else:
                 show_endpoints(base)
-            if not args.no_serve:
+            if status == 0 and not args.no_serve:
                 say(f"Serving {base}/tls/, /health/ and /metrics (Ctrl-C to stop)")
                 status = web.wait()
     except KeyboardInterrupt:

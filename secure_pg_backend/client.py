@@ -373,7 +373,7 @@ def _explain_failure(wrapper: VerifiedTLSMixin, returncode: int, shown: list[str
 
 
 class DatabaseClient(postgresql.DatabaseClient):
-    connection: VerifiedTLSMixin  # type: ignore[assignment]
+    connection: VerifiedTLSMixin
 
     def runshell(self, parameters: Iterable[str]) -> None:
         parameters = list(parameters)

@@ -65,7 +65,7 @@ class Verdict(policy.Evaluation):
 
 def _as_text(value: Any) -> str:
     # What psycopg's make_conninfo sends for a value (it calls str()).
-    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)  # type: ignore[return-value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
 def _origins(settings_dict: Mapping[str, Any]) -> dict[str, str]:

@@ -120,7 +120,7 @@ def _optional(lib: ctypes.CDLL, *names: str) -> _CFunc | None:
     # OpenSSL functions come from the libssl/libcrypto this libpq is linked to.
     for name in names:
         try:
-            return getattr(lib, name)  # type: ignore[no-any-return]
+            return getattr(lib, name)
         except AttributeError:
             continue
     return None

@@ -452,7 +452,7 @@ class TLSPostgres:
             gssencmode="disable",
         ) as conn:
             for statement in statements:
-                cur = conn.execute(statement)  # type: ignore[arg-type]
+                cur = conn.execute(statement)
                 rows = cur.fetchall() if cur.description else []
         return rows
 

@@ -3,7 +3,9 @@
 One cause, one message: settings the policy refuses are already reported offline
 (E001-E013) and are not repeated here; a link the policy refused is E010; a server
 that is down, a wrong password or a missing database is E014, in libpq's words,
-because it is not a TLS problem and must not look like one.
+because it is not a TLS problem and must not look like one. Nor is a combination of
+settings Django itself refuses when the connection opens (``OPTIONS["pool"]`` with
+``CONN_MAX_AGE``): E014 too, in Django's words, said to be configuration, not the server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
+from .credentials import CredentialProviderError
 from .errors import (
     ConnectionFileError,
     InsecureConnectionError,
@@ -32,9 +35,38 @@ E_REFUSED = "secure_pg_backend.E010"
 E_CONNECT = "secure_pg_backend.E014"
 DOCS_HINT = "docs/errors.md lists every refusal and failure with its fix."
 
+# What kind of failure a connection attempt ended in: dbtls prints it, the checks choose
+# their message and hint by it (docs/errors.md's causes).
+SETTINGS_REFUSED = "settings refused"
+FILE_UNUSABLE = "file unusable"
+TLS_REFUSED = "TLS refused"
+CONFIGURATION = "configuration"
+NO_CONNECTION = "could not connect"
+
+
+def failure_cause(exc: Exception) -> str:
+    """The cause of a failed connection attempt, by what raised it.
+
+    The policy's refusals are TLS problems. Any other ImproperlyConfigured is raised before
+    a server is asked anything (Django refusing a combination of settings, an optional
+    package missing): configuration. The rest (server down, wrong password, missing
+    database) is reported as what it is.
+    """
+    if isinstance(exc, SecurePolicyError):
+        return SETTINGS_REFUSED
+    if isinstance(exc, CredentialProviderError):  # the password provider failed, not TLS
+        return NO_CONNECTION
+    if isinstance(exc, ConnectionFileError):  # a file libpq opens, as it is now
+        return FILE_UNUSABLE
+    if isinstance(exc, InsecureConnectionError):
+        return TLS_REFUSED
+    if isinstance(exc, ImproperlyConfigured):
+        return CONFIGURATION
+    return NO_CONNECTION
+
 
 class DatabaseValidation(BaseDatabaseValidation):
-    connection: VerifiedTLSMixin  # type: ignore[assignment]
+    connection: VerifiedTLSMixin
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         issues = list(super().check(**kwargs))
@@ -48,11 +80,19 @@ class DatabaseValidation(BaseDatabaseValidation):
             message = f"Database alias {alias!r}: {self._redact(exc)}"
             return [*issues, checks.Error(message, hint=DOCS_HINT, obj=where, id=E_REFUSED)]
         except (DatabaseError, ImproperlyConfigured) as exc:
-            message = f"Database alias {alias!r} could not connect: {self._redact(exc)}"
-            hint = (
-                "Not a TLS problem: check that the server is running and reachable, and the "
-                "USER, PASSWORD and NAME. " + DOCS_HINT
-            )
+            if failure_cause(exc) == CONFIGURATION:
+                message = f"Database alias {alias!r}: the settings conflict: {self._redact(exc)}"
+                hint = (
+                    f"A configuration problem, found before any server was contacted (not "
+                    f"TLS, the server or the credentials): change {where} as the message "
+                    "says. " + DOCS_HINT
+                )
+            else:
+                message = f"Database alias {alias!r} could not connect: {self._redact(exc)}"
+                hint = (
+                    "Not a TLS problem: check that the server is running and reachable, and "
+                    "the USER, PASSWORD and NAME. " + DOCS_HINT
+                )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
         cert = info.peer_certificate
         if cert is not None and cert.expires_soon():

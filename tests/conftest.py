@@ -1,8 +1,12 @@
 """Real PostgreSQL servers with real TLS, from a throwaway CA made at test time.
 
-The main server is started in ``pytest_configure`` because Django's settings
-(and so ``DATABASES['default']``) must exist before pytest-django sets Django
-up. Other servers start on first use and live for the session.
+Django's settings (and so ``DATABASES['default']``) must exist before pytest-django sets
+Django up, so ``pytest_configure`` describes the main server (CA, certificate, port) without
+starting it; it starts on first use, like every other server, and lives for the session. A
+test that uses a server says so through its fixtures (``good_server``, ``db``, ...) or the
+``needs_server`` marker; ``--no-servers`` (``make test-fast``) runs only the others and makes
+any attempt to start PostgreSQL fail loudly, so a test missing its marker shows up there
+instead of being dropped from the full run, which ignores the marker.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import atexit
 import copy
 import datetime as dt
+import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +31,14 @@ from django.db import connections
 from django.db.utils import ConnectionHandler
 
 from secure_pg_backend import logs
-from secure_pg_backend.testing import APP_PASSWORD, SUPERUSER_PASSWORD, TestCA, TLSPostgres
+from secure_pg_backend.testing import (
+    APP_PASSWORD,
+    SUPERUSER_PASSWORD,
+    TestCA,
+    TLSPostgres,
+    find_pg_bin,
+    free_port,
+)
 
 SECRETS = (APP_PASSWORD, SUPERUSER_PASSWORD)
 
@@ -44,14 +59,89 @@ def _stop_all() -> None:
         _servers.pop().stop()
 
 
+# Fixtures that start a PostgreSQL server (or need the main one). A test using one of them, or
+# marked django_db, is a `needs_server` test. pytest-django's database fixtures all go through
+# django_db_setup. A module whose own fixtures start servers marks itself (pytestmark).
+SERVER_FIXTURES = frozenset(
+    {
+        "good_server",
+        "mitm_server",
+        "plain_server",
+        "expired_server",
+        "expiring_server",
+        "start_server",
+        "aliases",
+        "django_db_setup",
+    }
+)
+# pytest-timeout: a test that starts servers or processes and hangs fails instead of holding
+# the run (and its servers) forever. Generous: a busy 2-core machine is slow, not hung.
+SERVER_TEST_TIMEOUT = 600
+
+NO_SERVERS_HELP = (
+    "run only the tests that need no PostgreSQL server (make test-fast); starting one fails"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-servers", action="store_true", help=NO_SERVERS_HELP)
+
+
+def _forbid_servers() -> None:
+    """Make every PostgreSQL start fail, in this process and in the processes it spawns.
+
+    Here TLSPostgres.start raises; in child processes, secure_pg_backend.testing finds
+    ``$PG_BIN/initdb`` and ``$PG_BIN/pg_ctl``: scripts that say which marker is missing and
+    exit 1.
+    """
+    stub_dir = Path(tempfile.mkdtemp(prefix="spb-no-servers-"))
+    stub_dir.chmod(0o755)  # as root, testing.py runs initdb as the postgres user
+    atexit.register(shutil.rmtree, stub_dir, ignore_errors=True)
+    message = (
+        "--no-servers (make test-fast): this test starts PostgreSQL; "
+        "mark it needs_server (pytest.mark.needs_server) or request a server fixture"
+    )
+    real = find_pg_bin()
+    for name in ("initdb", "pg_ctl", "postgres"):
+        stub = stub_dir / name
+        # `postgres --version` only reports (test_server_versions asks it while collecting).
+        version = (
+            f'[ "$1" = --version ] && exec "{real / name}" "$@"\n' if name == "postgres" else ""
+        )
+        stub.write_text(f"#!/bin/sh\n{version}echo '{message}' >&2\nexit 1\n")
+        stub.chmod(0o755)
+    os.environ["PG_BIN"] = str(stub_dir)
+
+    def refuse(self: TLSPostgres) -> TLSPostgres:
+        raise RuntimeError(message)
+
+    TLSPostgres.start = refuse  # type: ignore[method-assign]
+
+
+def examples(full: int) -> int:
+    """How many examples a property test tries: ``full``, a tenth in the fast loop.
+
+    The fast loop (--no-servers) is for seconds-long edit-test cycles; the full run, which
+    every change goes through, explores the whole budget.
+    """
+    return max(full // 10, 1) if _state.get("no_servers") else full
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_server: starts PostgreSQL (deselected by --no-servers / make test-fast)"
+    )
+    if config.getoption("no_servers"):
+        _state["no_servers"] = True
+        _forbid_servers()
     if settings.configured:
         return
     ca = TestCA()
     # Also accepts plaintext TCP (pg_hba "host" lines): if the backend ever let
     # libpq fall back, tests against this server would see a non-TLS link.
-    good = _start(
-        TLSPostgres(ca.issue("localhost", "127.0.0.1", "db.test"), trust=ca, allow_plaintext=True)
+    # Not started here: its port is only reserved (free_port), see good_server.
+    good = TLSPostgres(
+        ca.issue("localhost", "127.0.0.1", "db.test"), trust=ca, allow_plaintext=True
     )
     atexit.register(_stop_all)
     _state.update(ca=ca, good=good)
@@ -76,16 +166,68 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _stop_all()
 
 
+def needs_server(item: pytest.Item) -> bool:
+    return bool(
+        item.get_closest_marker("needs_server")
+        or item.get_closest_marker("django_db")
+        or SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        if needs_server(item):
+            item.add_marker(pytest.mark.needs_server)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if config.getoption("no_servers") and dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 # -- servers ---------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def ca() -> TestCA:
     return _state["ca"]  # type: ignore[no-any-return]
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def good_server() -> TLSPostgres:
-    """TLS with a leaf for localhost, 127.0.0.1 and db.test (reachable via hostaddr)."""
-    return _state["good"]  # type: ignore[no-any-return]
+    """TLS with a leaf for localhost, 127.0.0.1 and db.test (reachable via hostaddr).
+
+    The server behind ``DATABASES['default']``, started on first use. Its port was reserved
+    when the settings were written; if something took it since, it moves to a free one and
+    ``DATABASES['default']`` (the very dict Django's connections read) follows.
+    """
+    good: TLSPostgres = _state["good"]
+    if not good.running:
+        if not _port_free(good.port):
+            good.port = free_port()
+            fresh = good.database_settings()
+            entry = settings.DATABASES["default"]  # in place: Django may have filled defaults in
+            entry["PORT"] = fresh["PORT"]
+            entry["TEST"]["NAME"] = fresh["TEST"]["NAME"]
+        _start(good)
+    return good
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(good_server: TLSPostgres, django_db_setup: None) -> None:
+    """pytest-django's test database, created on the main server (started first)."""
 
 
 def _lazy(name: str, make: Callable[[], TLSPostgres]) -> TLSPostgres:
@@ -182,7 +324,7 @@ def leaf_certificate(server: TLSPostgres) -> x509.Certificate:
 
 
 @pytest.fixture
-def aliases(django_db_blocker: Any) -> Iterator[Callable[..., None]]:
+def aliases(good_server: TLSPostgres, django_db_blocker: Any) -> Iterator[Callable[..., None]]:
     """Add aliases to django.db.connections for one test (as if they were in DATABASES)."""
     added: list[str] = []
 

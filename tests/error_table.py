@@ -23,7 +23,7 @@ from secure_pg_backend.testing import TestCA, TLSPostgres
 @dataclass(frozen=True)
 class Case:
     title: str
-    cause: str  # "settings refused", "TLS refused" or "not a TLS problem"
+    cause: str  # "settings refused", "TLS refused", "configuration" or "not a TLS problem"
     server: str  # which server the entry points at
     change: Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -44,10 +44,11 @@ EXPIRED = {
     "not_before": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
     "not_after": dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
 }
-SETTINGS, FILE, TLS, OTHER = (
+SETTINGS, FILE, TLS, CONFIG, OTHER = (
     "settings refused",
     "file unusable",
     "TLS refused",
+    "configuration",
     "not a TLS problem",
 )
 CASES = (
@@ -76,6 +77,12 @@ CASES = (
     ),
     Case("Server without TLS", TLS, "plain", _fields()),
     Case("Expired certificate", TLS, "expired", _fields()),
+    Case(
+        "Pool with persistent connections",
+        CONFIG,
+        "good",
+        lambda entry: _options(pool=True)(_fields(CONN_MAX_AGE=60)(entry)),
+    ),
     Case("Wrong password", OTHER, "good", _fields(PASSWORD="not-the-password")),
     Case("Database does not exist", OTHER, "good", _fields(NAME="no_such_db")),
     Case("Server down", OTHER, "good", _fields(PORT="1")),
@@ -123,7 +130,7 @@ def rows(servers: dict[str, TLSPostgres], root_cert: str) -> Iterator[str]:
 HEADER = """# Errors and what they mean
 
 Every failure class, with the exact message a user gets (generated from real servers by
-`python -m tests.error_table`; ports, paths and dates normalised). Four causes:
+`python -m tests.error_table`; ports, paths and dates normalised). Five causes:
 
 - **settings refused**: `SecurePolicyError` (an `ImproperlyConfigured`) before any network
   I/O; `manage.py check` reports the same rule as `secure_pg_backend.E0xx`.
@@ -135,6 +142,11 @@ Every failure class, with the exact message a user gets (generated from real ser
 - **TLS refused**: `InsecureConnectionError` (a subclass of Django's `OperationalError`)
   after libpq or the post-handshake check refused the link; `manage.py check --database`
   reports it as `secure_pg_backend.E010`.
+- **configuration**: an `ImproperlyConfigured` raised by Django itself when the connection
+  opens, in Django's words: settings that conflict with each other (or an optional package that
+  is missing), found before any server is contacted, so neither TLS, the server nor the
+  credentials; `manage.py check --database` reports it as `secure_pg_backend.E014` with a hint
+  saying so, `dbtls` as `FAILED (configuration)`.
 - **not a TLS problem**: Django's ordinary `OperationalError` with libpq's words, exactly
   what the stock backend raises; `manage.py check --database` reports it as
   `secure_pg_backend.E014`, `dbtls` as `FAILED (could not connect)`. When the cause is

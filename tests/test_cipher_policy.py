@@ -126,6 +126,7 @@ def _wait_no_app_session(server: TLSPostgres) -> int:
     return count
 
 
+@pytest.mark.needs_server  # tls12_server
 @pytest.mark.parametrize(
     ("ciphers", "rsa"),
     [("AES128-SHA", True), ("ECDHE-RSA-AES128-SHA", True), ("AES256-GCM-SHA384", True)],
@@ -148,6 +149,7 @@ def test_legacy_cipher_server_is_refused(
     assert _wait_no_app_session(server) == 0
 
 
+@pytest.mark.needs_server  # tls12_server
 def test_legacy_cipher_accepted_with_opt_out(
     tls12_server: Callable[[str, bool], TLSPostgres], make_wrapper: Callable[..., Any]
 ) -> None:
@@ -173,6 +175,7 @@ def test_opt_out_keeps_certificate_verification(
     assert APP_PASSWORD not in str(caught.value)
 
 
+@pytest.mark.needs_server  # tls12_server
 def test_opt_out_keeps_a_raised_minimum_protocol(
     tls12_server: Callable[[str, bool], TLSPostgres], make_wrapper: Callable[..., Any]
 ) -> None:
@@ -183,6 +186,7 @@ def test_opt_out_keeps_a_raised_minimum_protocol(
         wrapper.ensure_connection()
 
 
+@pytest.mark.needs_server  # tls12_server
 @pytest.mark.parametrize(
     ("ciphers", "rsa"),
     [

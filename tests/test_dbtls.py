@@ -205,3 +205,24 @@ def test_a_server_that_is_down_is_not_called_a_tls_problem(
         call_command("dbtls", database=["down"], stdout=out, stderr=err)
     assert err.getvalue().startswith("down: FAILED (could not connect): ")
     assert "Connection refused" in err.getvalue() and "TLS" not in err.getvalue()
+
+
+def test_a_setting_conflict_is_reported_as_configuration(
+    aliases: Callable[..., None], good_server: TLSPostgres
+) -> None:
+    aliases(pooled=good_server.database_settings(options={"pool": True}, CONN_MAX_AGE=60))
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match=r"pooled \(configuration\)$"):
+        call_command("dbtls", database=["pooled"], stdout=out, stderr=err)
+    assert err.getvalue() == (
+        "pooled: FAILED (configuration): Pooling doesn't support persistent connections.\n"
+    )
+    out = io.StringIO()
+    with pytest.raises(CommandError):
+        call_command("dbtls", database=["pooled"], json=True, stdout=out, stderr=io.StringIO())
+    assert json.loads(out.getvalue()) == {
+        "pooled": {
+            "cause": "configuration",
+            "error": "Pooling doesn't support persistent connections.",
+        }
+    }

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from secure_pg_backend.testing import free_port
 
 from .conftest import assert_no_secret
+from .docs_examples import deployment_neutral, documented
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +42,7 @@ def _accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.needs_server  # the demo starts PostgreSQL in a child process
 def test_non_interactive_part() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "example_project.demo", "--no-serve"],
@@ -75,42 +82,118 @@ def test_non_interactive_part() -> None:
         assert re.search(f"^{pattern}", out, re.MULTILINE), pattern
     web = re.search(r"Starting the web server on http://127\.0\.0\.1:(\d+)", out)
     assert web and not _accepts(int(web.group(1))), "the demo left the web server running"
+    # The docs quote this output (docs/operations.md): the health check's body and every
+    # metric sample, the values aside.
+    for where, body in documented("health"):
+        assert f"HTTP 200 {body}" in out, where
+    real_samples = {deployment_neutral(x) for x in out.splitlines() if x.startswith("secure_pg")}
+    for where, sample in documented("metric"):
+        assert deployment_neutral(sample) in real_samples, f"{where}: {sample}"
 
 
-def test_serves_the_page_and_stops_cleanly_on_sigterm() -> None:
+@pytest.mark.needs_server  # the demo starts PostgreSQL in a child process
+def test_serves_the_page_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     web_port = free_port()
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "example_project.demo", "--port", str(web_port)],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        data = None
-        deadline = time.monotonic() + 120
-        for _ in range(600):
-            if time.monotonic() > deadline or demo.poll() is not None:
-                break
-            try:
-                url = f"http://127.0.0.1:{web_port}/tls/?format=json"
-                with urllib.request.urlopen(url, timeout=10) as response:
-                    data = json.loads(response.read())
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        assert data is not None, "the demo never served /tls/"
-        assert data["default"]["transport"] == "tls"
-        assert data["default"]["host"] == "localhost"
-        demo.send_signal(signal.SIGTERM)
-        out, err = demo.communicate(timeout=120)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.communicate()
+    with (tmp_path / "stderr").open("w+") as stderr:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "example_project.demo", "--port", str(web_port)],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        output = demo.stdout
+        assert output is not None
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for line in output:
+                lines.put(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        seen: list[str] = []
+        try:
+            data = None
+            deadline = time.monotonic() + 120
+            for _ in range(600):
+                if time.monotonic() > deadline or demo.poll() is not None:
+                    break
+                try:
+                    url = f"http://127.0.0.1:{web_port}/tls/?format=json"
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        data = json.loads(response.read())
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    time.sleep(0.2)
+            assert data is not None, "the demo never served /tls/"
+            assert data["default"]["transport"] == "tls"
+            assert data["default"]["host"] == "localhost"
+            # SIGTERM once it says it is serving (after the health check and the metrics).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any("==> Serving" in x for x in seen):
+                with contextlib.suppress(queue.Empty):
+                    seen.append(lines.get(timeout=1))
+            assert any(x.startswith("==> Serving http://") for x in seen), "".join(seen)
+            demo.send_signal(signal.SIGTERM)
+            demo.wait(timeout=120)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+        reader.join(timeout=10)
+        while not lines.empty():
+            seen.append(lines.get_nowait())
+        out = "".join(seen)
+        stderr.seek(0)
+        err = stderr.read()
     assert demo.returncode == 0, err
     assert_no_secret(out, err)
     assert "Stopping PostgreSQL" in out
+    # docs/demo.md's excerpt of this output: its steps and commands, ports aside.
+    real_lines = {deployment_neutral(line) for line in out.splitlines()}
+    for where, line in documented("demo"):
+        assert deployment_neutral(line) in real_lines, f"{where}: {line}"
     assert not _accepts(_db_port(out)), "SIGTERM left PostgreSQL running"
     assert not _accepts(web_port), "SIGTERM left the web server running"
+
+
+def test_a_taken_port_is_reported_before_anything_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "example_project.demo", "--port", str(port)],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"Error: cannot serve on 127.0.0.1:{port}: ")
+    assert "already in use" in done.stderr
+    assert f"make demo PORT={port + 1}" in done.stderr
+    # Nothing started: no CA, no PostgreSQL, nothing that looks like a health check.
+    assert done.stdout == ""
+
+
+def test_make_demo_passes_port_to_the_demo() -> None:
+    done = subprocess.run(
+        # -B: as from a fresh clone (the virtualenv's recipe shown even if it is built).
+        ["make", "--no-print-directory", "-n", "-B", "demo", "PORT=8123"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (run,) = [line for line in done.stdout.splitlines() if "-m example_project.demo" in line]
+    assert run.endswith("/bin/python -m example_project.demo --port 8123")
+    # Its own virtualenv with the demo extra only, not the dev toolchain.
+    assert run.startswith(".venv-demo/")
+    assert "-e '.[demo]'" in done.stdout

@@ -28,6 +28,8 @@ from secure_pg_backend.testing_pgbouncer import PgBouncer
 from tests.conftest import assert_no_secret
 from tests.testapp.models import Note
 
+pytestmark = pytest.mark.needs_server  # its own PostgreSQL and PgBouncer (module fixtures)
+
 
 def fingerprint(leaf: LeafPair) -> str:
     cert = x509.load_pem_x509_certificates(leaf.cert_chain_pem)[0]

@@ -43,6 +43,7 @@ def postgis_server(ca: TestCA) -> Iterator[TLSPostgres]:
         server.stop()
 
 
+@pytest.mark.needs_server  # postgis_server
 def test_migration_and_spatial_queries_run_over_verified_tls(postgis_server: TLSPostgres) -> None:
     entry = postgis_server.database_settings(engine=ENGINE)
     env = {
@@ -74,6 +75,7 @@ def test_migration_and_spatial_queries_run_over_verified_tls(postgis_server: TLS
     assert tls["peer_certificate"]["subject_alt_names"] == ["DNS:localhost", "IP:127.0.0.1"]
 
 
+@pytest.mark.needs_server  # postgis_server
 def test_geometry_lookup_waits_for_the_post_handshake_check(
     make_wrapper: Wrapper, postgis_server: TLSPostgres
 ) -> None:
@@ -101,6 +103,7 @@ def test_geometry_lookup_waits_for_the_post_handshake_check(
     assert wrapper.tls_info.peer_certificate is not None
 
 
+@pytest.mark.needs_server  # postgis_server
 @pytest.mark.parametrize("sslmode", ["require", "prefer", "disable"])
 def test_weak_sslmode_is_refused_before_connecting(
     make_wrapper: Wrapper, postgis_server: TLSPostgres, sslmode: str

@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from secure_pg_backend import ConnectionFileError, libpq, policy
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
+from .conftest import examples
+
 # -- fixed files the strategies point at (made once; hypothesis needs no fixtures) --
 _FILES = Path(tempfile.mkdtemp(prefix="spb-props-"))
 atexit.register(shutil.rmtree, _FILES, True)
@@ -167,7 +169,7 @@ entries = st.fixed_dictionaries(
     }
 )
 FAST = settings(
-    max_examples=1000,
+    max_examples=examples(1000),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -68,6 +68,7 @@ def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> 
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+@pytest.mark.needs_server
 def test_user_project_runs_django_queries_over_verified_tls(
     pytester: pytest.Pytester, user_project: Path
 ) -> None:

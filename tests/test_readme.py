@@ -1,24 +1,46 @@
-"""README.md's promise about the start-up line, checked against the real thing.
+"""README.md's and the docs' examples of output, checked against the real thing.
 
 The README's ``LOGGING`` snippet is taken from README.md itself and handed to Django in a
 fresh process, as a user's settings would be; the line that process prints must be the
 README's example line with the example's values (host, port, address, root certificate,
 expiry) replaced by this connection's.
+
+Every other example of what the backend prints, in README.md and docs/*.md code blocks (the
+``TLSInfo(...)`` repr, the start-up log line, ``dbtls``'s line, a certificate date, the stage
+lines of ``make test``), is compared with what a live connection (or the script) produces:
+the same fields in the same order, the same fixed values, only the deployment's own values
+(host, port, paths, dates, certificate subject) normalised.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import json
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from secure_pg_backend.management.commands.dbtls import describe
 from secure_pg_backend.testing import TLSPostgres
 
 from .conftest import assert_no_secret
+from .docs_examples import (
+    KINDS,
+    TLSINFO_DEPLOYMENT_FIELDS,
+    deployment_neutral,
+    documented,
+    shown_in,
+    tlsinfo_fields,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -99,3 +121,88 @@ def test_readme_logging_prints_the_readme_line(good_server: TLSPostgres) -> None
         .replace(EXAMPLE_EXPIRY, real["expiry"])
     )
     assert done.stderr.splitlines() == [expected]
+
+
+# -- every documented example of output (tests/docs_examples.py finds them) -----------------
+@pytest.fixture
+def live(
+    good_server: TLSPostgres, make_wrapper: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> dict[str, str]:
+    """What one verified connection of alias 'default' shows: repr, log line, dbtls line."""
+    caplog.set_level(logging.INFO, logger="secure_pg_backend")
+    wrapper = make_wrapper(good_server.database_settings(host="localhost"), "default")
+    info = wrapper.tls_info
+    (record,) = [r for r in caplog.records if r.name == "secure_pg_backend"]
+    assert info.peer_certificate is not None
+    return {
+        "repr": repr(info),
+        # As the README's LOGGING formats it: "%(levelname)s %(message)s".
+        "log": f"{record.levelname} {record.getMessage()}",
+        "dbtls": describe(info),
+        "datetime": repr(info.peer_certificate.not_after),
+    }
+
+
+def test_the_docs_show_each_kind_of_output() -> None:
+    # The comparisons must have something to compare: the README shows the repr and the log
+    # line, the docs the rest (the demo's output: tests/test_demo.py).
+    for kind in KINDS:
+        assert documented(kind), f"no example of {kind} found in README.md or docs/"
+    assert any(where == "README.md" for where, _ in documented("repr"))
+
+
+def test_every_tlsinfo_repr_shown_is_the_real_one(live: dict[str, str]) -> None:
+    real = tlsinfo_fields(live["repr"])
+    for where, line in documented("repr"):
+        shown = tlsinfo_fields(line)
+        assert [name for name, _ in shown] == [name for name, _ in real], where
+        fixed = [(n, v) for n, v in shown if n not in TLSINFO_DEPLOYMENT_FIELDS]
+        assert fixed == [(n, v) for n, v in real if n not in TLSINFO_DEPLOYMENT_FIELDS], where
+
+
+@pytest.mark.parametrize("kind", ["log", "dbtls"])
+def test_every_line_shown_is_the_real_one(live: dict[str, str], kind: str) -> None:
+    real = deployment_neutral(live[kind])
+    for where, line in documented(kind):
+        # A WARNING line is the same line for a certificate expiring within 30 days.
+        shown = re.sub(r"^WARNING ", "INFO ", line)
+        assert deployment_neutral(shown) == real, f"{where} shows:\n{line}\nreal:\n{live[kind]}"
+
+
+def test_every_certificate_date_shown_is_the_real_form(live: dict[str, str]) -> None:
+    real = re.sub(r"\d+", "N", live["datetime"])
+    for where, line in documented("datetime"):
+        assert re.sub(r"\d+", "N", line) == real, where
+
+
+def test_make_test_stage_lines_are_what_scripts_stage_prints() -> None:
+    stage = [str(REPO / "scripts" / "stage")]
+    ok = subprocess.run(
+        [*stage, "lint: mypy", "true"], capture_output=True, text=True, timeout=30, check=False
+    )
+    failed = subprocess.run(
+        [*stage, "lint: mypy", "false"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (ok.returncode, failed.returncode) == (0, 1)
+    assert ok.stdout.splitlines() == ["== lint: mypy ...", "== lint: mypy: ok in 0 s"]
+    assert failed.stdout.splitlines()[-1] == "== lint: mypy: FAILED (exit 1) after 0 s"
+    for where, line in documented("stage"):
+        assert re.sub(r"\d+ s", "0 s", re.sub(r"^== .*: ", "== lint: mypy: ", line)) in (
+            ok.stdout.splitlines()[-1],
+            failed.stdout.splitlines()[-1],
+        ), where
+
+
+def test_every_dbtls_refusal_shown_is_the_real_one(
+    aliases: Callable[..., None], mitm_server: TLSPostgres
+) -> None:
+    # docs/commands.md: a replica behind a machine-in-the-middle, beside a good default.
+    aliases(replica=mitm_server.database_settings(host="localhost"))
+    err = io.StringIO()
+    with pytest.raises(CommandError) as caught:
+        call_command("dbtls", stdout=io.StringIO(), stderr=err)
+    (refusal,) = [x for x in err.getvalue().splitlines() if x.startswith("replica: FAILED")]
+    for where, line in documented("dbtls-failed"):
+        assert shown_in(line, refusal), f"{where} shows:\n{line}\nreal:\n{refusal}"
+    for where, line in documented("dbtls-exit"):
+        assert line == f"CommandError: {caught.value}", where

@@ -27,6 +27,8 @@ from secure_pg_backend.testing import TestCA, TLSPostgres, find_pg_bin
 
 from .conftest import refused_by_old_libpq
 
+pytestmark = pytest.mark.needs_server  # one PostgreSQL per version (module fixtures)
+
 Wrapper = Callable[..., Any]
 REPO = Path(__file__).resolve().parent.parent
 DIRECT_SSL_SINCE = 17

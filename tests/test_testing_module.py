@@ -64,6 +64,7 @@ def assert_nothing_left(tmpdir: Path, ports: list[int]) -> None:
     assert [port for port in ports if listening(port)] == []
 
 
+@pytest.mark.needs_server
 def test_normal_exit_without_stop_leaves_nothing(fresh_tmpdir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-c", CHILD, "with-pgbouncer"],
@@ -78,6 +79,7 @@ def test_normal_exit_without_stop_leaves_nothing(fresh_tmpdir: Path) -> None:
     assert_nothing_left(fresh_tmpdir, ports)
 
 
+@pytest.mark.needs_server
 @pytest.mark.parametrize(
     ("signum", "returncode"),
     [
@@ -112,6 +114,7 @@ def test_signal_leaves_nothing(fresh_tmpdir: Path, signum: int, returncode: int)
 
 
 # -- python -m secure_pg_backend.testing: the dev server ----------------------------------
+@pytest.mark.needs_server
 def test_dev_server_url_connects_through_the_backend_and_sigterm_leaves_nothing(
     fresh_tmpdir: Path, make_wrapper: Callable[..., Any], django_db_blocker: Any
 ) -> None:

@@ -111,3 +111,31 @@ def test_ordinary_failures_are_e014_not_tls(
     assert needle in error.msg
     assert "TLS" not in error.msg and "Not a TLS problem" in (error.hint or "")
     assert "wrong-password-1b7e" not in error.msg
+
+
+def test_a_setting_conflict_django_refuses_is_configuration_not_the_server(
+    aliases: Callable[..., None], good_server: TLSPostgres
+) -> None:
+    # Django's pool refuses persistent connections before asking any server anything.
+    pooled = good_server.database_settings(options={"pool": True}, CONN_MAX_AGE=60)
+    aliases(pooled=pooled)
+    (error,) = connections["pooled"].validation.check()
+    assert error.id == "secure_pg_backend.E014"
+    assert error.msg == (
+        "Database alias 'pooled': the settings conflict: "
+        "Pooling doesn't support persistent connections."
+    )
+    hint = error.hint or ""
+    assert hint.startswith("A configuration problem, found before any server was contacted")
+    assert "change DATABASES['pooled'] as the message says" in hint
+    for wrong_cause in ("could not connect", "running and reachable", "PASSWORD", "TLS problem"):
+        assert wrong_cause not in error.msg + hint
+    # As `manage.py check --database` shows it.
+    with pytest.raises(SystemCheckError) as caught:
+        call_command("check", databases=["pooled"], stdout=io.StringIO())
+    assert "(secure_pg_backend.E014) Database alias 'pooled': the settings conflict:" in str(
+        caught.value
+    )
+    # The same entry without the conflict connects: the server and credentials were fine.
+    aliases(fixed={**pooled, "CONN_MAX_AGE": 0})
+    assert connections["fixed"].validation.check() == []

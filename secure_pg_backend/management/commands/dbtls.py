@@ -14,15 +14,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import (
-    ConnectionFileError,
-    InsecureConnectionError,
-    SecurePolicyError,
-    redact,
-    secret_values,
-)
+from ...errors import redact, secret_values
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
+from ...validation import failure_cause
 
 
 def describe(info: TLSInfo) -> str:
@@ -37,15 +32,6 @@ def describe(info: TLSInfo) -> str:
     if cert is not None:
         parts.append(f"server certificate {cert.subject}, {expiry_text(info)}")
     return "; ".join(parts)
-
-
-# A refusal by the policy is a TLS problem; anything else (server down, wrong password,
-# missing database) is reported as what it is.
-_CAUSES: dict[type[Exception], str] = {
-    SecurePolicyError: "settings refused",
-    ConnectionFileError: "file unusable",
-    InsecureConnectionError: "TLS refused",
-}
 
 
 class Command(BaseCommand):
@@ -116,7 +102,7 @@ class Command(BaseCommand):
         try:
             return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
-            cause = _CAUSES.get(type(exc), "could not connect")
+            cause = failure_cause(exc)
             text = redact(" ".join(str(exc).split()), secret_values(wrapper.settings_dict))
             return None, (cause, text)
         finally:
