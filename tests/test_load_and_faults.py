@@ -27,6 +27,7 @@ from django.db.utils import InterfaceError, OperationalError
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import LeafPair, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
+from tests.faultkit import VerifiedLog, app_sessions, capture_verified
 
 THREADS = 16
 QUERIES = 500
@@ -50,41 +51,10 @@ def _report(request: pytest.FixtureRequest) -> Iterator[None]:
                 reporter.write_line(f"load and faults: {line}")
 
 
-class VerifiedLog(logging.Handler):
-    """Collects the backend's per-connection records (emitted only after the checks passed)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._lock_records = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._lock_records:
-            self.records.append(record)
-
-    def for_port(self, port: int) -> list[logging.LogRecord]:
-        with self._lock_records:
-            return [r for r in self.records if getattr(r, "db_port", None) == port]
-
-
 @pytest.fixture
 def verified_log() -> Iterator[VerifiedLog]:
-    logger = logging.getLogger("secure_pg_backend")
-    handler, level = VerifiedLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-def server_sessions(server: TLSPostgres) -> list[str]:
-    """Sessions the server authorised for the app user (the superuser uses the socket)."""
-    return [
-        line
-        for line in server.log_text().splitlines()
-        if "connection authorized: user=app " in line
-    ]
+    with capture_verified() as log:
+        yield log
 
 
 def server_transactions(server: TLSPostgres) -> int:
@@ -103,7 +73,7 @@ def assert_every_session_verified(
     server: TLSPostgres, log: VerifiedLog, alias: str, minimum: int
 ) -> int:
     records = log.for_port(server.port)
-    sessions = server_sessions(server)
+    sessions = app_sessions(server)
     assert len(sessions) >= minimum
     assert len(records) == len(sessions), "a session the backend did not verify"
     assert all("SSL enabled (protocol=TLSv1.3" in line for line in sessions)
@@ -331,7 +301,7 @@ def test_rotation_to_untrusted_then_back(
     old.close()
     assert old.tls_info.peer_certificate.sha256_fingerprint == fingerprint(second)
     records = verified_log.for_port(server.port)
-    assert len(records) == len(server_sessions(server)) == 3  # first, b after fix, a again
+    assert len(records) == len(app_sessions(server)) == 3  # first, b after fix, a again
 
 
 def test_pool_rotation_refuses_promptly_and_heals(
@@ -384,4 +354,4 @@ def test_pool_rotation_refuses_promptly_and_heals(
         conn.close()
         conn.close_pool()
     records = verified_log.for_port(server.port)
-    assert len(records) == len(server_sessions(server)) >= 3
+    assert len(records) == len(app_sessions(server)) >= 3
