@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothi
 
 __all__ = ["DatabaseWrapper", "VerifiedTLSMixin"]
 
+# Paths of the files libpq opens that this process has seen usable: one missing now is being
+# replaced (retried as transient), not a path that never existed (reported at once).
+_SEEN_FILES: set[str] = set()
+
 # Stored on each psycopg connection: what the check saw, then the TLSInfo built from it.
 _LINK_ATTR = "_secure_pg_backend_link"
 _TLS_INFO_ATTR = "_secure_pg_backend_tls_info"
@@ -181,7 +185,11 @@ class VerifiedTLSMixin(_WrapperBase):
         """One attempt: the files checked now, a fresh password, libpq's handshake."""
         self._check_files()
         params = credentials.with_password(self.alias, self.settings_dict, conn_params)
-        return super().get_new_connection(params)
+        try:
+            return super().get_new_connection(params)
+        except self.Database.OperationalError as exc:
+            self._recheck_files(exc)
+            raise
 
     def _retrying(self, connect: Callable[[], Any], conn_params: Mapping[str, Any]) -> Any:
         """``connect`` with transient failures retried within OPTIONS['connect_retry']."""
@@ -200,12 +208,22 @@ class VerifiedTLSMixin(_WrapperBase):
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
         problems = policy.file_problems(decision.files)
-        if problems:
-            raise ConnectionFileError.from_violations(
-                self.alias,
-                decision.host_display,
-                [policy.file_violation(need, problem) for need, problem in problems],
-            )
+        if not problems:
+            _SEEN_FILES.update(need.path for need in decision.files)
+            return
+        raise ConnectionFileError.from_violations(
+            self.alias,
+            decision.host_display,
+            [policy.file_violation(need, problem) for need, problem in problems],
+            replaced=all(
+                problem == policy.MISSING and need.path in _SEEN_FILES for need, problem in problems
+            ),
+        )
+
+    def _recheck_files(self, exc: Exception) -> None:
+        """libpq could not open a file checked a moment ago: report it as the file it is."""
+        if " file " in str(exc):  # libpq: 'root certificate file "..." does not exist', ...
+            self._check_files()
 
     def _configure_connection(self, connection: Any) -> bool:
         # Django's pool calls this for every physical connection it opens.
@@ -282,6 +300,7 @@ class VerifiedTLSMixin(_WrapperBase):
                 configure=self._configure_connection,
                 explain=self._explain,
                 prepare=self._check_files,
+                recheck=self._recheck_files,
                 retry=lambda connect: self._retrying(connect, connect_kwargs),
                 **pool_options,
             )

@@ -121,10 +121,11 @@ class ConnectionFileError(InsecureConnectionError):
     cause = "file"
 
     violations: tuple[Violation, ...] = ()
+    replaced = False  # every file at fault was there before and is missing now (being replaced)
 
     @classmethod
     def from_violations(
-        cls, alias: str, host: str | None, violations: Sequence[Violation]
+        cls, alias: str, host: str | None, violations: Sequence[Violation], replaced: bool = False
     ) -> ConnectionFileError:
         lines = [v.render(alias, host) for v in violations]
         head = "secure_pg_backend could not open a connection"
@@ -134,13 +135,13 @@ class ConnectionFileError(InsecureConnectionError):
             else head + ":\n" + "\n".join(f"  - {line}" for line in lines)
         )
         error = cls(message, alias=alias, host=host)
-        error.violations = tuple(violations)
+        error.violations, error.replaced = tuple(violations), replaced
         return error
 
     def copy(self) -> ConnectionFileError:
         error = super().copy()
         assert isinstance(error, ConnectionFileError)
-        error.violations = self.violations
+        error.violations, error.replaced = self.violations, self.replaced
         return error
 
 

@@ -14,7 +14,8 @@ A failed attempt to open a connection is one of three things:
   raised as the stock backend raises it, and not retried.
 
 How a failure is recognised: psycopg's exception class (``ConnectionTimeout``), the failed
-attempt's libpq state that psycopg keeps (``exc.pgconn.used_password``: a password went out),
+attempt's libpq state that psycopg keeps (``exc.pgconn``: whether the server had already
+accepted the login and started a session),
 the reasons OpenSSL gives for TLS failures (never translated), and libpq's and the server's
 sentences in English (a Python process runs libpq with ``LC_MESSAGES=C`` unless the
 application calls ``setlocale``). A failure not recognised falls in the third group, so an
@@ -23,16 +24,18 @@ unknown or translated message can neither become a refusal nor a retry: it behav
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from . import signals
 from .errors import ConnectionFileError, InsecureConnectionError, link_message, redact
 
-__all__ = ["Cause", "classify", "explain", "retry_budget", "retrying"]
+__all__ = ["Cause", "attempt_once", "classify", "explain", "retry_budget", "retrying"]
 
 logger = logging.getLogger("secure_pg_backend")
 
@@ -41,7 +44,7 @@ T = TypeVar("T")
 REFUSAL, TRANSIENT = "refusal", "transient"
 RETRY_OPTION = "connect_retry"
 DEFAULT_RETRY_BUDGET = 5.0  # seconds: a fast restart or a failover takes one or two
-FIRST_DELAY, MAX_DELAY = 0.05, 1.0
+FIRST_DELAY, MAX_DELAY = 0.05, 0.5  # a fault that clears is noticed within half a second
 
 
 class Cause:
@@ -181,6 +184,7 @@ CAUSES = (
         TRANSIENT,
         (
             "server closed the connection unexpectedly",
+            "ssl connection has been closed unexpectedly",
             "connection reset",
             "broken pipe",
             "unexpected eof",
@@ -200,12 +204,15 @@ CAUSES = (
         ("no route to host", "network is unreachable", "temporary failure in name resolution"),
     ),
 )
-# Judged by the backend itself: a file libpq needs is unusable now (checked again before the
-# next connection: not retried, so a wrong path is reported at once), or the policy refused.
+# Judged by the backend itself (``ConnectionFileError``): a file this process saw and that is
+# gone now is being replaced (a deploy, a renewal), so retried; any other file problem, a
+# path that never existed for example, is reported at once. And the policy's own refusals.
+FILE_REPLACED = Cause("file", TRANSIENT, ())
 FILE = Cause("file", REFUSAL, ())
 POLICY = Cause("policy", REFUSAL, ())
-# A password went out: only the server's "not now" answers are worth another attempt.
-_AFTER_PASSWORD = frozenset({"starting", "too_many", "standby"})
+# The server accepted the login and began a session: only its "not now" answers (which it
+# can give after authentication, e.g. slots reserved for superusers) are worth another try.
+_AFTER_LOGIN = frozenset({"starting", "too_many", "standby"})
 _ATTEMPTS_HEADER = "multiple connection attempts failed"
 
 
@@ -228,7 +235,7 @@ def _segments(text: str) -> list[str]:
 def classify(exc: BaseException) -> Cause | None:
     """The cause of a failed connection attempt, or None when it is not one we know."""
     if isinstance(exc, ConnectionFileError):
-        return FILE
+        return FILE_REPLACED if exc.replaced else FILE
     if isinstance(exc, InsecureConnectionError):  # already judged: the policy refused it
         return POLICY
     causes = [_cause_of(segment) for segment in _segments(str(exc))]
@@ -240,7 +247,8 @@ def classify(exc: BaseException) -> Cause | None:
     cause = causes[-1]
     assert cause is not None
     pgconn = getattr(exc, "pgconn", None)
-    if getattr(pgconn, "used_password", False) and cause.name not in _AFTER_PASSWORD:
+    logged_in = getattr(pgconn, "backend_pid", 0) or getattr(pgconn, "server_version", 0)
+    if logged_in and cause.name not in _AFTER_LOGIN:
         return None
     return cause
 
@@ -277,6 +285,21 @@ def retry_budget(options: dict[str, Any] | Any, connect_timeout: object) -> floa
     return min(budget, timeout) if timeout > 0 else budget
 
 
+_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "secure_pg_backend_once", default=False
+)
+
+
+@contextlib.contextmanager
+def attempt_once() -> Iterator[None]:
+    """No retries inside: a probe (``dbtls``) reports the state now; its caller retries."""
+    token = _ONCE.set(True)
+    try:
+        yield
+    finally:
+        _ONCE.reset(token)
+
+
 def retrying(
     connect: Callable[[], T],
     *,
@@ -293,6 +316,8 @@ def retrying(
     refusal nor an unknown failure; no attempt starts once the budget is spent, and the last
     failure is raised unchanged.
     """
+    if _ONCE.get():
+        budget = 0.0
     deadline = clock() + budget
     delay = FIRST_DELAY
     attempt = 1

@@ -44,11 +44,13 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         *args: Any,
         explain: Callable[[Exception], InsecureConnectionError | None],
         prepare: Callable[[], None],
+        recheck: Callable[[Exception], None],
         retry: Callable[[Callable[[], Connection[Any]]], Connection[Any]],
         **kwargs: Any,
     ) -> None:
         self._explain = explain
         self._prepare = prepare  # per new connection: the files libpq opens (never cached)
+        self._recheck = recheck  # libpq failed on one of them anyway: say which
         self._retry = retry  # faults.retrying, with the alias's budget
         self._refusal: InsecureConnectionError | None = None
         self._probe = threading.Condition()
@@ -95,7 +97,11 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         if self._exiting:  # a retry that woke up while the interpreter exits: go no further
             _park_forever()
         self._prepare()
-        return super()._connect(timeout)
+        try:
+            return super()._connect(timeout)
+        except Exception as exc:
+            self._recheck(exc)
+            raise
 
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
         if self._refusal is not None and not self._has_idle():

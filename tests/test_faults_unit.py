@@ -102,21 +102,42 @@ def test_one_host_unknown_is_not_retried() -> None:
     assert faults.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
 
 
-class _SentPassword:
+class _LoggedIn:
     used_password = True
+    backend_pid = 4242  # the server had started a session for this attempt
+    server_version = 150000
 
 
-def test_after_the_password_went_out_only_the_servers_not_now_is_retried() -> None:
-    sent: Any = _SentPassword()  # psycopg's FinishedPGconn of the failed attempt
-    closed = psycopg.OperationalError(TRANSIENT["closed"], pgconn=sent)
+class _PasswordOnly:
+    used_password = True
+    backend_pid = 0
+    server_version = 0
+
+
+def test_after_the_login_only_the_servers_not_now_is_retried() -> None:
+    logged_in: Any = _LoggedIn()  # psycopg's FinishedPGconn of the failed attempt
+    closed = psycopg.OperationalError(TRANSIENT["closed"], pgconn=logged_in)
     assert faults.classify(closed) is None
-    busy = psycopg.OperationalError(TRANSIENT["too_many"], pgconn=sent)
+    busy = psycopg.OperationalError(TRANSIENT["too_many"], pgconn=logged_in)
     assert faults.classify(busy) is not None
+
+
+def test_a_restart_during_the_login_is_transient() -> None:
+    # pg_ctl restart -m fast while the password exchange runs: no session was ever made.
+    closed = psycopg.OperationalError(
+        HOST + "SSL connection has been closed unexpectedly", pgconn=_PasswordOnly()
+    )
+    cause = faults.classify(closed)
+    assert cause is not None and cause.kind == faults.TRANSIENT
 
 
 def test_the_backends_own_refusals_are_refusals() -> None:
     files = ConnectionFileError("the root certificate does not exist", alias="a")
     assert faults.classify(files) is faults.FILE and faults.FILE.kind == faults.REFUSAL
+    replaced = ConnectionFileError.from_violations("a", None, (), replaced=True)
+    assert faults.classify(replaced) is faults.FILE_REPLACED
+    assert faults.FILE_REPLACED.kind == faults.TRANSIENT
+    assert faults.classify(replaced.copy()) is faults.FILE_REPLACED
     policy = InsecureConnectionError("weak cipher", alias="a")
     cause = faults.classify(policy)
     assert cause is not None and cause.kind == faults.REFUSAL
@@ -245,6 +266,15 @@ def test_refusals_and_unknown_failures_fail_on_the_first_attempt(
     with pytest.raises(psycopg.OperationalError):
         _retry(connect, clock)
     assert connect.calls == 1 and retried == [] and clock.sleeps == []
+
+
+def test_a_probe_attempts_once(retried: list[dict[str, Any]]) -> None:
+    clock = FakeClock()
+    connect = Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock)
+    with faults.attempt_once(), pytest.raises(psycopg.OperationalError):
+        _retry(connect, clock)
+    assert connect.calls == 1 and retried == []
+    assert _retry(Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock), clock)
 
 
 def test_a_zero_budget_never_retries(retried: list[dict[str, Any]]) -> None:

@@ -214,6 +214,27 @@ def test_the_same_thread_recovers_once_the_ca_bundle_is_back(
     assert wrapper.tls_info.root_cert == str(own_ca_file)
 
 
+def test_a_ca_bundle_being_replaced_is_waited_for(
+    good_server: TLSPostgres,
+    make_wrapper: Wrapper,
+    own_ca_file: Path,
+    retried: list[dict[str, Any]],
+) -> None:
+    wrapper = make_wrapper(good_server.database_settings(options={"sslrootcert": str(own_ca_file)}))
+    wrapper.ensure_connection()  # the bundle was there: this process has used it
+    wrapper.close()
+    aside = own_ca_file.with_suffix(".aside")
+    own_ca_file.rename(aside)  # a deploy replacing it: gone for a moment
+    back = _later(0.4, lambda: aside.rename(own_ca_file))
+    try:
+        wrapper.ensure_connection()  # waited for within the budget, not refused
+    finally:
+        back.join(10)
+    assert wrapper.tls_info.root_cert == str(own_ca_file)
+    assert retried and {r["cause"] for r in retried} == {"file"}
+    assert_no_secret(*(r["message"] for r in retried))
+
+
 @pytest.mark.parametrize("keyword", ["sslcert", "sslcrl"])
 def test_a_fifo_where_libpq_reads_a_file_is_refused_by_name(
     good_server: TLSPostgres, make_wrapper: Wrapper, tmp_path: Path, keyword: str

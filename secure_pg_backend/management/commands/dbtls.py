@@ -15,6 +15,7 @@ from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...errors import redact, secret_values
+from ...faults import attempt_once
 from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
@@ -100,7 +101,8 @@ class Command(BaseCommand):
         assert isinstance(wrapper, VerifiedTLSMixin)  # handle() selected only these
         opened_here = wrapper.connection is None
         try:
-            return wrapper.tls_info, ("", "")
+            with attempt_once():  # a probe reports the state now; its orchestrator retries
+                return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
             cause = failure_cause(exc)
             text = redact(" ".join(str(exc).split()), secret_values(wrapper.settings_dict))
