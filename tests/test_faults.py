@@ -257,20 +257,25 @@ def ca_settings(server: TLSPostgres, root: Path, mode: str, **kw: Any) -> Callab
     )
 
 
-def assert_file_window(runs: dict[str, Run]) -> None:
+def assert_file_window(runs: dict[str, Run], compare_counts: bool = True) -> None:
     """While the file is away no verified connection can be opened, by either ENGINE.
 
-    So the count inside the window measures only how fast a failing request fails (ours checks
-    the file before any network I/O, so it fails sooner and tries more often) and is not
-    compared. What is compared: nothing fails once the file is back, every thread recovers,
-    and ours says the same thing every time (one exception class for one cause).
+    A file this process has used and that is gone now is being replaced: ours waits for it
+    within the retry budget, so its requests wait instead of failing; a path it never saw is
+    reported at once (threads whose first connection falls in the window: ``compare_counts``
+    off, since a request that fails sooner leaves its closed-loop thread time for more requests
+    in the same window; every request in the window fails with either ENGINE). Compared: ours
+    fails no more requests than stock, nothing fails once the file is back, every thread
+    recovers, and whatever fails says the same thing every time (one exception class).
     """
     assert runs["stock"].failed > 0, "the window was not observed"
     assert_lossless(runs)
     ours = runs["ours"]
+    if compare_counts:
+        assert ours.failed <= runs["stock"].failed + SLACK, summary(runs)
     assert not ours.failures_after(ours.removed_at or 0.0), summary(runs)
     assert_recovers(ours)
-    assert set(ours.error_classes()) == {"ConnectionFileError"}, summary(runs)
+    assert set(ours.error_classes()) <= {"ConnectionFileError"}, summary(runs)
 
 
 def test_ca_bundle_missing_same_threads(
@@ -313,7 +318,7 @@ def test_ca_bundle_missing_new_threads(
             body,
         )
     record(runs)
-    assert_file_window(runs)
+    assert_file_window(runs, compare_counts=False)
 
 
 def test_ca_bundle_missing_pool_serves_verified_connections(
