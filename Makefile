@@ -85,10 +85,12 @@ test: test-django
 test-django: test-django-dj52 test-django-dj61
 
 test-django-dj52: $(VENV_DJ52)/.installed system-deps
-	$(VENV_DJ52)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
+	@$(STAGE) "test-django-dj52: Django 5.2's own suite on this ENGINE" \
+		$(VENV_DJ52)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
 
 test-django-dj61: $(VENV_DJ61)/.installed system-deps
-	$(VENV_DJ61)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
+	@$(STAGE) "test-django-dj61: Django 6.1's own suite on this ENGINE" \
+		$(VENV_DJ61)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
 
 bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
