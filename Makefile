@@ -51,9 +51,13 @@ test-dj52: $(VENV_DJ52)/.installed system-deps
 	@$(STAGE) "test-dj52: full suite, Django 5.2, Python 3.11" \
 		$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The fault suite (both ENGINEs side by side under load, ~2 minutes) runs once, in test-dj52:
+# it measures the backend's fault handling, which no Django or psycopg build changes.
+FAULT_SUITE_ELSEWHERE := --ignore=tests/test_faults.py
+
 test-dj61: $(VENV_DJ61)/.installed system-deps
 	@$(STAGE) "test-dj61: full suite, Django 6.1, Python 3.12" \
-		$(VENV_DJ61)/bin/python -m pytest $(PYTEST_ARGS)
+		$(VENV_DJ61)/bin/python -m pytest $(FAULT_SUITE_ELSEWHERE) $(PYTEST_ARGS)
 
 # Every test that needs no server (tests/conftest.py: --no-servers), in seconds, and no
 # PostgreSQL process is started. The full run (test-dj52) still runs them all. Bytecode is
@@ -146,7 +150,7 @@ test-matrix: test-c test-core-matrix
 test-c: $(VENV_C)/.installed system-deps
 	$(VENV_C)/bin/python -c 'import psycopg; assert psycopg.pq.__impl__ == "c", psycopg.pq.__impl__'
 	@$(STAGE) "test-c: full suite, psycopg's C build, Python 3.13, Django 6.1" \
-		$(VENV_C)/bin/python -m pytest $(PYTEST_ARGS)
+		$(VENV_C)/bin/python -m pytest $(FAULT_SUITE_ELSEWHERE) $(PYTEST_ARGS)
 
 # The core-subset runs, two at a time: they mostly wait on servers (each starts its own). Each
 # run's output is shown whole when it ends (-Otarget), so the whole group is framed too.

@@ -600,8 +600,11 @@ def test_failover_to_promoted_replica(
         port: [r for r in records if getattr(r, "db_port", None) == port]
         for port in (ours.primary.port, ours.standby.port)
     }
-    # Every session the primary granted became a connection, verified by ours.
-    assert len(on[ours.primary.port]) == len(app_sessions(ours.primary))
+    # Every session the primary granted became a connection, verified by ours, except those
+    # the immediate stop cut between the server's "authorized" line and the client's last
+    # handshake message (at most one per thread: the client saw a failed connect and retried).
+    granted = len(app_sessions(ours.primary))
+    assert granted - THREADS <= len(on[ours.primary.port]) <= granted
     # The standby also granted sessions while still read-only, which libpq's read-write check
     # hung up (no connection, so no record): each record is one granted TLS session, and the
     # promoted standby was reached, verified.
