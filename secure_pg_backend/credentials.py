@@ -185,7 +185,7 @@ def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
         # Never show the value: a wrongly typed or malformed secret is still a secret.
         message = f"{head} ({FIELD}) returned {problem} Nothing was sent. Fix: {_FIX_VALUE}"
         raise CredentialProviderError(message, alias=alias, host=host)
-    return password  # type: ignore[no-any-return]  # _unusable checked it is a str
+    return password  # _unusable checked it is a str
 
 
 _FIX_VALUE = "return the password or token itself, as a str without control characters."

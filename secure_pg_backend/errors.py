@@ -8,6 +8,8 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
 
+from .checkids import CHECKS
+
 REDACTED = "********"
 
 
@@ -48,16 +50,20 @@ def location(alias: str, host: str | None) -> str:
 class Violation:
     """One broken rule: the check id it is reported under, what is wrong, the fix.
 
+    The id must be in ``checkids.CHECKS`` (a ``KeyError`` where a new id is made up); the
+    fix is the table's unless the caller words one with the specifics at fault.
+
     A slotted class like the policy's other records (see ``policy``): a NamedTuple compiles
     its constructor with eval when defined, on every process start.
     """
 
     __slots__ = ("code", "fix", "problem")
 
-    def __init__(self, code: str, problem: str, fix: str) -> None:
-        self.code = code  # "E001": also the system check id suffix
+    def __init__(self, code: str, problem: str, fix: str | None = None) -> None:
+        entry = CHECKS[code]
+        self.code = code  # "E001": also the system check id suffix (``CheckId.id``)
         self.problem = problem
-        self.fix = fix
+        self.fix = entry.fix if fix is None else fix
 
     def __repr__(self) -> str:
         return f"Violation({self.code!r}, {self.problem!r}, {self.fix!r})"

@@ -133,9 +133,4 @@ def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str
 
 
 def _libpq_refused(message: str) -> Violation:
-    return Violation(
-        "E013",
-        f"libpq cannot use these parameters: {message}.",
-        "correct the setting libpq names (a service name must exist in pg_service.conf; "
-        "host, hostaddr and port lists must have matching lengths).",
-    )
+    return Violation("E013", f"libpq cannot use these parameters: {message}.")

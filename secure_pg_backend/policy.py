@@ -2,10 +2,12 @@
 
 Pure functions over dicts, like psycopg's ``conninfo``. The input is a ``Request``:
 the keywords the settings pass explicitly and what libpq resolved them to (service
-file, environment, defaults; see ``libpq.resolve``). Each rule is one small function
-named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``), so a rule,
-its message and its tests share one name. The same rules serve the connection gate,
-the system checks and ``dbshell``; ``check_link`` holds the post-handshake rules.
+file, environment, defaults; see ``libpq.resolve``). Each rule on the settings is one
+small function named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``;
+``RULES``); the file rules E005, E006 and E016 are ``check_files``. Which function reports
+each id, what it means and its fix are in ``checkids.CHECKS``. The same rules serve the
+connection gate, the system checks and ``dbshell``; ``check_link`` holds the post-handshake
+rules.
 The only I/O is ``stat``: on the files libpq will open (``check_files``, before every
 physical connection, never cached) and, for ``sslrootcert='system'``, on the store's candidates.
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from .checkids import ROOT_FIX
 from .errors import Violation
 
 SSLMODE = "verify-full"
@@ -320,12 +323,6 @@ def _entries(req: Request) -> list[tuple[str, str]]:
     return list(zip(hosts, addrs, strict=True))
 
 
-_HOST_FIX = (
-    "set HOST to the server's DNS name (as on its certificate); to reach it by IP, keep the "
-    "name in HOST and put the IP in OPTIONS['hostaddr'], one for each host."
-)
-
-
 def e012_host_lists(req: Request) -> Violation | None:
     hosts, addrs = _split(req.resolved.get("host")), _split(req.resolved.get("hostaddr"))
     if addrs and not hosts:
@@ -333,20 +330,20 @@ def e012_host_lists(req: Request) -> Violation | None:
             f"{req.origin('hostaddr')} is {req.resolved['hostaddr']!r} but no host name is set; "
             "verify-full checks the certificate against the host name, so one is needed."
         )
-        return Violation("E012", problem, _HOST_FIX)
+        return Violation("E012", problem)
     if addrs and len(hosts) != len(addrs):
         problem = (
             f"{req.origin('hostaddr')} lists {len(addrs)} address(es) but {req.origin('host')} "
             f"lists {len(hosts)} host name(s); verify-full needs a name for every address."
         )
-        return Violation("E012", problem, _HOST_FIX)
+        return Violation("E012", problem)
     for number, (name, addr) in enumerate(_entries(req), start=1):
         if addr and (not name or is_socket_host(name)):
             problem = (
                 f"host entry {number} has the address {addr!r} but the host name {name!r}; "
                 "verify-full checks the certificate against the host name, so one is needed."
             )
-            return Violation("E012", problem, _HOST_FIX)
+            return Violation("E012", problem)
     return None
 
 
@@ -369,10 +366,7 @@ def e004_socket(req: Request) -> Violation | None:
             "Unix-domain socket"
         )
     return Violation(
-        "E004",
-        problem + "; libpq ignores sslmode on sockets and would connect without TLS.",
-        "set HOST to the server's DNS name (as on its certificate), or, for a server on this "
-        "machine, opt in with OPTIONS['allow_unix_socket'] = True.",
+        "E004", problem + "; libpq ignores sslmode on sockets and would connect without TLS."
     )
 
 
@@ -401,12 +395,6 @@ def _in_dot_postgresql(environ: Mapping[str, str], name: str) -> str:
     return os.path.join(home_directory(environ), ".postgresql", name)
 
 
-_ROOT_FIX = (
-    "set OPTIONS['sslrootcert'] to a readable file with your provider's CA bundle (PEM), "
-    "or to 'system' for a server with a publicly trusted certificate."
-)
-
-
 def root_of_trust(req: Request) -> RootOfTrust:
     """The CA file libpq will trust: explicit, service, PGSSLROOTCERT, then ~/.postgresql."""
     value = req.resolved.get("sslrootcert")
@@ -425,7 +413,7 @@ def root_of_trust(req: Request) -> RootOfTrust:
         return RootOfTrust(path, f"system ({where})")
     if not value.strip():
         return RootOfTrust(
-            "", "", Violation("E006", f"{origin} is {value!r}, which is empty.", _ROOT_FIX)
+            "", "", Violation("E006", f"{origin} is {value!r}, which is empty.", ROOT_FIX)
         )
     return RootOfTrust(os.path.expanduser(value), origin)
 
@@ -565,10 +553,9 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
             f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
             f"a service entry's sslrootcert, and {need.path} is not a readable file, so the "
             "server's certificate cannot be verified.",
-            _ROOT_FIX,
         )
     if need.code == "E006":
-        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", _ROOT_FIX)
+        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
     wanted = "a directory" if need.kind == DIRECTORY else "a regular file"
     return Violation(
         "E016",

@@ -17,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
+from .checkids import CHECKS
 from .credentials import CredentialProviderError
 from .errors import (
     ConnectionFileError,
@@ -30,9 +31,9 @@ from .logs import expiry_text
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
 
-W_EXPIRY = "secure_pg_backend.W001"
-E_REFUSED = "secure_pg_backend.E010"
-E_CONNECT = "secure_pg_backend.E014"
+W_EXPIRY = CHECKS["W001"].id
+E_REFUSED = CHECKS["E010"].id
+E_CONNECT = CHECKS["E014"].id
 DOCS_HINT = "docs/errors.md lists every refusal and failure with its fix."
 
 # What kind of failure a connection attempt ended in: dbtls prints it, the checks choose
@@ -100,8 +101,7 @@ class DatabaseValidation(BaseDatabaseValidation):
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
                     f"({cert.subject}) {expiry_text(info)}.",
-                    hint="Renew the server certificate before it expires; clients will "
-                    "refuse the connection after that date.",
+                    hint=CHECKS["W001"].fix,
                     obj=where,
                     id=W_EXPIRY,
                 )
