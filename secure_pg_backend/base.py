@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, faults, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
+from . import credentials, faults, gate, handshake, libpq, lifecycle, logs, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -218,8 +218,8 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
-        facts = link.read_facts(connection.pgconn)
-        problem = link_rules.check_link(decision, facts)
+        facts = handshake.read_facts(connection.pgconn)
+        problem = handshake.check_link(decision, facts)
         if problem is not None:
             connection.close()
             error = InsecureConnectionError(
@@ -229,13 +229,14 @@ class VerifiedTLSMixin(_WrapperBase):
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
         lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-        logs.announce(
-            self.alias,
-            lambda: link.peer_not_after(connection.pgconn),
-            lambda: _tls_info_of(connection),
-        )
+        not_after = handshake.not_after_once(connection.pgconn)
+        logs.announce(self.alias, not_after, lambda: _tls_info_of(connection))
         signals.connection_verified.send(
-            type(self), alias=self.alias, tls_info=lambda: _tls_info_of(connection)
+            type(self),
+            alias=self.alias,
+            tls_info=lambda: _tls_info_of(connection),
+            facts=facts,
+            not_after=not_after,
         )
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:

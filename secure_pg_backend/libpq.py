@@ -150,7 +150,7 @@ def functions() -> _Functions:
     return _Functions(ssl_attribute, ssl_struct, peer, i2d, free)
 
 
-# protocol and cipher are read by the post-handshake check itself (link.read_facts).
+# protocol and cipher are read by the post-handshake check itself (handshake.read_facts).
 _ATTRIBUTES = (b"library", b"key_bits", b"compression", b"alpn")
 
 

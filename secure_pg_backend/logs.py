@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import lifecycle
-from .link import expiring
+from .handshake import expiring
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
     from .tlsinfo import TLSInfo

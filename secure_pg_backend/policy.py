@@ -48,7 +48,7 @@ WEAKENING_KEYWORDS = {
     "the captured traffic",
 }
 
-# Records here (and in errors, gate, libpq, link_rules) are plain slotted classes: these modules are
+# Records here (and in errors, gate, libpq, handshake) are plain slotted classes: these modules are
 # imported by every process that connects, and defining a frozen dataclass costs ~0.7 ms, a
 # typing.NamedTuple ~0.1 ms (it compiles its constructor with eval), a class like these 0.01 ms.
 _EMPTY: Mapping[str, Any] = MappingProxyType({})

@@ -17,8 +17,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import libpq
-from .link import EXPIRY_WARNING_DAYS, certificate_not_after, days_left, decode, expiring
-from .link_rules import LinkFacts
+from .handshake import (
+    EXPIRY_WARNING_DAYS,
+    LinkFacts,
+    certificate_not_after,
+    days_left,
+    decode,
+    expiring,
+)
 from .policy import Decision
 
 __all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]

@@ -95,8 +95,9 @@ class DatabaseValidation(BaseDatabaseValidation):
                     "the USER, PASSWORD and NAME. " + DOCS_HINT
                 )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
-        cert = info.peer_certificate
-        if cert is not None and cert.expires_soon():
+        if info.expires_soon():  # handshake.expiring on the session's notAfter; no parse
+            cert = info.peer_certificate
+            assert cert is not None  # an expiry means a certificate was presented
             issues.append(
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
