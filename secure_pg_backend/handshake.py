@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import libpq
+from .checkids import CHECKS
 from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
 __all__ = [
@@ -127,8 +128,7 @@ def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
             return None
         return (
             f"libpq connected over a Unix-domain socket ({facts.host!r}), without TLS.",
-            "set HOST to the server's DNS name, or opt in with "
-            "OPTIONS['allow_unix_socket'] = True for a server on this machine.",
+            CHECKS["E004"].fix,  # the settings rule's own fix: the same cause
         )
     if not facts.ssl_in_use:
         return (

@@ -30,28 +30,6 @@ def _first_time(alias: str) -> bool:
         return True
 
 
-def expiry_text(info: TLSInfo, now: dt.datetime | None = None) -> str:
-    # TLSInfo.not_after, not peer_certificate: the log line must not parse the certificate.
-    not_after, days = info.not_after, info.days_left(now)
-    if not_after is None or days is None:
-        return ""
-    return f"expires {not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
-
-
-def describe(info: TLSInfo) -> str:
-    if not info.tls:
-        link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
-    else:
-        link = f"with {info.protocol} {info.cipher} ({info.key_bits}-bit)"
-    text = (
-        f"database alias {info.alias!r} connected to {info.endpoint} database {info.database!r} "
-        f"{link}, sslmode={info.sslmode}, root certificate {info.root_cert} "
-        f"({info.root_cert_source})"
-    )
-    expiry = expiry_text(info)
-    return f"{text}; server certificate {expiry}" if expiry else text
-
-
 def extra_fields(info: TLSInfo) -> dict[str, Any]:
     not_after = info.not_after
     return {
@@ -83,7 +61,7 @@ def announce(
     if level is None or not logger.isEnabledFor(level):
         return
     info = build()
-    logger.log(level, "secure_pg_backend: %s", describe(info), extra=extra_fields(info))
+    logger.log(level, "secure_pg_backend: %s", info.log_line(), extra=extra_fields(info))
 
 
 def _first_level(not_after: Callable[[], dt.datetime | None]) -> int | None:

@@ -169,6 +169,43 @@ class TLSInfo:
         data["peer_certificate"] = cert.as_dict() if cert else None
         return data
 
+    # -- the wording: every way a report is shown, together ----------------------------------
+    def expiry_text(self, now: dt.datetime | None = None) -> str:
+        """``expires 2026-01-31, in 12 days`` (the log line, dbtls, W001, the health check);
+        from ``not_after``, never the parsed certificate."""
+        not_after, days = self.not_after, self.days_left(now)
+        if not_after is None or days is None:
+            return ""
+        return f"expires {not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
+
+    def log_line(self) -> str:
+        """The start-up log line's message (``logs.announce``)."""
+        if not self.tls:
+            link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
+        else:
+            link = f"with {self.protocol} {self.cipher} ({self.key_bits}-bit)"
+        text = (
+            f"database alias {self.alias!r} connected to {self.endpoint} database "
+            f"{self.database!r} {link}, sslmode={self.sslmode}, root certificate "
+            f"{self.root_cert} ({self.root_cert_source})"
+        )
+        expiry = self.expiry_text()
+        return f"{text}; server certificate {expiry}" if expiry else text
+
+    def status_line(self) -> str:
+        """``manage.py dbtls``'s line: the banner, then where, what was trusted and the server
+        certificate (parsed: its subject is shown)."""
+        parts = [
+            f"{self.alias}: {self.summary()}",
+            f"host {self.endpoint}",
+            f"database {self.database!r}",
+            f"root certificate {self.root_cert} ({self.root_cert_source})",
+        ]
+        cert = self.peer_certificate
+        if cert is not None:
+            parts.append(f"server certificate {cert.subject}, {self.expiry_text()}")
+        return "; ".join(parts)
+
     def summary(self) -> str:
         """psql's banner style: ``SSL connection (protocol: TLSv1.3, cipher: …)``."""
         if not self.tls:

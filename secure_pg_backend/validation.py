@@ -26,7 +26,6 @@ from .errors import (
     redact,
     secret_values,
 )
-from .logs import expiry_text
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -101,7 +100,7 @@ class DatabaseValidation(BaseDatabaseValidation):
             issues.append(
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
-                    f"({cert.subject}) {expiry_text(info)}.",
+                    f"({cert.subject}) {info.expiry_text()}.",
                     hint=CHECKS["W001"].fix,
                     obj=where,
                     id=W_EXPIRY,

@@ -32,7 +32,6 @@ from ..errors import (
     secret_values,
 )
 from ..handshake import EXPIRY_WARNING_DAYS
-from ..logs import expiry_text
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]
@@ -51,7 +50,7 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
         if days is not None and days < self.warn_days:
             raise ServiceWarning(
                 f"the server certificate of {location(self.alias, info.host)} "
-                f"{expiry_text(info)} (warn_days={self.warn_days}); renew it."
+                f"{info.expiry_text()} (warn_days={self.warn_days}); renew it."
             )
 
     def _connect(self) -> TLSInfo:
