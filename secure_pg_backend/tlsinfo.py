@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import psycopg
+
 from . import libpq
 from .handshake import (
     EXPIRY_WARNING_DAYS,
     LinkFacts,
     certificate_not_after,
     days_left,
-    decode,
     expiring,
 )
 from .policy import Decision
@@ -228,7 +229,13 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     if facts.ssl_in_use and ptr:
         attrs = libpq.ssl_attributes(ptr)
         der = libpq.peer_certificate_der(ptr)
-    port = decode(pgconn.port)
+    # psycopg's ConnectionInfo: its port is libpq's compiled default where PQport is empty
+    # (a connection with no PORT anywhere), not None.
+    link = psycopg.ConnectionInfo(pgconn)
+    try:
+        port: int | None = link.port
+    except psycopg.Error:  # pragma: no cover - neither PQport nor a compiled default
+        port = None
     bits = attrs.get("key_bits")
     effective = facts.effective
     return TLSInfo(
@@ -241,9 +248,9 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         alpn=attrs.get("alpn") or None,
         library=attrs.get("library"),
         host=facts.host,
-        hostaddr=decode(pgconn.hostaddr) or None,
-        port=int(port) if port.isdigit() else None,
-        database=decode(pgconn.db),
+        hostaddr=link.hostaddr or None,
+        port=port,
+        database=link.dbname,
         sslmode=effective.get("sslmode", ""),
         min_protocol=effective.get("ssl_min_protocol_version", ""),
         root_cert=effective.get("sslrootcert", ""),

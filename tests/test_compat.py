@@ -55,9 +55,10 @@ def test_every_newer_keyword_is_known_to_a_libpq_that_new() -> None:
 
 
 def test_version_text() -> None:
-    assert compat._version_text(150018) == "15.18"
-    assert compat._version_text(180000) == "18.0"
-    assert compat._version_text(90624) == "9.6.24"
+    # The messages name versions by psycopg's pq.version_pretty.
+    assert psycopg.pq.version_pretty(150018) == "15.18"
+    assert psycopg.pq.version_pretty(180000) == "18.0"
+    assert psycopg.pq.version_pretty(90624) == "9.6.24"
 
 
 _NO_PSYCOPG = """
