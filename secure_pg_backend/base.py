@@ -252,6 +252,10 @@ class VerifiedTLSMixin(_WrapperBase):
         return info if info is not None else _tls_info_of(self.connection)
 
     # -- Django's pool, with refusals reported at once -------------------------
+    # A copy of Django's property with our pool class: Django has no hook for the class (it
+    # imports psycopg_pool.ConnectionPool inside the property). The copy follows Django 6.1's
+    # (the check default overridable); tests/test_retry.py pins the shape of Django's property
+    # in 5.2 and 6.1, so a release that changes it fails there, not in production.
     @property
     def pool(self) -> Any:
         pool_options = self.settings_dict["OPTIONS"].get("pool")
