@@ -15,8 +15,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 
-from .checkids import check_id
-from .errors import location, redact, secret_values
+from .errors import check_id, location, redact, secret_values
 
 __all__ = ["check_databases"]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import libpq
-from .checkids import CHECKS
+from .errors import CHECKS
 from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
 __all__ = [

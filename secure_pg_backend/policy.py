@@ -5,7 +5,7 @@ the keywords the settings pass explicitly and what libpq resolved them to (servi
 file, environment, defaults; see ``libpq.resolve``). Each rule on the settings is one
 small function named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``;
 ``RULES``); the file rules E005, E006 and E016 are ``check_files``. Which function reports
-each id, what it means and its fix are in ``checkids.CHECKS``. The same rules serve the
+each id, what it means and its fix are in ``errors.CHECKS``. The same rules serve the
 connection gate, the system checks and ``dbshell``; ``check_link`` holds the post-handshake
 rules.
 The only I/O is ``stat``: on the files libpq will open (``check_files``, before every
@@ -21,8 +21,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .checkids import ROOT_FIX
-from .errors import Violation
+from .errors import ROOT_FIX, Violation
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"

@@ -17,9 +17,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
-from .checkids import CHECKS
 from .credentials import CredentialProviderError
 from .errors import (
+    CHECKS,
     ConnectionFileError,
     InsecureConnectionError,
     SecurePolicyError,

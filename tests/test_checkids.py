@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from secure_pg_backend import policy
-from secure_pg_backend.checkids import CHECKS, markdown_table
-from secure_pg_backend.errors import Violation
+from secure_pg_backend.errors import CHECKS, Violation, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "secure_pg_backend"
@@ -20,8 +19,8 @@ ID = re.compile(r"\b[EW]0\d\d\b")
 def test_docs_checks_page_shows_the_table() -> None:
     page = (ROOT / "docs" / "checks.md").read_text()
     assert markdown_table() in page, (
-        "docs/checks.md and secure_pg_backend/checkids.py disagree; paste "
-        "secure_pg_backend.checkids.markdown_table() into the page"
+        "docs/checks.md and the table in secure_pg_backend/errors.py disagree; paste "
+        "secure_pg_backend.errors.markdown_table() into the page"
     )
 
 
