@@ -92,7 +92,7 @@ def require_libpq(version: int | None = None) -> None:
 
 
 def too_new_violation(name: str, keyword: str) -> Violation:
-    """E009 for a libpq keyword this process's libpq is too old for (``inputs.screen``)."""
+    """E009 for a libpq keyword this process's libpq is too old for (``policy.screen``)."""
     from psycopg.pq import version_pretty  # psycopg is loaded by then (require_psycopg)
 
     return Violation(

@@ -33,8 +33,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .errors import InsecureConnectionError, Violation, location
-from .inputs import control_character
-from .policy import PASSWORD_PROVIDER
+from .policy import PASSWORD_PROVIDER, control_character
 
 __all__ = [
     "CredentialProviderError",

@@ -124,7 +124,7 @@ _TABLE = (
     ),
     CheckId(
         "E009",
-        "inputs.screen",
+        "policy.screen",
         "an `OPTIONS` key that is not a libpq keyword, a psycopg or Django connection argument "
         "or an option of this backend (including the same keyword with spaces around it, which "
         "libpq would read as a later duplicate), a libpq keyword this process's libpq is too "
@@ -144,7 +144,7 @@ _TABLE = (
     ),
     CheckId(
         "E011",
-        "inputs.screen",
+        "policy.screen",
         "a value contains a control character such as NUL: libpq reads values as C strings, so "
         "everything after it, the forced TLS settings included, would be cut off; or a libpq "
         "keyword has several values (a repeated `DATABASE_URL` query key)",

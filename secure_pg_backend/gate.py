@@ -1,7 +1,7 @@
 """The gate: the exact parameters psycopg will hand libpq, judged before any network I/O.
 
 Input: one DATABASES entry and the parameters Django's ``get_connection_params``
-built from it. Steps: screen keys and characters (``inputs``); let libpq resolve the
+built from it. Steps: screen keys and characters (``policy.screen``); let libpq resolve the
 libpq keywords (service file, environment, defaults) without I/O; apply the policy
 to what libpq resolved; make every resolved value explicit, add the forced keywords,
 and read the string psycopg will assemble back through libpq's own parser. The
@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from . import credentials, inputs, libpq, policy
+from . import credentials, libpq, policy
 from .errors import SecurePolicyError, Violation
 from .policy import Decision
 
@@ -93,7 +93,7 @@ def _request(
 
 def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
     """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
-    screened = inputs.screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
+    screened = policy.screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
     provider = credentials.provider_violation(alias, settings_dict)
     if provider is not None:
         screened.append(provider)

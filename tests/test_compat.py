@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import compat, inputs, libpq
+from secure_pg_backend import compat, libpq, policy
 from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
 from secure_pg_backend.policy import WEAKENING_KEYWORDS
 from secure_pg_backend.testing import TLSPostgres
@@ -34,7 +34,7 @@ def test_libpq_13_and_this_process_libpq_are_accepted() -> None:
 @pytest.mark.parametrize("keyword", sorted(NEWER_KEYWORDS))
 def test_a_keyword_newer_than_the_loaded_libpq_is_named_with_the_fix(keyword: str) -> None:
     # Screened against the real libpq's PQconndefaults, so the table must agree with it.
-    found = inputs.screen({"OPTIONS": {keyword: "x"}}, libpq.keywords())
+    found = policy.screen({"OPTIONS": {keyword: "x"}}, libpq.keywords())
     if keyword in libpq.keywords() or keyword in WEAKENING_KEYWORDS:
         assert found == []  # accepted here (a weakening one is refused later, as E007)
         return
