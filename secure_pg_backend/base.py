@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, faults, gate, handshake, libpq, lifecycle, logs, policy, signals
+from . import credentials, faults, gate, handshake, libpq, lifecycle, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -230,7 +230,7 @@ class VerifiedTLSMixin(_WrapperBase):
         setattr(connection, _LINK_ATTR, (facts, decision))
         lifecycle.track_connection(connection)  # a forked child must drop it unwritten
         not_after = handshake.not_after_once(connection.pgconn)
-        logs.announce(self.alias, not_after, lambda: _tls_info_of(connection))
+        signals.announce(self.alias, not_after, lambda: _tls_info_of(connection))
         signals.connection_verified.send(
             type(self),
             alias=self.alias,

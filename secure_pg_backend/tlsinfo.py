@@ -180,7 +180,7 @@ class TLSInfo:
         return f"expires {not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
 
     def log_line(self) -> str:
-        """The start-up log line's message (``logs.announce``)."""
+        """The start-up log line's message (``signals.announce``)."""
         if not self.tls:
             link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
         else:
