@@ -94,9 +94,10 @@ class DatabaseValidation(BaseDatabaseValidation):
                     "the USER, PASSWORD and NAME. " + DOCS_HINT
                 )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
-        if info.expires_soon():  # handshake.expiring on the session's notAfter; no parse
-            cert = info.peer_certificate
-            assert cert is not None  # an expiry means a certificate was presented
+        # Decided on the session's notAfter (handshake.expiring); the certificate is parsed
+        # only for the warning's subject.
+        cert = info.peer_certificate if info.expires_soon() else None
+        if cert is not None:
             issues.append(
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
