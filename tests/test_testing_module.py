@@ -165,6 +165,7 @@ def test_dev_server_without_binaries_says_so(fresh_tmpdir: Path) -> None:
     assert os.listdir(fresh_tmpdir) == []
 
 
+@pytest.mark.needs_server
 def test_start_up_never_accepts_a_known_password() -> None:
     """Issue 17, class 5: the dev server (and so the pytest plugin) listened on 127.0.0.1
     with the superuser password from the source until it switched to random ones; a local
