@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, faults, gate, handshake, libpq, lifecycle, policy, signals
+from . import credentials, faults, handshake, libpq, lifecycle, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -95,7 +95,7 @@ class VerifiedTLSMixin(_WrapperBase):
     validation_class = DatabaseValidation
 
     _decision: policy.Decision | None = None
-    _verdict: gate.Verdict | None = None
+    _verdict: policy.Verdict | None = None
     _verdict_key: tuple[Any, ...] | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
@@ -117,13 +117,13 @@ class VerifiedTLSMixin(_WrapperBase):
         self._decision = verdict.decision
         return dict(verdict.params)
 
-    def policy_verdict(self) -> gate.Verdict:
+    def policy_verdict(self) -> policy.Verdict:
         """Judge the current settings without I/O: the gate, the checks and dbshell use it."""
         params = self._django_connection_params()
         key = self._settings_key()
         if key is not None and key == self._verdict_key and self._verdict is not None:
             return self._verdict
-        verdict = gate.judge(self.alias, self.settings_dict, params)
+        verdict = policy.judge(self.alias, self.settings_dict, params)
         self._verdict, self._verdict_key = verdict, key
         return verdict
 

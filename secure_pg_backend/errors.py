@@ -160,7 +160,7 @@ _TABLE = (
     ),
     CheckId(
         "E013",
-        "gate.judge",
+        "policy.judge",
         "libpq itself cannot use the parameters (for example a service name missing from "
         "`pg_service.conf`, or host, hostaddr and port lists of different lengths)",
         "correct the setting libpq names (a service name must exist in pg_service.conf; host, "

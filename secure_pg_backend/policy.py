@@ -1,6 +1,9 @@
 """The TLS policy: libpq parameters in, forced parameters (or a refusal) out.
 
-Pure functions over dicts, like psycopg's ``conninfo``. First ``screen`` (E009, E011):
+The judgment, in one module: ``judge`` (the gate, at the end) takes one DATABASES entry to
+the keywords for ``psycopg.connect`` or a refusal (``Verdict``), asking libpq itself to resolve
+the parameters (``libpq.resolve``, no I/O). Everything else here is pure functions over dicts,
+like psycopg's ``conninfo``. First ``screen`` (E009, E011):
 which keys and characters a DATABASES entry may hold at all. Then the rules, whose input is a
 ``Request``:
 the keywords the settings pass explicitly and what libpq resolved them to (service
@@ -24,8 +27,9 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from . import libpq
 from .compat import NEWER_KEYWORDS, too_new_violation
-from .errors import ROOT_FIX, Violation
+from .errors import ROOT_FIX, SecurePolicyError, Violation
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"
@@ -787,3 +791,130 @@ def screen(
 
 def _named(key: Any, fallback: str) -> str:
     return option_name(key) if isinstance(key, str) and key.isidentifier() else fallback
+
+
+# -- the gate: one alias's settings to the keywords for psycopg.connect, or a refusal ----------
+# The exact parameters psycopg will hand libpq, judged before any network I/O. Input: one
+# DATABASES entry and the parameters Django's ``get_connection_params`` built from it. Steps:
+# screen keys and characters (``screen``); let libpq resolve the libpq keywords (service file,
+# environment, defaults) without I/O; apply the rules to what libpq resolved; make every
+# resolved value explicit, add the forced keywords, and read the string psycopg will assemble
+# back through libpq's own parser. The result is the keyword dict for ``psycopg.connect`` or a
+# ``SecurePolicyError``.
+
+
+class Verdict(Evaluation):
+    """The gate's answer: the policy's evaluation, plus the parameters for psycopg.connect
+    when the connection is allowed.
+
+    ``violations`` are about the configuration and may be cached with it. The state of the
+    files libpq opens is not part of it: ``file_violations`` holds what the gate found
+    before resolving a service (service files), and ``check_files`` looks again, at every
+    physical connection.
+    """
+
+    __slots__ = ("file_violations", "params")
+
+    def __init__(
+        self,
+        alias: str,
+        host: str | None,
+        violations: tuple[Violation, ...] = (),
+        decision: Decision | None = None,
+        params: Mapping[str, Any] | None = None,
+        file_violations: tuple[Violation, ...] = (),
+        files: tuple[FileNeed, ...] = (),
+    ) -> None:
+        super().__init__(alias, host, violations, decision, files)
+        self.params = params
+        self.file_violations = file_violations
+
+    def check_files(self) -> tuple[Violation, ...]:
+        """The file rules, now: ``stat`` only, never cached."""
+        return self.file_violations or check_files(self.files)
+
+    def now(self) -> Verdict:
+        """This verdict with the files' current state: what the checks and dbshell report."""
+        files = self.check_files()
+        if not files:
+            return self
+        return Verdict(self.alias, self.host, self.violations + files)
+
+    def raise_if_refused(self, password: object = None) -> None:
+        """Offline callers (dbshell): refuse on the configuration and the files alike."""
+        verdict = self.now()
+        if verdict.decision is None:
+            raise SecurePolicyError(self.alias, self.host, verdict.violations, password=password)
+
+
+def _as_text(value: Any) -> str:
+    # What psycopg's make_conninfo sends for a value (it calls str()).
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def _origins(settings_dict: Mapping[str, Any]) -> dict[str, str]:
+    fields = {"host": "HOST", "port": "PORT", "dbname": "NAME", "user": "USER"}
+    return {key: field for key, field in fields.items() if settings_dict.get(field)}
+
+
+def _request(
+    alias: str,
+    settings_dict: Mapping[str, Any],
+    explicit: dict[str, str],
+    resolved: Mapping[str, str],
+) -> Request:
+    return Request(
+        alias=alias,
+        explicit=explicit,
+        resolved=resolved,
+        options=settings_dict.get("OPTIONS") or {},
+        environ=os.environ,
+        keywords=libpq.keywords(),
+        origins=_origins(settings_dict),
+        envvars=libpq.keyword_variables(),
+    )
+
+
+def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
+    """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
+    from . import credentials  # it imports this module's names: imported when first judged
+
+    screened = screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
+    provider = credentials.provider_violation(alias, settings_dict)
+    if provider is not None:
+        screened.append(provider)
+    if screened:
+        return Verdict(alias, settings_dict.get("HOST") or None, tuple(screened))
+    keywords = libpq.keywords()
+    explicit = {k: _as_text(v) for k, v in conn_params.items() if k in keywords and v is not None}
+    # libpq reads a named service's files while resolving, holding the GIL: a FIFO there
+    # would freeze the process, so they are looked at first (and never cached, see base).
+    service = explicit.get("service") or os.environ.get("PGSERVICE")
+    blocked = check_files(service_file_needs(service, os.environ))
+    if blocked:
+        return Verdict(alias, settings_dict.get("HOST") or None, file_violations=blocked)
+    resolution = libpq.resolve(explicit)
+    if resolution.error and not resolution.values:  # nothing resolved: libpq's reason only
+        return Verdict(
+            alias, settings_dict.get("HOST") or None, (_libpq_refused(resolution.error),)
+        )
+    request = _request(alias, settings_dict, explicit, resolution.values)
+    evaluation = evaluate(request)
+    violations = evaluation.violations
+    if resolution.error and not violations:
+        violations = (_libpq_refused(resolution.error),)
+    if violations or evaluation.decision is None:
+        return Verdict(alias, evaluation.host, violations, files=evaluation.files)
+    decision = evaluation.decision
+    final = final_parameters(decision, request, libpq.compiled_defaults())
+    assembled = e009_assembled(decision, libpq.parse(libpq.conninfo(final)))
+    if assembled is not None:
+        return Verdict(alias, evaluation.host, (assembled,))
+    others = {
+        k: v for k, v in conn_params.items() if k not in keywords and k not in BACKEND_OPTIONS
+    }
+    return Verdict(alias, evaluation.host, (), decision, {**final, **others})
+
+
+def _libpq_refused(message: str) -> Violation:
+    return Violation("E013", f"libpq cannot use these parameters: {message}.")

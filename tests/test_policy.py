@@ -18,7 +18,6 @@ from django.core.exceptions import ImproperlyConfigured
 
 from secure_pg_backend import SecurePolicyError, handshake, libpq, policy
 from secure_pg_backend.base import standalone_wrapper
-from secure_pg_backend.gate import Verdict
 from secure_pg_backend.handshake import LinkFacts
 from secure_pg_backend.policy import Decision
 
@@ -68,7 +67,7 @@ def entry(
 
 def judge(
     settings: dict[str, Any], environ: dict[str, str] | None = None, alias: str = "default"
-) -> Verdict:
+) -> policy.Verdict:
     """The verdict with the files' current state, as the system checks report it."""
     with mock.patch.dict(os.environ, environ or {}):
         return standalone_wrapper(alias, settings).policy_verdict().now()  # type: ignore[no-any-return]
