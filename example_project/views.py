@@ -12,7 +12,6 @@ from django.shortcuts import render
 
 from secure_pg_backend.base import DatabaseWrapper
 from secure_pg_backend.errors import redact
-from secure_pg_backend.logs import expiry_text
 from secure_pg_backend.tlsinfo import TLSInfo
 
 MONO_LABELS = ("Serial number", "SHA-256 fingerprint")
@@ -64,7 +63,7 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
     ]
     cert = info.peer_certificate
     if cert is not None:
-        report.expiry = expiry_text(info)
+        report.expiry = info.expiry_text()
         report.expiring_soon = cert.expires_soon()
         report.certificate_rows = [
             ("Subject", cert.subject),

@@ -12,7 +12,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, faults, gate, libpq, lifecycle, link, link_rules, logs, policy, signals
+from . import credentials, faults, handshake, libpq, lifecycle, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -99,7 +99,7 @@ class VerifiedTLSMixin(_WrapperBase):
     validation_class = DatabaseValidation
 
     _decision: policy.Decision | None = None
-    _verdict: gate.Verdict | None = None
+    _verdict: policy.Verdict | None = None
     _verdict_key: tuple[Any, ...] | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
@@ -121,13 +121,13 @@ class VerifiedTLSMixin(_WrapperBase):
         self._decision = verdict.decision
         return dict(verdict.params)
 
-    def policy_verdict(self) -> gate.Verdict:
+    def policy_verdict(self) -> policy.Verdict:
         """Judge the current settings without I/O: the gate, the checks and dbshell use it."""
         params = self._django_connection_params()
         key = self._settings_key()
         if key is not None and key == self._verdict_key and self._verdict is not None:
             return self._verdict
-        verdict = gate.judge(self.alias, self.settings_dict, params)
+        verdict = policy.judge(self.alias, self.settings_dict, params)
         self._verdict, self._verdict_key = verdict, key
         return verdict
 
@@ -236,8 +236,8 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
-        facts = link.read_facts(connection.pgconn)
-        problem = link_rules.check_link(decision, facts)
+        facts = handshake.read_facts(connection.pgconn)
+        problem = handshake.check_link(decision, facts)
         if problem is not None:
             connection.close()
             error = InsecureConnectionError(
@@ -247,13 +247,14 @@ class VerifiedTLSMixin(_WrapperBase):
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
         lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-        logs.announce(
-            self.alias,
-            lambda: link.peer_not_after(connection.pgconn),
-            lambda: _tls_info_of(connection),
-        )
+        not_after = handshake.not_after_once(connection.pgconn)
+        signals.announce(self.alias, not_after, lambda: _tls_info_of(connection))
         signals.connection_verified.send(
-            type(self), alias=self.alias, tls_info=lambda: _tls_info_of(connection)
+            type(self),
+            alias=self.alias,
+            tls_info=lambda: _tls_info_of(connection),
+            facts=facts,
+            not_after=not_after,
         )
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
@@ -269,6 +270,10 @@ class VerifiedTLSMixin(_WrapperBase):
         return info if info is not None else _tls_info_of(self.connection)
 
     # -- Django's pool, with refusals reported at once -------------------------
+    # A copy of Django's property with our pool class: Django has no hook for the class (it
+    # imports psycopg_pool.ConnectionPool inside the property). The copy follows Django 6.1's
+    # (the check default overridable); tests/test_retry.py pins the shape of Django's property
+    # in 5.2 and 6.1, so a release that changes it fails there, not in production.
     @property
     def pool(self) -> Any:
         pool_options = self.settings_dict["OPTIONS"].get("pool")

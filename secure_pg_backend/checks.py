@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 
-from .errors import location, redact, secret_values
+from .errors import check_id, location, redact, secret_values
 
 __all__ = ["check_databases"]
 
@@ -41,7 +41,7 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
                     redact(f"{where}: {violation.problem}", password),
                     hint=redact(violation.fix, password),
                     obj=f"DATABASES[{alias!r}]",
-                    id=f"secure_pg_backend.{violation.code}",
+                    id=check_id(violation.code),
                 )
             )
     return errors

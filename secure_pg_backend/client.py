@@ -32,7 +32,7 @@ from django.db.backends.postgresql import client as postgresql
 from . import credentials, libpq
 from .compat import NEWER_KEYWORDS
 from .errors import location, redact, secret_values
-from .inputs import control_character
+from .policy import control_character
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin

@@ -68,16 +68,12 @@ def require_psycopg() -> None:
         ) from None
 
 
-def _version_text(version: int) -> str:
-    major, rest = divmod(version, 10000)
-    return f"{major}.{rest}" if major >= 10 else f"{major}.{rest // 100}.{rest % 100}"
-
-
 def describe_libpq() -> str:
     """``libpq 15.18 (psycopg's c build)``: what a message about libpq should name."""
     import psycopg
 
-    return f"libpq {_version_text(psycopg.pq.version())} (psycopg's {psycopg.pq.__impl__} build)"
+    version = psycopg.pq.version_pretty(psycopg.pq.version())
+    return f"libpq {version} (psycopg's {psycopg.pq.__impl__} build)"
 
 
 def require_libpq(version: int | None = None) -> None:
@@ -88,17 +84,20 @@ def require_libpq(version: int | None = None) -> None:
     if version < MIN_LIBPQ:
         raise LibpqSupportError(
             f"secure_pg_backend needs libpq 13 or newer (for ssl_min_protocol_version); "
-            f"psycopg's {psycopg.pq.__impl__} build uses libpq {_version_text(version)}. "
+            f"psycopg's {psycopg.pq.__impl__} build uses libpq "
+            f"{psycopg.pq.version_pretty(version)}. "
             "Fix: install psycopg[binary] (it bundles a current libpq), or upgrade the "
             "system's libpq (Debian/Ubuntu: libpq5) and rebuild psycopg[c]."
         )
 
 
 def too_new_violation(name: str, keyword: str) -> Violation:
-    """E009 for a libpq keyword this process's libpq is too old for (``inputs.screen``)."""
+    """E009 for a libpq keyword this process's libpq is too old for (``policy.screen``)."""
+    from psycopg.pq import version_pretty  # psycopg is loaded by then (require_psycopg)
+
     return Violation(
         "E009",
-        f"{name} needs libpq {_version_text(NEWER_KEYWORDS[keyword])} or newer, and this "
+        f"{name} needs libpq {version_pretty(NEWER_KEYWORDS[keyword])} or newer, and this "
         f"process uses {describe_libpq()}, which would refuse it.",
         f"remove {name}, or install psycopg[binary] (it bundles a current libpq), or "
         "upgrade the system's libpq and rebuild psycopg[c].",

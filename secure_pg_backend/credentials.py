@@ -33,10 +33,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .errors import InsecureConnectionError, Violation, location
-from .inputs import control_character
+from .policy import PASSWORD_PROVIDER, control_character
 
 __all__ = [
-    "PROVIDER_KEY",
     "CredentialProviderError",
     "Provider",
     "aws_rds_iam",
@@ -46,8 +45,7 @@ __all__ = [
     "with_password",
 ]
 
-PROVIDER_KEY = "password_provider"
-FIELD = f"OPTIONS[{PROVIDER_KEY!r}]"
+FIELD = f"OPTIONS[{PASSWORD_PROVIDER!r}]"
 # Settings code lists here the dotted paths of its own providers it lets OPTIONS name.
 ALLOWED_SETTING = "SECURE_PG_BACKEND_PASSWORD_PROVIDERS"
 
@@ -139,7 +137,7 @@ def _named_provider(alias: str, host: str | None, path: str) -> Any:
 def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provider, str] | None:
     """The configured provider and its name, or None; ImproperlyConfigured when unusable."""
     options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
-    value = options.get(PROVIDER_KEY)
+    value = options.get(PASSWORD_PROVIDER)
     if value is None:
         return None
     host = settings_dict.get("HOST") or None
@@ -218,7 +216,7 @@ def with_password(
         return params if isinstance(params, dict) else dict(params)
     # Appended, not replaced in place (a password libpq resolved from PGPASSWORD may sit
     # early in the parameters): nothing the provider returns comes before a TLS keyword.
-    out = {k: v for k, v in params.items() if k not in (PROVIDER_KEY, "password")}
+    out = {k: v for k, v in params.items() if k not in (PASSWORD_PROVIDER, "password")}
     out["password"] = password
     return out
 

@@ -10,7 +10,10 @@ already export::
     secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried
 
 Driven by the ``connection_verified``, ``connection_refused`` and ``connection_retried``
-signals.
+signals. A verified connection is recorded from what the post-handshake check already read
+(``facts``: protocol, cipher, host) and its certificate's notAfter as the session's OpenSSL
+decodes it (``not_after``, shared with the log line): never the full ``TLSInfo`` report,
+whose four ``PQsslAttribute`` calls and DER copy would be paid on every pooled connection.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import signals
-from .link import certificate_not_after
 
 if TYPE_CHECKING:
-    from .tlsinfo import TLSInfo
+    from .handshake import LinkFacts
 
-__all__ = ["install", "server_certificate_not_after"]
+__all__ = ["install"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +39,27 @@ _metrics: dict[str, Any] = {}
 _tls_labels: dict[str, tuple[str, str]] = {}
 
 
-def server_certificate_not_after(info: TLSInfo) -> dt.datetime | None:
-    """The one place the expiry is read: decoded by the session's OpenSSL, once per distinct
-    certificate, without filling ``info``'s cached fields (a connection nobody inspects stays
-    as cheap as before). This runs on the pool's threads for every connection: a certificate
-    parse with ``cryptography`` there can abort the process at exit.
-    """
-    der = info._peer_der
-    return certificate_not_after(der) if der else None
-
-
-def _on_verified(sender: object, alias: str, tls_info: Callable[[], TLSInfo], **_: Any) -> None:
+def _on_verified(
+    sender: object,
+    alias: str,
+    facts: LinkFacts,
+    not_after: Callable[[], dt.datetime | None],
+    **_: Any,
+) -> None:
     _metrics["connections"].labels(alias=alias, outcome="verified").inc()
     try:
-        _record_link(alias, tls_info())
+        _record_link(alias, facts, not_after)
     except Exception:  # a metrics fault must never fail the connection it describes
         logger.exception("secure_pg_backend: could not record TLS metrics for %r", alias)
 
 
-def _record_link(alias: str, info: TLSInfo) -> None:
-    labels = (info.protocol or "", info.cipher or "")
+def _record_link(
+    alias: str, facts: LinkFacts, read_not_after: Callable[[], dt.datetime | None]
+) -> None:
+    # This runs on the pool's threads for every connection: the expiry comes from the
+    # session's OpenSSL (handshake.peer_not_after), never a ``cryptography`` parse, which
+    # there can abort the process at exit.
+    labels = (facts.protocol or "", facts.cipher or "")
     with _lock:
         previous = _tls_labels.get(alias)
         if previous != labels:
@@ -64,9 +67,9 @@ def _record_link(alias: str, info: TLSInfo) -> None:
                 _metrics["tls"].remove(alias, *previous)
             _metrics["tls"].labels(alias, *labels).set(1)
             _tls_labels[alias] = labels
-    not_after = server_certificate_not_after(info)
+    not_after = read_not_after()
     if not_after is not None:
-        _metrics["expiry"].labels(alias=alias, host=info.host).set(not_after.timestamp())
+        _metrics["expiry"].labels(alias=alias, host=facts.host).set(not_after.timestamp())
 
 
 def _on_refused(sender: object, alias: str, **_: Any) -> None:

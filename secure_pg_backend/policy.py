@@ -1,25 +1,35 @@
 """The TLS policy: libpq parameters in, forced parameters (or a refusal) out.
 
-Pure functions over dicts, like psycopg's ``conninfo``. The input is a ``Request``:
+The judgment, in one module: ``judge`` (the gate, at the end) takes one DATABASES entry to
+the keywords for ``psycopg.connect`` or a refusal (``Verdict``), asking libpq itself to resolve
+the parameters (``libpq.resolve``, no I/O). Everything else here is pure functions over dicts,
+like psycopg's ``conninfo``. First ``screen`` (E009, E011):
+which keys and characters a DATABASES entry may hold at all. Then the rules, whose input is a
+``Request``:
 the keywords the settings pass explicitly and what libpq resolved them to (service
-file, environment, defaults; see ``libpq.resolve``). Each rule is one small function
-named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``), so a rule,
-its message and its tests share one name. The same rules serve the connection gate,
-the system checks and ``dbshell``; ``check_link`` holds the post-handshake rules.
+file, environment, defaults; see ``libpq.resolve``). Each rule on the settings is one
+small function named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``;
+``RULES``); the file rules E005, E006 and E016 are ``check_files``. Which function reports
+each id, what it means and its fix are in ``errors.CHECKS``. The same rules serve the
+connection gate, the system checks and ``dbshell``; ``check_link`` holds the post-handshake
+rules.
 The only I/O is ``stat``: on the files libpq will open (``check_files``, before every
 physical connection, never cached) and, for ``sslrootcert='system'``, on the store's candidates.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .errors import Violation
+from . import libpq
+from .compat import NEWER_KEYWORDS, too_new_violation
+from .errors import ROOT_FIX, SecurePolicyError, Violation
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"
@@ -45,7 +55,7 @@ WEAKENING_KEYWORDS = {
     "the captured traffic",
 }
 
-# Records here (and in errors, gate, libpq, link_rules) are plain slotted classes: these modules are
+# Records here (and in errors, gate, libpq, handshake) are plain slotted classes: these modules are
 # imported by every process that connects, and defining a frozen dataclass costs ~0.7 ms, a
 # typing.NamedTuple ~0.1 ms (it compiles its constructor with eval), a class like these 0.01 ms.
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -320,12 +330,6 @@ def _entries(req: Request) -> list[tuple[str, str]]:
     return list(zip(hosts, addrs, strict=True))
 
 
-_HOST_FIX = (
-    "set HOST to the server's DNS name (as on its certificate); to reach it by IP, keep the "
-    "name in HOST and put the IP in OPTIONS['hostaddr'], one for each host."
-)
-
-
 def e012_host_lists(req: Request) -> Violation | None:
     hosts, addrs = _split(req.resolved.get("host")), _split(req.resolved.get("hostaddr"))
     if addrs and not hosts:
@@ -333,20 +337,20 @@ def e012_host_lists(req: Request) -> Violation | None:
             f"{req.origin('hostaddr')} is {req.resolved['hostaddr']!r} but no host name is set; "
             "verify-full checks the certificate against the host name, so one is needed."
         )
-        return Violation("E012", problem, _HOST_FIX)
+        return Violation("E012", problem)
     if addrs and len(hosts) != len(addrs):
         problem = (
             f"{req.origin('hostaddr')} lists {len(addrs)} address(es) but {req.origin('host')} "
             f"lists {len(hosts)} host name(s); verify-full needs a name for every address."
         )
-        return Violation("E012", problem, _HOST_FIX)
+        return Violation("E012", problem)
     for number, (name, addr) in enumerate(_entries(req), start=1):
         if addr and (not name or is_socket_host(name)):
             problem = (
                 f"host entry {number} has the address {addr!r} but the host name {name!r}; "
                 "verify-full checks the certificate against the host name, so one is needed."
             )
-            return Violation("E012", problem, _HOST_FIX)
+            return Violation("E012", problem)
     return None
 
 
@@ -369,10 +373,7 @@ def e004_socket(req: Request) -> Violation | None:
             "Unix-domain socket"
         )
     return Violation(
-        "E004",
-        problem + "; libpq ignores sslmode on sockets and would connect without TLS.",
-        "set HOST to the server's DNS name (as on its certificate), or, for a server on this "
-        "machine, opt in with OPTIONS['allow_unix_socket'] = True.",
+        "E004", problem + "; libpq ignores sslmode on sockets and would connect without TLS."
     )
 
 
@@ -401,12 +402,6 @@ def _in_dot_postgresql(environ: Mapping[str, str], name: str) -> str:
     return os.path.join(home_directory(environ), ".postgresql", name)
 
 
-_ROOT_FIX = (
-    "set OPTIONS['sslrootcert'] to a readable file with your provider's CA bundle (PEM), "
-    "or to 'system' for a server with a publicly trusted certificate."
-)
-
-
 def root_of_trust(req: Request) -> RootOfTrust:
     """The CA file libpq will trust: explicit, service, PGSSLROOTCERT, then ~/.postgresql."""
     value = req.resolved.get("sslrootcert")
@@ -425,7 +420,7 @@ def root_of_trust(req: Request) -> RootOfTrust:
         return RootOfTrust(path, f"system ({where})")
     if not value.strip():
         return RootOfTrust(
-            "", "", Violation("E006", f"{origin} is {value!r}, which is empty.", _ROOT_FIX)
+            "", "", Violation("E006", f"{origin} is {value!r}, which is empty.", ROOT_FIX)
         )
     return RootOfTrust(os.path.expanduser(value), origin)
 
@@ -565,10 +560,9 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
             f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
             f"a service entry's sslrootcert, and {need.path} is not a readable file, so the "
             "server's certificate cannot be verified.",
-            _ROOT_FIX,
         )
     if need.code == "E006":
-        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", _ROOT_FIX)
+        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
     wanted = "a directory" if need.kind == DIRECTORY else "a regular file"
     return Violation(
         "E016",
@@ -650,3 +644,277 @@ def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation |
                 "remove the setting that changes it; only exact libpq keywords are accepted.",
             )
     return None
+
+
+# -- screening: allowed keys and characters (E009, E011), before anything reads the entry ----
+# psycopg escapes values but not keys, and libpq skips whitespace around a key and lets
+# a later duplicate win, so ``" sslmode"`` would override ``"sslmode"``. libpq also
+# receives the connection string as a C string, so a NUL byte in any value cuts off
+# everything after it, the forced keywords included. Hence an allowlist: every OPTIONS
+# key is exactly a libpq keyword (libpq's own list), a psycopg or Django connection
+# argument, or one of this backend's; no field holds a control character. Pure
+# functions; the libpq keyword list is passed in (``screen``, the gate's first step).
+
+# Arguments of psycopg.Connection.connect that are not libpq keywords.
+PSYCOPG_ARGUMENTS = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
+# OPTIONS keys Django's postgresql backend reads and removes before connecting.
+DJANGO_OPTIONS = frozenset({"pool", "server_side_binding", "isolation_level", "assume_role"})
+# Pool arguments that would bypass the parameters judged here.
+POOL_BYPASSES = frozenset({"conninfo", "kwargs"})
+FIELDS = ("HOST", "PORT", "NAME", "USER", "PASSWORD")
+
+_SCALARS = (str, bytes, int, float, os.PathLike)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def allowed_keys(keywords: frozenset[str]) -> frozenset[str]:
+    # Weakening keywords pass here so the policy refuses them with the specific reason
+    # (E007), even where this libpq does not know them.
+    return keywords | PSYCOPG_ARGUMENTS | DJANGO_OPTIONS | BACKEND_OPTIONS | set(WEAKENING_KEYWORDS)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, os.PathLike):
+        return str(os.fspath(value))
+    return None
+
+
+def control_character(value: Any) -> str | None:
+    """The first control character in a text value, as its repr (for messages), or None."""
+    text = _text(value)
+    match = _CONTROL.search(text) if text is not None else None
+    return repr(match.group()) if match else None
+
+
+def _character_violation(name: str, value: Any, secret: bool) -> Violation | None:
+    found = control_character(value)
+    if found is None:
+        return None
+    shown = "" if secret else f" ({value!r})"
+    return Violation(
+        "E011",
+        f"{name}{shown} contains the control character {found}; libpq reads values as C "
+        "strings, so a NUL would cut off the TLS settings that follow it.",
+        f"remove the character from {name}.",
+    )
+
+
+def _shape_violation(
+    name: str, key: Any, value: Any, keywords: frozenset[str], secret: bool
+) -> Violation | None:
+    # psycopg would send str() of anything; a list (a repeated DATABASE_URL query key, as
+    # dj-database-url returns it) would reach libpq as "[5, 5]".
+    if key not in keywords or value is None or isinstance(value, _SCALARS):
+        return None
+    return Violation(
+        "E011",
+        f"{name} is a {type(value).__name__}{'' if secret else f' ({value!r})'}; libpq takes "
+        "exactly one value.",
+        f"give {name} one value (in a DATABASE_URL: the query key once).",
+    )
+
+
+def _nested(prefix: str, options: Mapping[Any, Any]) -> Iterator[tuple[str, Any, Any]]:
+    for key, value in options.items():
+        yield f"{prefix}[{key!r}]", key, value
+
+
+def _key_violation(name: str, key: Any, allowed: frozenset[str]) -> Violation | None:
+    if isinstance(key, str) and key in allowed:
+        return None
+    if isinstance(key, str) and key in NEWER_KEYWORDS:  # a real keyword, for a newer libpq
+        return too_new_violation(name, key)
+    if key == "conninfo":
+        return Violation(
+            "E009",
+            f"{name} is not accepted: a connection string would reach libpq unchecked.",
+            "give each libpq keyword as its own OPTIONS key (host, port, sslrootcert, ...).",
+        )
+    guess = difflib.get_close_matches(str(key).strip().lower(), sorted(allowed), n=1)
+    suggestion = f"did you mean {guess[0]!r}?" if guess else "see libpq's parameter list"
+    fix = f"use the exact keyword ({suggestion}) or remove it."
+    if isinstance(key, str) and key != key.strip():
+        fix += " In a DATABASE_URL, '+' and '%20' in a query key decode to spaces."
+    return Violation(
+        "E009",
+        f"{name} is not a libpq keyword, a psycopg or Django connection argument, or an "
+        "option of this backend; libpq would skip the whitespace around a key and let a "
+        "later duplicate override the TLS settings.",
+        fix,
+    )
+
+
+def _pool_violations(pool: Any) -> Iterator[Violation | None]:
+    if not isinstance(pool, Mapping):
+        return
+    for name, key, value in _nested("OPTIONS['pool']", pool):
+        if key in POOL_BYPASSES:
+            yield Violation(
+                "E009",
+                f"{name} is not accepted: the pool would hand it to libpq unchecked.",
+                "put libpq keywords directly in OPTIONS; the pool uses those.",
+            )
+        yield _character_violation(name, value, secret=False)
+
+
+def screen(
+    settings_dict: Mapping[str, Any],
+    keywords: frozenset[str],
+    secret_keywords: frozenset[str] = frozenset(),
+) -> list[Violation]:
+    """Every key and character problem in one DATABASES entry.
+
+    Values are never echoed for PASSWORD, for the keywords libpq marks secret
+    (``libpq.secret_keywords``, passed in) or for keys this libpq does not know (a
+    newer libpq's secret, say ``oauth_client_secret`` on libpq 15, is refused by name).
+    """
+    found: list[Violation | None] = [
+        _character_violation(field, settings_dict.get(field), secret=field == "PASSWORD")
+        for field in FIELDS
+    ]
+    options = settings_dict.get("OPTIONS") or {}
+    allowed = allowed_keys(keywords)
+    for name, key, value in _nested("OPTIONS", options):
+        secret = key in secret_keywords or key not in allowed
+        found.append(_key_violation(_named(key, name), key, allowed))
+        found.append(_character_violation(_named(key, name), value, secret=secret))
+        found.append(_shape_violation(_named(key, name), key, value, keywords, secret))
+    found.extend(_pool_violations(options.get("pool")))
+    return [v for v in found if v is not None]
+
+
+def _named(key: Any, fallback: str) -> str:
+    return option_name(key) if isinstance(key, str) and key.isidentifier() else fallback
+
+
+# -- the gate: one alias's settings to the keywords for psycopg.connect, or a refusal ----------
+# The exact parameters psycopg will hand libpq, judged before any network I/O. Input: one
+# DATABASES entry and the parameters Django's ``get_connection_params`` built from it. Steps:
+# screen keys and characters (``screen``); let libpq resolve the libpq keywords (service file,
+# environment, defaults) without I/O; apply the rules to what libpq resolved; make every
+# resolved value explicit, add the forced keywords, and read the string psycopg will assemble
+# back through libpq's own parser. The result is the keyword dict for ``psycopg.connect`` or a
+# ``SecurePolicyError``.
+
+
+class Verdict(Evaluation):
+    """The gate's answer: the policy's evaluation, plus the parameters for psycopg.connect
+    when the connection is allowed.
+
+    ``violations`` are about the configuration and may be cached with it. The state of the
+    files libpq opens is not part of it: ``file_violations`` holds what the gate found
+    before resolving a service (service files), and ``check_files`` looks again, at every
+    physical connection.
+    """
+
+    __slots__ = ("file_violations", "params")
+
+    def __init__(
+        self,
+        alias: str,
+        host: str | None,
+        violations: tuple[Violation, ...] = (),
+        decision: Decision | None = None,
+        params: Mapping[str, Any] | None = None,
+        file_violations: tuple[Violation, ...] = (),
+        files: tuple[FileNeed, ...] = (),
+    ) -> None:
+        super().__init__(alias, host, violations, decision, files)
+        self.params = params
+        self.file_violations = file_violations
+
+    def check_files(self) -> tuple[Violation, ...]:
+        """The file rules, now: ``stat`` only, never cached."""
+        return self.file_violations or check_files(self.files)
+
+    def now(self) -> Verdict:
+        """This verdict with the files' current state: what the checks and dbshell report."""
+        files = self.check_files()
+        if not files:
+            return self
+        return Verdict(self.alias, self.host, self.violations + files)
+
+    def raise_if_refused(self, password: object = None) -> None:
+        """Offline callers (dbshell): refuse on the configuration and the files alike."""
+        verdict = self.now()
+        if verdict.decision is None:
+            raise SecurePolicyError(self.alias, self.host, verdict.violations, password=password)
+
+
+def _as_text(value: Any) -> str:
+    # What psycopg's make_conninfo sends for a value (it calls str()).
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def _origins(settings_dict: Mapping[str, Any]) -> dict[str, str]:
+    fields = {"host": "HOST", "port": "PORT", "dbname": "NAME", "user": "USER"}
+    return {key: field for key, field in fields.items() if settings_dict.get(field)}
+
+
+def _request(
+    alias: str,
+    settings_dict: Mapping[str, Any],
+    explicit: dict[str, str],
+    resolved: Mapping[str, str],
+) -> Request:
+    return Request(
+        alias=alias,
+        explicit=explicit,
+        resolved=resolved,
+        options=settings_dict.get("OPTIONS") or {},
+        environ=os.environ,
+        keywords=libpq.keywords(),
+        origins=_origins(settings_dict),
+        envvars=libpq.keyword_variables(),
+    )
+
+
+def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
+    """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
+    from . import credentials  # it imports this module's names: imported when first judged
+
+    screened = screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
+    provider = credentials.provider_violation(alias, settings_dict)
+    if provider is not None:
+        screened.append(provider)
+    if screened:
+        return Verdict(alias, settings_dict.get("HOST") or None, tuple(screened))
+    keywords = libpq.keywords()
+    explicit = {k: _as_text(v) for k, v in conn_params.items() if k in keywords and v is not None}
+    # libpq reads a named service's files while resolving, holding the GIL: a FIFO there
+    # would freeze the process, so they are looked at first (and never cached, see base).
+    service = explicit.get("service") or os.environ.get("PGSERVICE")
+    blocked = check_files(service_file_needs(service, os.environ))
+    if blocked:
+        return Verdict(alias, settings_dict.get("HOST") or None, file_violations=blocked)
+    resolution = libpq.resolve(explicit)
+    if resolution.error and not resolution.values:  # nothing resolved: libpq's reason only
+        return Verdict(
+            alias, settings_dict.get("HOST") or None, (_libpq_refused(resolution.error),)
+        )
+    request = _request(alias, settings_dict, explicit, resolution.values)
+    evaluation = evaluate(request)
+    violations = evaluation.violations
+    if resolution.error and not violations:
+        violations = (_libpq_refused(resolution.error),)
+    if violations or evaluation.decision is None:
+        return Verdict(alias, evaluation.host, violations, files=evaluation.files)
+    decision = evaluation.decision
+    final = final_parameters(decision, request, libpq.compiled_defaults())
+    assembled = e009_assembled(decision, libpq.parse(libpq.conninfo(final)))
+    if assembled is not None:
+        return Verdict(alias, evaluation.host, (assembled,))
+    others = {
+        k: v for k, v in conn_params.items() if k not in keywords and k not in BACKEND_OPTIONS
+    }
+    return Verdict(alias, evaluation.host, (), decision, {**final, **others})
+
+
+def _libpq_refused(message: str) -> Violation:
+    return Violation("E013", f"libpq cannot use these parameters: {message}.")

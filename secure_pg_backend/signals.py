@@ -1,12 +1,17 @@
-"""Signals for code that observes connections (metrics, health checks, audit logs).
+"""What a new connection reports: the signals, and the start-up log line.
+
+Signals, for code that observes connections (metrics, health checks, audit logs).
 
 Sent by ``VerifiedTLSMixin`` for every physical connection, pooled or not. Receivers
 run on the thread that opened the connection (a pool's worker thread, for a pool),
 so they must be quick and must not raise; exceptions are not caught for them.
 
-- ``connection_verified(sender, alias, tls_info)``: the post-handshake check passed.
-  ``tls_info`` is a zero-argument callable returning the ``TLSInfo`` (built on demand,
-  so a receiver that does not need it costs nothing).
+- ``connection_verified(sender, alias, tls_info, facts, not_after)``: the post-handshake
+  check passed. ``tls_info`` is a zero-argument callable returning the ``TLSInfo`` (built on
+  demand, so a receiver that does not need it costs nothing); ``facts`` is the
+  ``handshake.LinkFacts`` the check judged (protocol, cipher, host), and ``not_after`` a
+  zero-argument callable returning the server certificate's notAfter (read once, by the
+  session's OpenSSL), for receivers that run on every connection (the metrics).
 - ``connection_refused(sender, alias, error)``: the settings or the live link were
   refused (``SecurePolicyError`` or ``InsecureConnectionError``).
 - ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
@@ -14,12 +19,102 @@ so they must be quick and must not raise; exceptions are not caught for them.
   seconds; ``message`` is libpq's, the password removed.
 
 ``sender`` is the wrapper class.
+
+The start-up log line (logger ``secure_pg_backend``): INFO for each alias's first connection
+(WARNING when its server certificate expires soon), DEBUG after; the ``TLSInfo`` it describes
+is built only for a record that will be emitted.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from django.dispatch import Signal
+
+from . import lifecycle
+from .handshake import expiring
+
+if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
+    from .tlsinfo import TLSInfo
 
 connection_verified = Signal()
 connection_refused = Signal()
 connection_retried = Signal()
+
+# -- the start-up log line --------------------------------------------------------------------
+logger = logging.getLogger("secure_pg_backend")
+
+_announced: set[str] = set()
+_lock = threading.Lock()
+
+
+def _first_time(alias: str) -> bool:
+    if alias in _announced:  # fast path without the lock
+        return False
+    with _lock:
+        if alias in _announced:
+            return False
+        _announced.add(alias)
+        return True
+
+
+def extra_fields(info: TLSInfo) -> dict[str, Any]:
+    not_after = info.not_after
+    return {
+        "db_alias": info.alias,
+        "db_host": info.host,
+        "db_hostaddr": info.hostaddr,
+        "db_port": info.port,
+        "db_name": info.database,
+        "tls_transport": info.transport,
+        "tls_protocol": info.protocol,
+        "tls_cipher": info.cipher,
+        "tls_key_bits": info.key_bits,
+        "tls_sslmode": info.sslmode,
+        "tls_root_cert": info.root_cert,
+        "tls_root_cert_source": info.root_cert_source,
+        "tls_cert_not_after": not_after.isoformat() if not_after else None,
+    }
+
+
+def announce(
+    alias: str, not_after: Callable[[], dt.datetime | None], build: Callable[[], TLSInfo]
+) -> None:
+    """Log a new physical connection; ``build`` runs only if a record will be emitted.
+
+    The first connection of an alias is INFO, or WARNING when the server certificate expires
+    soon; later ones are DEBUG. Choosing the level needs only the expiry (``not_after``).
+    """
+    level = _first_level(not_after) if _first_time(alias) else logging.DEBUG
+    if level is None or not logger.isEnabledFor(level):
+        return
+    info = build()
+    logger.log(level, "secure_pg_backend: %s", info.log_line(), extra=extra_fields(info))
+
+
+def _first_level(not_after: Callable[[], dt.datetime | None]) -> int | None:
+    if not logger.isEnabledFor(logging.WARNING):
+        return None
+    expires = not_after()
+    return logging.WARNING if expires is not None and expiring(expires) else logging.INFO
+
+
+def reset_announced() -> None:
+    """Forget which aliases were announced (for tests)."""
+    with _lock:
+        _announced.clear()
+
+
+def _after_fork() -> None:
+    # A forked child announces its own first connections; the lock may have been held by
+    # one of the parent's threads at the fork, so the child gets a fresh one.
+    global _lock
+    _lock = threading.Lock()
+    _announced.clear()
+
+
+lifecycle.on_fork_in_child(_after_fork)

@@ -16,9 +16,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import psycopg
+
 from . import libpq
-from .link import EXPIRY_WARNING_DAYS, certificate_not_after, days_left, decode, expiring
-from .link_rules import LinkFacts
+from .handshake import (
+    EXPIRY_WARNING_DAYS,
+    LinkFacts,
+    certificate_not_after,
+    days_left,
+    expiring,
+)
 from .policy import Decision
 
 __all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
@@ -163,6 +170,43 @@ class TLSInfo:
         data["peer_certificate"] = cert.as_dict() if cert else None
         return data
 
+    # -- the wording: every way a report is shown, together ----------------------------------
+    def expiry_text(self, now: dt.datetime | None = None) -> str:
+        """``expires 2026-01-31, in 12 days`` (the log line, dbtls, W001, the health check);
+        from ``not_after``, never the parsed certificate."""
+        not_after, days = self.not_after, self.days_left(now)
+        if not_after is None or days is None:
+            return ""
+        return f"expires {not_after:%Y-%m-%d}, in {days} day{'s' if days != 1 else ''}"
+
+    def log_line(self) -> str:
+        """The start-up log line's message (``signals.announce``)."""
+        if not self.tls:
+            link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
+        else:
+            link = f"with {self.protocol} {self.cipher} ({self.key_bits}-bit)"
+        text = (
+            f"database alias {self.alias!r} connected to {self.endpoint} database "
+            f"{self.database!r} {link}, sslmode={self.sslmode}, root certificate "
+            f"{self.root_cert} ({self.root_cert_source})"
+        )
+        expiry = self.expiry_text()
+        return f"{text}; server certificate {expiry}" if expiry else text
+
+    def status_line(self) -> str:
+        """``manage.py dbtls``'s line: the banner, then where, what was trusted and the server
+        certificate (parsed: its subject is shown)."""
+        parts = [
+            f"{self.alias}: {self.summary()}",
+            f"host {self.endpoint}",
+            f"database {self.database!r}",
+            f"root certificate {self.root_cert} ({self.root_cert_source})",
+        ]
+        cert = self.peer_certificate
+        if cert is not None:
+            parts.append(f"server certificate {cert.subject}, {self.expiry_text()}")
+        return "; ".join(parts)
+
     def summary(self) -> str:
         """psql's banner style: ``SSL connection (protocol: TLSv1.3, cipher: …)``."""
         if not self.tls:
@@ -185,7 +229,13 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     if facts.ssl_in_use and ptr:
         attrs = libpq.ssl_attributes(ptr)
         der = libpq.peer_certificate_der(ptr)
-    port = decode(pgconn.port)
+    # psycopg's ConnectionInfo: its port is libpq's compiled default where PQport is empty
+    # (a connection with no PORT anywhere), not None.
+    link = psycopg.ConnectionInfo(pgconn)
+    try:
+        port: int | None = link.port
+    except psycopg.Error:  # pragma: no cover - neither PQport nor a compiled default
+        port = None
     bits = attrs.get("key_bits")
     effective = facts.effective
     return TLSInfo(
@@ -198,9 +248,9 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         alpn=attrs.get("alpn") or None,
         library=attrs.get("library"),
         host=facts.host,
-        hostaddr=decode(pgconn.hostaddr) or None,
-        port=int(port) if port.isdigit() else None,
-        database=decode(pgconn.db),
+        hostaddr=link.hostaddr or None,
+        port=port,
+        database=link.dbname,
         sslmode=effective.get("sslmode", ""),
         min_protocol=effective.get("ssl_min_protocol_version", ""),
         root_cert=effective.get("sslrootcert", ""),

@@ -19,20 +19,20 @@ from django.db.utils import DatabaseError
 
 from .credentials import CredentialProviderError
 from .errors import (
+    CHECKS,
     ConnectionFileError,
     InsecureConnectionError,
     SecurePolicyError,
     redact,
     secret_values,
 )
-from .logs import expiry_text
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
 
-W_EXPIRY = "secure_pg_backend.W001"
-E_REFUSED = "secure_pg_backend.E010"
-E_CONNECT = "secure_pg_backend.E014"
+W_EXPIRY = CHECKS["W001"].id
+E_REFUSED = CHECKS["E010"].id
+E_CONNECT = CHECKS["E014"].id
 DOCS_HINT = "docs/errors.md lists every refusal and failure with its fix."
 
 # What kind of failure a connection attempt ended in: dbtls prints it, the checks choose
@@ -94,14 +94,15 @@ class DatabaseValidation(BaseDatabaseValidation):
                     "the USER, PASSWORD and NAME. " + DOCS_HINT
                 )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
-        cert = info.peer_certificate
-        if cert is not None and cert.expires_soon():
+        # Decided on the session's notAfter (handshake.expiring); the certificate is parsed
+        # only for the warning's subject.
+        cert = info.peer_certificate if info.expires_soon() else None
+        if cert is not None:
             issues.append(
                 checks.Warning(
                     f"The server certificate of database alias {alias!r} "
-                    f"({cert.subject}) {expiry_text(info)}.",
-                    hint="Renew the server certificate before it expires; clients will "
-                    "refuse the connection after that date.",
+                    f"({cert.subject}) {info.expiry_text()}.",
+                    hint=CHECKS["W001"].fix,
                     obj=where,
                     id=W_EXPIRY,
                 )

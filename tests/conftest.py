@@ -30,7 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
-from secure_pg_backend import logs
+from secure_pg_backend import signals
 from secure_pg_backend.testing import (
     APP_PASSWORD,
     SUPERUSER_PASSWORD,
@@ -346,7 +346,7 @@ def aliases(good_server: TLSPostgres, django_db_blocker: Any) -> Iterator[Callab
 
 @pytest.fixture(autouse=True)
 def _fresh_announcements() -> None:
-    logs.reset()
+    signals.reset_announced()
 
 
 # -- network observation ---------------------------------------------------------

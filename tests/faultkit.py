@@ -39,13 +39,8 @@ from typing import Any
 
 from django.db import connections, transaction
 
-from secure_pg_backend.testing import (
-    SUPERUSER,
-    TLSPostgres,
-    _chown_tree,
-    _pg_owner,
-    _run_as_owner,
-)
+from secure_pg_backend.testing import SUPERUSER, TLSPostgres
+from secure_pg_backend.testing.servers import _chown_tree, _pg_owner, _run_as_owner
 
 STOCK = "django.db.backends.postgresql"
 OURS = "secure_pg_backend"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from secure_pg_backend import InsecureConnectionError, link_rules, policy
+from secure_pg_backend import InsecureConnectionError, handshake, policy
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
 
@@ -47,12 +47,12 @@ WEAK = [
 # -- the rule, as a pure function --------------------------------------------------
 @pytest.mark.parametrize(("protocol", "cipher"), STRONG)
 def test_strong_suites_pass(protocol: str, cipher: str) -> None:
-    assert link_rules.cipher_is_strong(protocol, cipher)
+    assert handshake.cipher_is_strong(protocol, cipher)
 
 
 @pytest.mark.parametrize(("protocol", "cipher"), WEAK)
 def test_weak_suites_fail(protocol: str, cipher: str | None) -> None:
-    assert not link_rules.cipher_is_strong(protocol, cipher)
+    assert not handshake.cipher_is_strong(protocol, cipher)
 
 
 def _decision(**kwargs: Any) -> policy.Decision:
@@ -61,8 +61,8 @@ def _decision(**kwargs: Any) -> policy.Decision:
     )
 
 
-def _facts(protocol: str | None, cipher: str | None, ssl: bool = True) -> link_rules.LinkFacts:
-    return link_rules.LinkFacts(
+def _facts(protocol: str | None, cipher: str | None, ssl: bool = True) -> handshake.LinkFacts:
+    return handshake.LinkFacts(
         host="db.test",
         ssl_in_use=ssl,
         protocol=protocol,
@@ -72,7 +72,7 @@ def _facts(protocol: str | None, cipher: str | None, ssl: bool = True) -> link_r
 
 
 def test_check_link_names_the_cipher() -> None:
-    problem = link_rules.check_link(_decision(), _facts("TLSv1.2", "AES128-SHA"))
+    problem = handshake.check_link(_decision(), _facts("TLSv1.2", "AES128-SHA"))
     assert problem is not None
     assert "AES128-SHA" in problem[0] and "TLSv1.2" in problem[0]
     assert "allow_legacy_ciphers" in problem[1]
@@ -80,16 +80,16 @@ def test_check_link_names_the_cipher() -> None:
 
 def test_opt_out_relaxes_only_the_cipher_rule() -> None:
     legacy = _decision(allow_legacy_ciphers=True)
-    assert link_rules.check_link(legacy, _facts("TLSv1.2", "AES128-SHA")) is None
+    assert handshake.check_link(legacy, _facts("TLSv1.2", "AES128-SHA")) is None
     # Still refused with the opt-out: old protocols, no TLS at all, a raised minimum.
-    assert link_rules.check_link(legacy, _facts("TLSv1.1", "AES128-SHA")) is not None
-    assert link_rules.check_link(legacy, _facts(None, None, ssl=False)) is not None
+    assert handshake.check_link(legacy, _facts("TLSv1.1", "AES128-SHA")) is not None
+    assert handshake.check_link(legacy, _facts(None, None, ssl=False)) is not None
     strict = _decision(allow_legacy_ciphers=True, min_protocol="TLSv1.3")
-    assert link_rules.check_link(strict, _facts("TLSv1.2", "AES128-SHA")) is not None
-    gss = link_rules.LinkFacts(
+    assert handshake.check_link(strict, _facts("TLSv1.2", "AES128-SHA")) is not None
+    gss = handshake.LinkFacts(
         "db.test", True, "TLSv1.3", "TLS_AES_256_GCM_SHA384", used_gssapi=True
     )
-    assert link_rules.check_link(legacy, gss) is not None
+    assert handshake.check_link(legacy, gss) is not None
 
 
 # -- real servers ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import libpq, link
+from secure_pg_backend import handshake, libpq
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import leaf_certificate
 
@@ -65,13 +65,13 @@ def test_live_not_after_is_read_from_the_session(
     pgconn = wrapper.connection.pgconn
     expected = leaf_certificate(expiring_server).not_valid_after_utc
     assert libpq.peer_not_after(pgconn.pgconn_ptr) == expected
-    assert link.peer_not_after(pgconn) == expected
+    assert handshake.peer_not_after(pgconn) == expected
     wrapper.close()
-    assert link.peer_not_after(pgconn) is None  # closed: nothing left to read
+    assert handshake.peer_not_after(pgconn) is None  # closed: nothing left to read
 
 
 # Django's default logging (no LOGGING): what a worker boot or `manage.py` call pays. The base
-# install: with prometheus_client importable, the metrics build the report for every connection.
+# install, without prometheus_client (the metrics, installed, are the last test of this file).
 DEFAULT_LOGGING_CHILD = """
 import json, os, sys
 sys.modules["prometheus_client"] = None
@@ -184,3 +184,33 @@ def test_cold_start_bench_keeps_its_contract(good_server: TLSPostgres) -> None:
     assert {"secure_ms_median", "stock_ms_median", "ratio", "rounds"} <= set(result)
     assert result["rounds"] == 1 and result["ratio"] > 0
     assert "cold start" in cold_start.human(result)
+
+
+def test_metrics_read_the_checks_facts_not_the_report(good_server: TLSPostgres) -> None:
+    """With prometheus_client importable the metrics record every connection, from the facts
+    the post-handshake check read and the session's notAfter: no ``TLSInfo`` is built."""
+    child = DEFAULT_LOGGING_CHILD.replace('sys.modules["prometheus_client"] = None\n', "")
+    child += (
+        "from prometheus_client import REGISTRY\n"
+        "print('expiry:', REGISTRY.get_sample_value("
+        "'secure_pg_backend_server_certificate_expiry_timestamp_seconds', "
+        "{'alias': 'default', 'host': database['HOST']}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child],
+        env=dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            SPB_COLD_PATH=json.dumps(good_server.database_settings()),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _, before, _, _, expiry = proc.stdout.splitlines()
+    assert before == "imported: []"
+    expected = leaf_certificate(good_server).not_valid_after_utc.timestamp()
+    assert expiry == f"expiry: {expected}"

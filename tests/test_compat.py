@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import compat, inputs, libpq
+from secure_pg_backend import compat, libpq, policy
 from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
 from secure_pg_backend.policy import WEAKENING_KEYWORDS
 from secure_pg_backend.testing import TLSPostgres
@@ -34,7 +34,7 @@ def test_libpq_13_and_this_process_libpq_are_accepted() -> None:
 @pytest.mark.parametrize("keyword", sorted(NEWER_KEYWORDS))
 def test_a_keyword_newer_than_the_loaded_libpq_is_named_with_the_fix(keyword: str) -> None:
     # Screened against the real libpq's PQconndefaults, so the table must agree with it.
-    found = inputs.screen({"OPTIONS": {keyword: "x"}}, libpq.keywords())
+    found = policy.screen({"OPTIONS": {keyword: "x"}}, libpq.keywords())
     if keyword in libpq.keywords() or keyword in WEAKENING_KEYWORDS:
         assert found == []  # accepted here (a weakening one is refused later, as E007)
         return
@@ -55,9 +55,10 @@ def test_every_newer_keyword_is_known_to_a_libpq_that_new() -> None:
 
 
 def test_version_text() -> None:
-    assert compat._version_text(150018) == "15.18"
-    assert compat._version_text(180000) == "18.0"
-    assert compat._version_text(90624) == "9.6.24"
+    # The messages name versions by psycopg's pq.version_pretty.
+    assert psycopg.pq.version_pretty(150018) == "15.18"
+    assert psycopg.pq.version_pretty(180000) == "18.0"
+    assert psycopg.pq.version_pretty(90624) == "9.6.24"
 
 
 _NO_PSYCOPG = """

@@ -3,7 +3,6 @@ django-prometheus' real ``/metrics``, served by pytest-django's live_server."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import urllib.error
@@ -20,8 +19,8 @@ from secure_pg_backend import metrics, signals
 from secure_pg_backend.base import DatabaseWrapper
 from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import InsecureConnectionError
+from secure_pg_backend.handshake import LinkFacts
 from secure_pg_backend.testing import TLSPostgres
-from secure_pg_backend.tlsinfo import TLSInfo
 
 from .conftest import assert_no_secret, leaf_certificate
 
@@ -143,32 +142,18 @@ def test_metrics_on_django_prometheus_endpoint(server_url: str, good_server: TLS
     assert after[expiry] == not_after
 
 
-def _info(alias: str, protocol: str, cipher: str) -> TLSInfo:
-    return TLSInfo(
-        alias=alias,
-        transport="tls",
-        protocol=protocol,
-        cipher=cipher,
-        key_bits=256,
-        compression=False,
-        alpn=None,
-        library="OpenSSL",
-        host="db.test",
-        hostaddr=None,
-        port=5432,
-        database="app",
-        sslmode="verify-full",
-        min_protocol="TLSv1.2",
-        root_cert="/ca.pem",
-        root_cert_source="OPTIONS['sslrootcert']",
-    )
-
-
 def test_a_new_cipher_replaces_the_old_tls_info_series() -> None:
+    built: list[str] = []  # the metrics are fed from the check's facts, never the report
     for protocol, cipher in (("TLSv1.2", "ECDHE-RSA-AES256-GCM-SHA384"), ("TLSv1.3", "TLS_X")):
-        info = _info("ops_unit", protocol, cipher)
-        build = functools.partial(lambda i: i, info)
-        signals.connection_verified.send(DatabaseWrapper, alias="ops_unit", tls_info=build)
+        facts = LinkFacts(host="db.test", ssl_in_use=True, protocol=protocol, cipher=cipher)
+        signals.connection_verified.send(
+            DatabaseWrapper,
+            alias="ops_unit",
+            tls_info=lambda: built.append("TLSInfo"),
+            facts=facts,
+            not_after=lambda: None,
+        )
+    assert built == []
 
     series = [
         sample.labels

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import logs
+from secure_pg_backend import signals
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 from .conftest import leaf_certificate
@@ -84,7 +84,7 @@ def test_log_line_is_a_warning_for_an_expiring_certificate(
     django_db_blocker: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    logs.reset()
+    signals.reset_announced()
     caplog.set_level(logging.DEBUG, logger="secure_pg_backend")
     _connect(make_wrapper, expiring_server, django_db_blocker)
     (record,) = _startup_records(caplog)
@@ -100,7 +100,7 @@ def test_log_line_is_info_for_a_good_certificate(
     django_db_blocker: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    logs.reset()
+    signals.reset_announced()
     caplog.set_level(logging.DEBUG, logger="secure_pg_backend")
     _connect(make_wrapper, good_server, django_db_blocker)
     (record,) = _startup_records(caplog)

@@ -1,6 +1,6 @@
 """Threat: a pooler in the path. Which leg is verified, and does it still work?
 
-Real PgBouncer 1.18 (``secure_pg_backend.testing_pgbouncer``) in transaction pooling mode with
+Real PgBouncer 1.18 (``secure_pg_backend.testing.pgbouncer``) in transaction pooling mode with
 TLS on both legs: Django -> PgBouncer (``client_tls_sslmode = require``, verified by the backend
 with verify-full) and PgBouncer -> PostgreSQL (``server_tls_sslmode = verify-full``, verified by
 PgBouncer). The backend reads the link it owns, the client leg, from libpq; ``pg_stat_ssl`` would
@@ -24,7 +24,7 @@ from django.db.utils import OperationalError
 
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import LeafPair, TestCA, TLSPostgres
-from secure_pg_backend.testing_pgbouncer import PgBouncer
+from secure_pg_backend.testing.pgbouncer import PgBouncer
 from tests.conftest import assert_no_secret
 from tests.testapp.models import Note
 

@@ -16,10 +16,9 @@ from unittest import mock
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from secure_pg_backend import SecurePolicyError, libpq, link_rules, policy
+from secure_pg_backend import SecurePolicyError, handshake, libpq, policy
 from secure_pg_backend.base import standalone_wrapper
-from secure_pg_backend.gate import Verdict
-from secure_pg_backend.link_rules import LinkFacts
+from secure_pg_backend.handshake import LinkFacts
 from secure_pg_backend.policy import Decision
 
 PASSWORD = "pw-Unit-4f1d9e"
@@ -68,7 +67,7 @@ def entry(
 
 def judge(
     settings: dict[str, Any], environ: dict[str, str] | None = None, alias: str = "default"
-) -> Verdict:
+) -> policy.Verdict:
     """The verdict with the files' current state, as the system checks report it."""
     with mock.patch.dict(os.environ, environ or {}):
         return standalone_wrapper(alias, settings).policy_verdict().now()  # type: ignore[no-any-return]
@@ -443,11 +442,11 @@ def facts(**kw: Any) -> LinkFacts:
 
 
 def test_link_tls13_passes() -> None:
-    assert link_rules.check_link(DECISION, facts()) is None
+    assert handshake.check_link(DECISION, facts()) is None
 
 
 def test_link_without_tls_fails() -> None:
-    problem = link_rules.check_link(DECISION, facts(ssl_in_use=False, protocol=None, cipher=None))
+    problem = handshake.check_link(DECISION, facts(ssl_in_use=False, protocol=None, cipher=None))
     assert problem is not None and "not using TLS" in problem[0]
 
 
@@ -455,19 +454,19 @@ def test_link_over_socket_needs_opt_in() -> None:
     socket_facts = facts(
         host="/run/pg", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
     )
-    assert link_rules.check_link(DECISION, socket_facts) is not None
+    assert handshake.check_link(DECISION, socket_facts) is not None
     opted_in = decision(allow_unix_socket=True)
-    assert link_rules.check_link(opted_in, socket_facts) is None
+    assert handshake.check_link(opted_in, socket_facts) is None
 
 
 def test_link_gssapi_fails() -> None:
-    problem = link_rules.check_link(DECISION, facts(used_gssapi=True))
+    problem = handshake.check_link(DECISION, facts(used_gssapi=True))
     assert problem is not None and "GSSAPI" in problem[0]
 
 
 def test_link_below_minimum_fails() -> None:
     strict = decision(min_protocol="TLSv1.3")
-    problem = link_rules.check_link(
+    problem = handshake.check_link(
         strict,
         facts(protocol="TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256", effective=strict.forced),
     )
@@ -479,27 +478,27 @@ def test_link_transport_is_the_socket_family_not_the_host_name() -> None:
     over_socket = facts(
         host="db.example.com", ssl_in_use=False, protocol=None, cipher=None, unix_socket=True
     )
-    problem = link_rules.check_link(DECISION, over_socket)
+    problem = handshake.check_link(DECISION, over_socket)
     assert problem is not None and "Unix-domain socket" in problem[0]
 
 
 def test_link_effective_settings_must_equal_the_decision() -> None:
     forced = dict(DECISION.forced)
-    assert link_rules.check_link(DECISION, facts(effective=forced)) is None
+    assert handshake.check_link(DECISION, facts(effective=forced)) is None
     for key, bad in (
         ("sslmode", "require"),
         ("sslrootcert", "/other.pem"),
         ("gssencmode", "prefer"),
     ):
-        problem = link_rules.check_link(DECISION, facts(effective={**forced, key: bad}))
+        problem = handshake.check_link(DECISION, facts(effective={**forced, key: bad}))
         assert problem is not None and key in problem[0] and repr(bad) in problem[0]
 
 
 def test_link_key_log_must_be_off() -> None:
     keylog_off = decision(keylog_keyword=True)
     forced = dict(keylog_off.forced)
-    assert link_rules.check_link(keylog_off, facts(effective=forced)) is None
-    problem = link_rules.check_link(
+    assert handshake.check_link(keylog_off, facts(effective=forced)) is None
+    problem = handshake.check_link(
         keylog_off, facts(effective={**forced, "sslkeylogfile": "/tmp/k"})
     )
     assert problem is not None and "sslkeylogfile" in problem[0]
@@ -507,9 +506,9 @@ def test_link_key_log_must_be_off() -> None:
 
 def test_link_direct_negotiation_needs_alpn_postgresql() -> None:
     direct = {**DECISION.forced, "sslnegotiation": "direct"}
-    assert link_rules.check_link(DECISION, facts(effective=direct, alpn="postgresql")) is None
+    assert handshake.check_link(DECISION, facts(effective=direct, alpn="postgresql")) is None
     for alpn in (None, "http/1.1"):
-        problem = link_rules.check_link(DECISION, facts(effective=direct, alpn=alpn))
+        problem = handshake.check_link(DECISION, facts(effective=direct, alpn=alpn))
         assert problem is not None and "ALPN" in problem[0]
 
 

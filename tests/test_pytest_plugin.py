@@ -28,8 +28,9 @@ import sys
 import pytest
 
 def pytest_collection_finish(session):  # the plugin is loaded; nothing has asked for a server
-    loaded = "secure_pg_backend.pytest_plugin" in sys.modules
-    started = [name for name in ("secure_pg_backend.devserver", "secure_pg_backend.testing")
+    loaded = "secure_pg_backend.testing.pytest_plugin" in sys.modules
+    started = [name for name in ("secure_pg_backend.testing.devserver",
+                                 "secure_pg_backend.testing.servers")
                if name in sys.modules]
     print(f"plugin loaded: {loaded}; server modules after collection: {started}")
 

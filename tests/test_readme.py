@@ -29,7 +29,6 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from secure_pg_backend.management.commands.dbtls import describe
 from secure_pg_backend.testing import TLSPostgres
 
 from .conftest import assert_no_secret
@@ -138,7 +137,7 @@ def live(
         "repr": repr(info),
         # As the README's LOGGING formats it: "%(levelname)s %(message)s".
         "log": f"{record.levelname} {record.getMessage()}",
-        "dbtls": describe(info),
+        "dbtls": info.status_line(),
         "datetime": repr(info.peer_certificate.not_after),
     }
 

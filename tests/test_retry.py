@@ -328,3 +328,39 @@ def test_psycopg_pool_internals_the_pool_relies_on() -> None:
     import inspect
 
     assert "timeout" in inspect.signature(pool._connect).parameters
+
+
+# Django's ``pool`` property, copied in ``base.VerifiedTLSMixin.pool``: Django offers no hook for
+# the pool class (the property imports psycopg_pool.ConnectionPool inside itself), so the copy
+# stays, pinned to the shapes it was made from (sha256 of ``ast.unparse``, comments and
+# formatting ignored). A Django release that changes the property fails here: re-read it,
+# bring the copy up to date, then add the new shape.
+DJANGO_POOL_PROPERTY = {(5, 2): "86907f470baccd3d", (6, 1): "7aef841ba3e94fb6"}
+
+
+def _pool_property_shape() -> str:
+    import ast
+    import hashlib
+    import inspect
+    import textwrap
+
+    from django.db.backends.postgresql import base as postgresql
+
+    source = textwrap.dedent(inspect.getsource(postgresql.DatabaseWrapper.pool.fget))
+    return hashlib.sha256(ast.unparse(ast.parse(source).body[0]).encode()).hexdigest()[:16]
+
+
+def test_django_internals_the_backend_relies_on() -> None:
+    """The private names of Django's postgresql backend used here (base.py's pool property,
+    pool.py's abandon_after_fork, the post-handshake check in _configure_connection)."""
+    import django
+    from django.db.backends.postgresql import base as postgresql
+
+    assert isinstance(postgresql.DatabaseWrapper._connection_pools, dict)
+    assert callable(postgresql.DatabaseWrapper._configure_connection)
+    shape = _pool_property_shape()
+    expected = DJANGO_POOL_PROPERTY.get(django.VERSION[:2])
+    if expected is not None:
+        assert shape == expected, "Django's pool property changed: update base.py's copy"
+    else:  # a Django between the pinned ones: one of the known shapes
+        assert shape in DJANGO_POOL_PROPERTY.values(), "Django's pool property changed"

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = """
 import sys, time
 from secure_pg_backend.testing import TestCA, TLSPostgres
-from secure_pg_backend.testing_pgbouncer import PgBouncer
+from secure_pg_backend.testing.pgbouncer import PgBouncer
 
 ca = TestCA()
 server = TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca).start()
@@ -165,6 +165,7 @@ def test_dev_server_without_binaries_says_so(fresh_tmpdir: Path) -> None:
     assert os.listdir(fresh_tmpdir) == []
 
 
+@pytest.mark.needs_server
 def test_start_up_never_accepts_a_known_password() -> None:
     """Issue 17, class 5: the dev server (and so the pytest plugin) listened on 127.0.0.1
     with the superuser password from the source until it switched to random ones; a local
@@ -175,7 +176,6 @@ def test_start_up_never_accepts_a_known_password() -> None:
 
     import psycopg
 
-    from secure_pg_backend.devserver import DevServer
     from secure_pg_backend.testing import (
         APP_DB,
         APP_PASSWORD,
@@ -184,6 +184,7 @@ def test_start_up_never_accepts_a_known_password() -> None:
         SUPERUSER_PASSWORD,
         free_port,
     )
+    from secure_pg_backend.testing.devserver import DevServer
 
     port = free_port()
     known = [(SUPERUSER, SUPERUSER_PASSWORD, "postgres"), (APP_USER, APP_PASSWORD, APP_DB)]

@@ -31,8 +31,7 @@ from ..errors import (
     redact,
     secret_values,
 )
-from ..link import EXPIRY_WARNING_DAYS
-from ..logs import expiry_text
+from ..handshake import EXPIRY_WARNING_DAYS
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]
@@ -47,11 +46,11 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
 
     def run(self) -> None:
         info = self._connect()
-        cert = info.peer_certificate
-        if cert is not None and cert.days_left() < self.warn_days:
+        days = info.days_left()  # the session's notAfter, as the log line and metrics read it
+        if days is not None and days < self.warn_days:
             raise ServiceWarning(
                 f"the server certificate of {location(self.alias, info.host)} "
-                f"{expiry_text(info)} (warn_days={self.warn_days}); renew it."
+                f"{info.expiry_text()} (warn_days={self.warn_days}); renew it."
             )
 
     def _connect(self) -> TLSInfo:

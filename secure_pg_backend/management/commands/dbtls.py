@@ -16,23 +16,8 @@ from django.db import DatabaseError, connections
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...errors import redact, secret_values
 from ...faults import attempt_once
-from ...logs import expiry_text
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
-
-
-def describe(info: TLSInfo) -> str:
-    """One line: the banner, then where, what was trusted and the server certificate."""
-    parts = [
-        f"{info.alias}: {info.summary()}",
-        f"host {info.endpoint}",
-        f"database {info.database!r}",
-        f"root certificate {info.root_cert} ({info.root_cert_source})",
-    ]
-    cert = info.peer_certificate
-    if cert is not None:
-        parts.append(f"server certificate {cert.subject}, {expiry_text(info)}")
-    return "; ".join(parts)
 
 
 class Command(BaseCommand):
@@ -82,7 +67,7 @@ class Command(BaseCommand):
             if info is not None:
                 report[alias] = info.as_dict()
                 if not options["json"]:
-                    self.stdout.write(describe(info))
+                    self.stdout.write(info.status_line())
             else:
                 cause, message = error
                 failed.append(f"{alias} ({cause})")

@@ -2,7 +2,7 @@
 
 Prints ``DATABASE_URL=...`` (for dj-database-url with ``engine="secure_pg_backend"``) and the
 CA file, runs until Ctrl-C or SIGTERM, then stops the server and removes its files. The pytest
-plugin (``secure_pg_backend.pytest_plugin``) starts the same server for a test session.
+plugin (``secure_pg_backend.testing.pytest_plugin``) starts the same server for a test session.
 
 Unlike the fixed passwords of ``secure_pg_backend.testing`` (made for tests that grep for
 leaks), a dev server gets fresh random passwords for the app user and the superuser: it listens
@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from .testing import APP_DB, APP_USER, TestCA, TLSPostgres, find_pg_bin
+from .servers import APP_DB, APP_USER, TestCA, TLSPostgres, find_pg_bin
 
 __all__ = ["DevServer", "main"]
 

@@ -432,8 +432,9 @@ class TLSPostgres:
         # Single-user mode reports a failed statement and carries on, exit status 0.
         if "ERROR:" in result.stdout + result.stderr:
             problem = " ".join(result.stderr.split()) or "a bootstrap statement failed"
-            for secret in (self.app_password, self.superuser_password):
-                problem = problem.replace(secret, "********")
+            from ..errors import redact  # Django, imported only to word this failure
+
+            problem = redact(problem, (self.app_password, self.superuser_password))
             raise RuntimeError(f"bootstrapping the server failed: {problem}")
 
     # -- access ------------------------------------------------------------
@@ -498,9 +499,3 @@ class TLSPostgres:
 def _literal(text: str) -> str:
     """A SQL string literal (standard_conforming_strings is on from PostgreSQL 9.1)."""
     return "'" + text.replace("'", "''") + "'"
-
-
-if __name__ == "__main__":  # python -m secure_pg_backend.testing: the dev server
-    from secure_pg_backend.devserver import main
-
-    raise SystemExit(main())

@@ -4,7 +4,7 @@ Supported like ``secure_pg_backend.testing``: test your project through the pool
 behind in production::
 
     from secure_pg_backend.testing import TestCA, TLSPostgres
-    from secure_pg_backend.testing_pgbouncer import PgBouncer
+    from secure_pg_backend.testing.pgbouncer import PgBouncer
 
     ca = TestCA()
     with TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca) as server, PgBouncer(
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .testing import (
+from .servers import (
     APP_DB,
     APP_PASSWORD,
     APP_USER,

@@ -1,16 +1,51 @@
-"""The post-handshake rules: facts of an established link in, a refusal or None out.
+"""The handshake: what a new connection negotiated, the rules over it, and the certificate's expiry.
 
-Pure functions, one per rule, applied in ``check_link`` to the ``LinkFacts`` that
-``link.read_facts`` reads from libpq and the socket (no SQL, no round trip), and to
-the ``Decision`` the settings rules (``policy``) made for the same connection.
+* ``read_facts``: libpq state and the socket in, ``LinkFacts`` out. No SQL, no round trip:
+  two ``PQsslAttribute`` calls and ``PQconninfo``.
+* ``check_link``: the post-handshake rules, pure functions over those facts and the
+  ``Decision`` the settings rules (``policy``) made for the same connection.
+* The server certificate's expiry, the one place it is computed: its notAfter decoded by
+  the session's own OpenSSL (so the first connection can choose its start-up log level,
+  and the metrics read it, without ``cryptography``), and the one warning rule
+  (``expiring``) the log line, the system check W001, the health check and the metrics
+  share.
+
+The public report (``tlsinfo.TLSInfo``, two dataclasses, about 2 ms of a cold start) is
+built from these only when something inspects or logs the connection.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import socket
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from . import libpq
+from .errors import CHECKS
 from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
+__all__ = [
+    "EXPIRY_WARNING_DAYS",
+    "LinkFacts",
+    "certificate_not_after",
+    "check_link",
+    "cipher_is_strong",
+    "days_left",
+    "decode",
+    "expiring",
+    "not_after_once",
+    "peer_not_after",
+    "read_facts",
+]
+
+
+def decode(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value else ""
+
+
+# -- the facts and the rules over them ------------------------------------------------------
 _AEAD_MARKERS = ("GCM", "CHACHA20-POLY1305", "CCM")
 _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
@@ -93,8 +128,7 @@ def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
             return None
         return (
             f"libpq connected over a Unix-domain socket ({facts.host!r}), without TLS.",
-            "set HOST to the server's DNS name, or opt in with "
-            "OPTIONS['allow_unix_socket'] = True for a server on this machine.",
+            CHECKS["E004"].fix,  # the settings rule's own fix: the same cause
         )
     if not facts.ssl_in_use:
         return (
@@ -159,3 +193,87 @@ def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:
         if problem is not None:
             return problem
     return None
+
+
+def read_facts(pgconn: Any) -> LinkFacts:
+    """The facts the post-handshake check needs, from libpq and the socket (no SQL)."""
+    ssl_in_use = bool(pgconn.ssl_in_use)
+    protocol = cipher = alpn = None
+    effective = libpq.effective_settings(pgconn)
+    if ssl_in_use:
+        get = libpq.functions().ssl_attribute
+        ptr = pgconn.pgconn_ptr
+        protocol = decode(get(ptr, b"protocol")) or None
+        cipher = decode(get(ptr, b"cipher")) or None
+        if effective.get("sslnegotiation") == "direct":
+            alpn = decode(get(ptr, b"alpn")) or None
+    return LinkFacts(
+        host=decode(pgconn.host),
+        ssl_in_use=ssl_in_use,
+        protocol=protocol,
+        cipher=cipher,
+        used_gssapi=libpq.used_gssapi(pgconn),
+        unix_socket=libpq.socket_family(pgconn) == socket.AF_UNIX,
+        effective=effective,
+        alpn=alpn,
+    )
+
+
+# -- the server certificate's expiry ---------------------------------------------------------
+
+# Log line, system check W001, health check and the example page all warn from this many days.
+EXPIRY_WARNING_DAYS = 30
+
+
+def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
+    return (not_after - (now or dt.datetime.now(dt.timezone.utc))).days
+
+
+def expiring(not_after: dt.datetime, now: dt.datetime | None = None) -> bool:
+    """The one expiry rule: fewer than ``EXPIRY_WARNING_DAYS`` whole days left."""
+    return days_left(not_after, now) < EXPIRY_WARNING_DAYS
+
+
+@functools.lru_cache(maxsize=32)
+def certificate_not_after(der: bytes) -> dt.datetime:
+    """A DER certificate's notAfter, cached per certificate.
+
+    Decoded by the OpenSSL of the TLS session (libpq's), so reading it on every connection
+    (the log line, metrics) never imports ``cryptography``; the full parse is the fallback
+    where that OpenSSL lacks the functions.
+    """
+    not_after = libpq.certificate_not_after(der)
+    if not_after is None:
+        from .tlsinfo import PeerCertificate
+
+        not_after = PeerCertificate.from_der(der).not_after
+    return not_after
+
+
+def peer_not_after(pgconn: Any) -> dt.datetime | None:
+    """notAfter of the certificate the server presented on a live connection; None without TLS.
+
+    Read from the certificate the TLS session already holds; the DER route (and its fallback
+    to a full parse) only where libpq's OpenSSL lacks the functions.
+    """
+    ptr = pgconn.pgconn_ptr
+    if not ptr or not pgconn.ssl_in_use:
+        return None
+    not_after = libpq.peer_not_after(ptr)
+    if not_after is None:
+        der = libpq.peer_certificate_der(ptr)
+        not_after = certificate_not_after(der) if der else None
+    return not_after
+
+
+def not_after_once(pgconn: Any) -> Callable[[], dt.datetime | None]:
+    """``peer_not_after`` for one connection, read at most once: the log line and the metrics
+    of the same connection share the read (and neither pays it unless it needs it)."""
+    found: list[dt.datetime | None] = []
+
+    def read() -> dt.datetime | None:
+        if not found:
+            found.append(peer_not_after(pgconn))
+        return found[0]
+
+    return read

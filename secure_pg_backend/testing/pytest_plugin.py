@@ -4,7 +4,7 @@ Registered with the ``pytest11`` entry point, so installing ``secure-pg-backend[
 enough. Nothing happens unless a test or fixture asks for one of these fixtures; the server
 modules are imported only then.
 
-- ``secure_pg_server``: the running server (``secure_pg_backend.devserver.DevServer``, with
+- ``secure_pg_server``: the running server (``secure_pg_backend.testing.devserver.DevServer``, with
   ``.url`` for dj-database-url and ``.ca_path``), one per session (per xdist worker).
 - ``secure_pg_database``: a ``DATABASES`` entry for it (ENGINE ``secure_pg_backend``).
 - ``secure_pg_django_db``: points Django's ``default`` alias at it. With pytest-django, request

@@ -1,0 +1,5 @@
+"""``python -m secure_pg_backend.testing``: the dev server (``testing.devserver``)."""
+
+from .devserver import main
+
+raise SystemExit(main())
