@@ -407,3 +407,22 @@ def refused_by_old_libpq(wrapper: Any, keyword: str) -> bool:
     with pytest.raises(ImproperlyConfigured, match=rf"OPTIONS\['{keyword}'\] needs libpq"):
         wrapper.ensure_connection()
     return True
+
+
+def connect_or_hang(wrapper: Any, seconds: float) -> BaseException | None:
+    """Connect ``wrapper`` in a daemon thread; the exception it raised, or None if it
+    connected. Fails the test if the attempt is still running after ``seconds`` (a hang)."""
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            wrapper.ensure_connection()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the connection attempt hung for {seconds} s"
+    return outcome[0]

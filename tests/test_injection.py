@@ -11,7 +11,6 @@ nothing after the 8-byte request).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from secure_pg_backend import ConnectionFileError, SecurePolicyError, credential
 from secure_pg_backend.credentials import CredentialProviderError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 
-from .conftest import TCPRecorder, assert_no_secret
+from .conftest import TCPRecorder, assert_no_secret, connect_or_hang
 from .hostile import SSL_REQUEST, HostileServer
 
 Wrapper = Callable[..., Any]
@@ -300,21 +299,10 @@ def test_fifo_root_certificate_is_refused_without_blocking(
     fifo = tmp_path / "ca.pem"
     os.mkfifo(fifo)
     wrapper = make_wrapper(good_server.database_settings(options={"sslrootcert": str(fifo)}))
-    outcome: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            wrapper.ensure_connection()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "the policy blocked on the FIFO"
+    error = connect_or_hang(wrapper, 10)  # the policy must not block on the FIFO
     # A file's state is checked at connection time: an OperationalError, naming the setting.
-    assert isinstance(outcome[0], ConnectionFileError) and "FIFO" in str(outcome[0])
-    assert "OPTIONS['sslrootcert']" in str(outcome[0])
+    assert isinstance(error, ConnectionFileError) and "FIFO" in str(error)
+    assert "OPTIONS['sslrootcert']" in str(error)
 
 
 # -- 8. the post-handshake check and tls_info read libpq's facts ----------------------------

@@ -20,7 +20,7 @@ from django.db.utils import OperationalError
 
 from secure_pg_backend import ConnectionFileError, InsecureConnectionError, signals
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres, free_port
-from tests.conftest import assert_no_secret
+from tests.conftest import assert_no_secret, connect_or_hang
 from tests.hostile import HostileServer
 
 Wrapper = Callable[..., Any]
@@ -242,21 +242,10 @@ def test_a_fifo_where_libpq_reads_a_file_is_refused_by_name(
     fifo = tmp_path / f"{keyword}.fifo"
     os.mkfifo(fifo)
     wrapper = make_wrapper(good_server.database_settings(options={keyword: str(fifo)}))
-    outcome: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            wrapper.ensure_connection()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(20)
-    assert not thread.is_alive(), f"libpq blocked on the {keyword} FIFO"
-    assert isinstance(outcome[0], ConnectionFileError)
-    assert f"OPTIONS[{keyword!r}]" in str(outcome[0]) and "FIFO" in str(outcome[0])
-    assert [v.code for v in outcome[0].violations] == ["E016"]
+    error = connect_or_hang(wrapper, 20)  # libpq would block on the FIFO, holding the GIL
+    assert isinstance(error, ConnectionFileError)
+    assert f"OPTIONS[{keyword!r}]" in str(error) and "FIFO" in str(error)
+    assert [v.code for v in error.violations] == ["E016"]
 
 
 def test_a_fifo_at_libpqs_default_client_certificate_is_refused(
