@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgresWrapper
 from psycopg import Connection
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from . import lifecycle
 from .errors import InsecureConnectionError
@@ -96,6 +96,8 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
     def _attempt(self, timeout: float | None) -> Connection[Any]:
         if self._exiting:  # a retry that woke up while the interpreter exits: go no further
             _park_forever()
+        if self.closed:  # a retry that woke up after close(): closing must not wait for it
+            raise PoolClosed(f"the pool {self.name!r} is closed")
         self._prepare()
         try:
             return super()._connect(timeout)

@@ -67,7 +67,9 @@ def stalled_attempt_at_exit(
         "PORT": str(stalling_server.port),
         "NAME": "app",
         "USER": "app",
-        "OPTIONS": {"sslrootcert": str(ca.cert_path), "pool": {"min_size": 1}},
+        # No retries: when the stalled handshake finally fails (EOF, transient), the worker
+        # must come back at once, not retry into the exit's parking spot (see pool._attempt).
+        "OPTIONS": {"sslrootcert": str(ca.cert_path), "pool": {"min_size": 1}, "connect_retry": 0},
     }
     pool = make_wrapper(settings).pool
     pool.open()
