@@ -199,7 +199,7 @@ class VerifiedTLSMixin(_WrapperBase):
             alias=self.alias,
             budget=faults.retry_budget(options, conn_params.get("connect_timeout")),
             sender=type(self),
-            secrets=secret_values(self.settings_dict),
+            secrets=lambda: secret_values(self.settings_dict),  # only when a retry is logged
         )
 
     def _check_files(self) -> None:

@@ -306,7 +306,7 @@ def retrying(
     alias: str,
     budget: float,
     sender: type,
-    secrets: object = None,
+    secrets: Callable[[], object] = tuple,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
@@ -332,7 +332,7 @@ def retrying(
             if clock() + wait >= deadline:
                 raise
             _announce(
-                sender, alias, attempt, cause, wait, redact(" ".join(str(exc).split()), secrets)
+                sender, alias, attempt, cause, wait, redact(" ".join(str(exc).split()), secrets())
             )
             sleep(wait)
             attempt += 1

@@ -211,13 +211,13 @@ def retried() -> Iterator[list[dict[str, Any]]]:
     signals.connection_retried.disconnect(dispatch_uid="test_faults_unit")
 
 
-def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, secrets: object = None) -> Any:
+def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, secrets: str = "") -> Any:
     return faults.retrying(
         connect,
         alias="default",
         budget=budget,
         sender=object,
-        secrets=secrets,
+        secrets=lambda: secrets,
         sleep=clock.sleep,
         clock=clock,
     )
