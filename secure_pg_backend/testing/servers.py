@@ -153,7 +153,10 @@ def _chown_tree(path: Path, owner: tuple[int, int] | None) -> None:
     os.chown(path, *owner)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
-            os.chown(os.path.join(root, name), *owner)
+            # A running server creates and removes temporary files (pg_internal.init.PID)
+            # while we walk its data directory (rotate_certificate): gone is fine.
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(os.path.join(root, name), *owner)
 
 
 def _run_as_owner(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
