@@ -1,10 +1,39 @@
-"""The DatabaseWrapper: Django's PostgreSQL backend with the TLS policy enforced."""
+"""The DatabaseWrapper: Django's PostgreSQL backend with the TLS policy enforced.
+
+And what happens to its connections when the process forks or exits.
+
+Process lifecycle: what the backend does when the process forks and when it exits.
+
+**Fork** (gunicorn ``--preload``, Celery prefork, multiprocessing, uWSGI with
+``py-call-osafterfork``): a child inherits the parent's sockets, and with them the parent's TLS
+sessions. Two processes writing to one TLS session corrupt it for both, and even closing the
+inherited connection in the child would send a TLS close_notify and a Terminate message on the
+parent's session. So, right after the fork and before the child runs any other code, every
+connection this backend opened in the parent is dropped without writing a byte: its socket
+descriptor is replaced by a dead socket, then libpq frees it (what it would send goes nowhere).
+Wrappers forget the connection and the backend's pools leave Django's pool registry, so the
+child's first query opens, verifies and logs its own connection. The parent is untouched.
+
+**Exit**: the connection pool runs daemon threads. When the interpreter finalizes, a daemon
+thread that wakes up is stopped where it stands (``pthread_exit``); inside a Rust or C++
+extension (``cryptography``, or a log handler or signal receiver using one) that aborts the
+whole process (``FATAL: exception not rethrown``, SIGABRT). So the connection path runs no
+such code of ours, and before finalization starts (``atexit``) each open pool of this backend
+stops running Python on its threads: a configure step already running (the check, the log
+line, the receivers) may finish, for at most ``EXIT_GRACE`` seconds; a handshake completing
+later parks its thread instead; then the pool closes, unless a connection attempt is still in
+progress (closing would wait for it; its thread is blocked in libpq, which is safe to stop).
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import socket
+import time
+import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
@@ -12,7 +41,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import credentials, faults, handshake, libpq, lifecycle, policy, signals
+from . import errors, handshake, libpq, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -26,7 +55,7 @@ from .validation import DatabaseValidation
 if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothing skips it
     from .tlsinfo import TLSInfo
 
-__all__ = ["DatabaseWrapper", "VerifiedTLSMixin"]
+__all__ = ["EXIT_GRACE", "DatabaseWrapper", "VerifiedTLSMixin", "after_fork_in_child"]
 
 # Paths of the files libpq opens that this process has seen usable: one missing now is being
 # replaced (retried as transient), not a path that never existed (reported at once).
@@ -178,13 +207,13 @@ class VerifiedTLSMixin(_WrapperBase):
             raise refusal from exc
         if self.pool is None:  # pooled connections were verified in the pool's configure
             self._verify(connection)
-        lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
+        track_wrapper(self)  # so a forked child can make it forget the connection
         return connection
 
     def _open(self, conn_params: dict[str, Any]) -> Any:
         """One attempt: the files checked now, a fresh password, libpq's handshake."""
         self._check_files()
-        params = credentials.with_password(self.alias, self.settings_dict, conn_params)
+        params = policy.with_password(self.alias, self.settings_dict, conn_params)
         try:
             return super().get_new_connection(params)
         except self.Database.OperationalError as exc:
@@ -194,10 +223,10 @@ class VerifiedTLSMixin(_WrapperBase):
     def _retrying(self, connect: Callable[[], Any], conn_params: Mapping[str, Any]) -> Any:
         """``connect`` with transient failures retried within OPTIONS['connect_retry']."""
         options = self.settings_dict.get("OPTIONS") or {}
-        return faults.retrying(
+        return errors.retrying(
             connect,
             alias=self.alias,
-            budget=faults.retry_budget(options, conn_params.get("connect_timeout")),
+            budget=errors.retry_budget(options, conn_params.get("connect_timeout")),
             sender=type(self),
             secrets=lambda: secret_values(self.settings_dict),  # only when a retry is logged
         )
@@ -246,7 +275,7 @@ class VerifiedTLSMixin(_WrapperBase):
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
-        lifecycle.track_connection(connection)  # a forked child must drop it unwritten
+        track_connection(connection)  # a forked child must drop it unwritten
         not_after = handshake.not_after_once(connection.pgconn)
         signals.announce(self.alias, not_after, lambda: _tls_info_of(connection))
         signals.connection_verified.send(
@@ -259,7 +288,7 @@ class VerifiedTLSMixin(_WrapperBase):
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
         host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return faults.explain(exc, self.alias, host, secret_values(self.settings_dict))
+        return errors.explain(exc, self.alias, host, secret_values(self.settings_dict))
 
     @property
     def tls_info(self) -> TLSInfo:
@@ -300,7 +329,7 @@ class VerifiedTLSMixin(_WrapperBase):
                 else None,
             )
             pool = VerifiedConnectionPool(
-                kwargs=credentials.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
+                kwargs=policy.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
                 open=False,
                 configure=self._configure_connection,
                 explain=self._explain,
@@ -320,3 +349,103 @@ class DatabaseWrapper(VerifiedTLSMixin, postgresql.DatabaseWrapper):
     or later is required", "... does not support ..."), which must read as on the stock ENGINE.
     What the link is shows in ``tls_info`` and ``manage.py dbtls``.
     """
+
+
+# -- the process forks or exits ----------------------------------------------------------
+# Longest wait at exit for configure steps already running on pool threads.
+EXIT_GRACE = 0.5
+
+T = TypeVar("T")
+
+
+class _Registry(Generic[T]):
+    """Weak references to live objects.
+
+    No lock (a fork could leave one held in the child): snapshots copy a dict's values,
+    which is atomic under the GIL, and a dead object removes its own entry.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[T]] = {}
+
+    def add(self, obj: T) -> None:
+        key = id(obj)
+        refs = self._refs
+        refs[key] = weakref.ref(
+            obj, lambda ref: refs.pop(key, None) if refs.get(key) is ref else None
+        )
+
+    def live(self) -> list[T]:
+        return [obj for ref in list(self._refs.values()) if (obj := ref()) is not None]
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+
+_connections: _Registry[Any] = _Registry()  # psycopg connections opened (and verified) here
+_wrappers: _Registry[Any] = _Registry()  # DatabaseWrappers that held one of them
+_pools: _Registry[Any] = _Registry()  # VerifiedConnectionPool instances
+
+
+def track_connection(connection: Any) -> None:
+    _connections.add(connection)
+
+
+def track_wrapper(wrapper: Any) -> None:
+    _wrappers.add(wrapper)
+
+
+def track_pool(pool: Any) -> None:
+    _pools.add(pool)
+
+
+# -- fork (see the module docstring) ---------------------------------------------------
+def _dead_socket() -> socket.socket:
+    """A socket whose peer is gone: writes fail (EPIPE), nothing reaches any server."""
+    ours, peer = socket.socketpair()
+    peer.close()
+    return ours
+
+
+def _drop_inherited(connection: Any) -> None:
+    pgconn = connection.pgconn
+    if not pgconn.pgconn_ptr:  # already closed
+        return
+    try:
+        fd = pgconn.socket
+    except Exception:  # libpq has no socket for it: nothing shared to protect
+        fd = -1
+    if fd >= 0:
+        with _dead_socket() as dead:
+            os.dup2(dead.fileno(), fd)  # the parent's socket is no longer reachable from here
+    pgconn.finish()  # frees libpq's state; its Terminate and close_notify go nowhere
+
+
+def after_fork_in_child() -> None:
+    """Forget everything the parent opened; the child then opens its own connections.
+
+    Registered with ``os.register_at_fork``. Call it yourself right after a fork that
+    bypasses Python's hooks (uWSGI without ``py-call-osafterfork``: ``@postfork``).
+    """
+    for connection in _connections.live():
+        _drop_inherited(connection)
+    _connections.clear()
+    for wrapper in _wrappers.live():
+        wrapper.connection = None  # Django opens a new one on the next query
+    _wrappers.clear()
+    for pool in _pools.live():
+        pool.abandon_after_fork()
+    _pools.clear()
+    signals.after_fork_in_child()  # the child announces its own first connections
+
+
+# -- exit ------------------------------------------------------------------------------
+def _quiesce_pools() -> None:
+    deadline = time.monotonic() + EXIT_GRACE
+    for pool in _pools.live():
+        pool.close_at_exit(deadline)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=after_fork_in_child)
+atexit.register(_quiesce_pools)

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 from django.db import DatabaseError, connections
 from django.db.backends.postgresql import client as postgresql
 
-from . import credentials, libpq
+from . import libpq
 from .compat import NEWER_KEYWORDS
 from .errors import location, redact, secret_values
-from .policy import control_character
+from .policy import control_character, password_for
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -259,7 +259,7 @@ def psql_command(
     secrets = {k: params.pop(k) for k in sorted(hidden) if k in params}
     password = secrets.pop("password", None)
     # OPTIONS['password_provider'], asked only now that the policy has passed.
-    password = credentials.password_for(wrapper.alias, wrapper.settings_dict) or password
+    password = password_for(wrapper.alias, wrapper.settings_dict) or password
     if password is not None:  # our passfile (PGPASSFILE) holds it; libpq's resolved
         params.pop("passfile", None)  # default path would outrank the variable
     if secrets:  # they travel in our private service file, named here

@@ -20,6 +20,7 @@ physical connection, never cached) and, for ``sslrootcert='system'``, on the sto
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import stat
@@ -27,9 +28,18 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from django.utils.module_loading import import_string
+
 from . import libpq
 from .compat import NEWER_KEYWORDS, too_new_violation
-from .errors import ROOT_FIX, SecurePolicyError, Violation
+from .errors import (
+    ROOT_FIX,
+    CredentialProviderError,
+    ProviderConfigurationError,
+    SecurePolicyError,
+    Violation,
+    location,
+)
 
 SSLMODE = "verify-full"
 GSSENCMODE = "disable"
@@ -42,7 +52,9 @@ DEFAULT_CONNECT_TIMEOUT = "10"  # seconds, when neither the settings nor PGCONNE
 ALLOW_UNIX_SOCKET = "allow_unix_socket"
 ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
 PASSWORD_PROVIDER = "password_provider"
-CONNECT_RETRY = "connect_retry"  # seconds of retries for transient connect failures (faults)
+CONNECT_RETRY = (
+    "connect_retry"  # seconds of retries for transient connect failures (errors.retrying)
+)
 BACKEND_OPTIONS = frozenset(
     {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER, CONNECT_RETRY}
 )
@@ -793,6 +805,202 @@ def _named(key: Any, fallback: str) -> str:
     return option_name(key) if isinstance(key, str) and key.isidentifier() else fallback
 
 
+# -- the password provider: a fresh password for each physical connection ----------------
+# Short-lived credentials (IAM tokens) expire, and Django computes the connection parameters
+# once per connect (its pool, once at construction): a provider is called for each new
+# physical connection instead, after the policy has passed. A string names one only where
+# settings code vouches for it (a built-in's path, or one listed in
+# settings.SECURE_PG_BACKEND_PASSWORD_PROVIDERS): dj-database-url copies a URL's query keys
+# into OPTIONS, and a URL must never make the process import or call code (E015, before any
+# import). Its value is screened like a setting (a NUL would cut off the TLS keywords after
+# it), never stored, logged or shown, and placed last in the connection parameters.
+FIELD = f"OPTIONS[{PASSWORD_PROVIDER!r}]"
+# Settings code lists here the dotted paths of its own providers it lets OPTIONS name.
+ALLOWED_SETTING = "SECURE_PG_BACKEND_PASSWORD_PROVIDERS"
+
+Provider = Callable[[str, Mapping[str, Any]], str]
+# Strings that name a provider without settings code listing them: this package's own.
+BUILTIN_PROVIDERS = ("secure_pg_backend.credentials.aws_rds_iam",)
+
+
+def _configuration_error(alias: str, host: str | None, problem: str, fix: str) -> Exception:
+    return ProviderConfigurationError(alias, host, problem, fix)
+
+
+def provider_violation(alias: str, settings_dict: Mapping[str, Any]) -> Violation | None:
+    """E015 when OPTIONS['password_provider'] cannot be used (for the gate and the checks)."""
+    try:
+        load_provider(alias, settings_dict)
+    except ProviderConfigurationError as exc:
+        return Violation("E015", exc.problem, exc.fix)
+    return None
+
+
+def provider_name(provider: object) -> str:
+    """The dotted name errors show for a provider (a path as given, else module.qualname)."""
+    if isinstance(provider, str):
+        return provider
+    if isinstance(provider, functools.partial):
+        return f"functools.partial({provider_name(provider.func)}, ...)"
+    module = getattr(provider, "__module__", None) or type(provider).__module__
+    name = getattr(provider, "__qualname__", None) or type(provider).__qualname__
+    return f"{module}.{name}"
+
+
+@functools.lru_cache(maxsize=32)
+def _import(path: str) -> Any:
+    return import_string(path)
+
+
+def _allowed_paths() -> tuple[str, ...]:
+    from django.conf import settings
+
+    listed = getattr(settings, ALLOWED_SETTING, ())
+    return tuple(listed) if isinstance(listed, list | tuple | frozenset | set) else ()
+
+
+def _named_provider(alias: str, host: str | None, path: str) -> Any:
+    """The provider a string names; nothing is imported unless settings code allowed it."""
+    if path not in BUILTIN_PROVIDERS and path not in _allowed_paths():
+        # Never echo more than a name: the string may be anything a URL carried.
+        shown = path if path.replace(".", "").replace("_", "").isalnum() else "a string"
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {shown!r}, a dotted path settings code has not allowed; this "
+            "backend imports nothing a DATABASE_URL can name (dj-database-url copies its "
+            "query keys into OPTIONS).",
+            f"in settings, set {FIELD} to the function itself, or add its dotted path to "
+            f"settings.{ALLOWED_SETTING} (a list); built-in: "
+            f"{', '.join(repr(name) for name in BUILTIN_PROVIDERS)}.",
+        )
+    try:
+        return _import(path)
+    except ImportError as exc:
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {path!r}, which cannot be imported ({exc}).",
+            f"list the dotted path of a function (alias, settings_dict) -> password in "
+            f"settings.{ALLOWED_SETTING}, or set {FIELD} to the function itself.",
+        ) from None
+
+
+def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provider, str] | None:
+    """The configured provider and its name, or None; ImproperlyConfigured when unusable."""
+    options: Mapping[str, Any] = settings_dict.get("OPTIONS") or {}
+    value = options.get(PASSWORD_PROVIDER)
+    if value is None:
+        return None
+    host = settings_dict.get("HOST") or None
+    example = "'secure_pg_backend.credentials.aws_rds_iam'"
+    provider = _named_provider(alias, host, value) if isinstance(value, str) else value
+    if not callable(provider):
+        raise _configuration_error(
+            alias,
+            host,
+            f"{FIELD} is {provider_name(value)!r}, a {type(provider).__name__}, not a callable.",
+            f"set it to a function (alias, settings_dict) -> password or its dotted path, "
+            f"e.g. {example}.",
+        )
+    if settings_dict.get("PASSWORD"):
+        raise _configuration_error(
+            alias,
+            host,
+            f"both PASSWORD and {FIELD} are set; it is unclear which one should be used.",
+            f"remove PASSWORD (the provider supplies it for every connection) or {FIELD}.",
+        )
+    return provider, provider_name(value)
+
+
+def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
+    """Call the provider for one new physical connection; None when none is configured."""
+    loaded = load_provider(alias, settings_dict)
+    if loaded is None:
+        return None
+    provider, name = loaded
+    host = settings_dict.get("HOST") or None
+    where = location(alias, host)
+    head = f"secure_pg_backend could not get a password for {where}: the password provider {name!r}"
+    try:
+        password = provider(alias, settings_dict)
+    except Exception as exc:
+        # The provider failed before producing a secret: its own message names the cause.
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(".")
+        fix = "check the provider's credentials and configuration."
+        message = f"{head} raised {detail}. Fix: {fix}"
+        raise CredentialProviderError(message, alias=alias, host=host) from exc
+    problem = _unusable(password)
+    if problem is not None:
+        # Never show the value: a wrongly typed or malformed secret is still a secret.
+        message = f"{head} ({FIELD}) returned {problem} Nothing was sent. Fix: {_FIX_VALUE}"
+        raise CredentialProviderError(message, alias=alias, host=host)
+    return password  # _unusable checked it is a str
+
+
+_FIX_VALUE = "return the password or token itself, as a str without control characters."
+
+
+def _unusable(password: object) -> str | None:
+    """Why a provider's value cannot go to libpq, worded without the value; None if it can."""
+    if not isinstance(password, str):
+        return f"a {type(password).__name__} instead of a non-empty str."
+    if not password:
+        return "an empty string instead of a non-empty str."
+    found = control_character(password)
+    if found is not None:
+        # libpq reads the connection string as a C string: a NUL would cut off every
+        # keyword after the password, the forced TLS settings among them.
+        return f"a value containing the control character {found}, which libpq cannot take."
+    return None
+
+
+def with_password(
+    alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Connection parameters with a fresh password (unchanged without a provider).
+
+    Without a provider the parameters are returned as they are (the gate never passes
+    the provider key on): no copy on every new connection.
+    """
+    password = password_for(alias, settings_dict)
+    if password is None:
+        return params if isinstance(params, dict) else dict(params)
+    # Appended, not replaced in place (a password libpq resolved from PGPASSWORD may sit
+    # early in the parameters): nothing the provider returns comes before a TLS keyword.
+    out = {k: v for k, v in params.items() if k not in (PASSWORD_PROVIDER, "password")}
+    out["password"] = password
+    return out
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def pool_kwargs(
+    alias: str, settings_dict: Mapping[str, Any], params: dict[str, Any]
+) -> dict[str, Any] | Callable[[], dict[str, Any]]:
+    """``kwargs`` for psycopg_pool: a callable asking the provider for each new connection."""
+    if load_provider(alias, settings_dict) is None:  # configuration errors surface here
+        return params
+    import psycopg_pool
+
+    if _version(psycopg_pool.__version__) < (3, 3):  # the first to accept a callable kwargs
+        raise _configuration_error(
+            alias,
+            settings_dict.get("HOST") or None,
+            f"{FIELD} with OPTIONS['pool'] needs psycopg-pool 3.3 or newer (which asks for "
+            f"the connection parameters for each new connection); {psycopg_pool.__version__} "
+            "is installed.",
+            "pip install 'psycopg-pool>=3.3'.",
+        )
+
+    def fresh_kwargs() -> dict[str, Any]:
+        return with_password(alias, settings_dict, params)
+
+    return fresh_kwargs
+
+
 # -- the gate: one alias's settings to the keywords for psycopg.connect, or a refusal ----------
 # The exact parameters psycopg will hand libpq, judged before any network I/O. Input: one
 # DATABASES entry and the parameters Django's ``get_connection_params`` built from it. Steps:
@@ -877,10 +1085,8 @@ def _request(
 
 def judge(alias: str, settings_dict: Mapping[str, Any], conn_params: Mapping[str, Any]) -> Verdict:
     """Decide for one connection; never raises for a policy reason (see ``Verdict``)."""
-    from . import credentials  # it imports this module's names: imported when first judged
-
     screened = screen(settings_dict, libpq.keywords(), libpq.secret_keywords())
-    provider = credentials.provider_violation(alias, settings_dict)
+    provider = provider_violation(alias, settings_dict)
     if provider is not None:
         screened.append(provider)
     if screened:

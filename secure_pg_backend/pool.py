@@ -2,7 +2,7 @@
 
 psycopg_pool retries failed connections in the background and lets ``getconn()`` wait;
 with a certificate problem every request then ends in a bare ``PoolTimeout`` after 30 s,
-hiding the reason. Here a *refusal* (``faults``: TLS verification failed, a file libpq
+hiding the reason. Here a *refusal* (``errors.classify``: TLS verification failed, a file libpq
 needs is unusable, the post-handshake policy check) is handed to the waiting clients
 immediately. While refused and nothing is idle, the next request tries a new connection
 itself (one at a time; the others share its outcome), so the first attempt after the fix
@@ -11,9 +11,9 @@ heals the pool. A *transient* failure (a restart, a reset, EOF) is retried withi
 wait for the reconnect. Idle connections, verified when they were made, are served
 whatever the state of files only new connections need.
 
-Lifecycle (see ``lifecycle``): at interpreter exit no worker thread is left running Python
-code (this backend's check, its log line, ``connection_verified`` receivers) while the
-interpreter finalizes; in a forked child the pool is abandoned untouched (its threads and
+Fork and exit (``base``, its last section): at interpreter exit no worker thread is left
+running Python code (this backend's check, its log line, ``connection_verified`` receivers)
+while the interpreter finalizes; in a forked child the pool is abandoned untouched (its threads and
 sessions belong to the parent).
 """
 
@@ -29,7 +29,6 @@ from django.db.backends.postgresql.base import DatabaseWrapper as PostgresWrappe
 from psycopg import Connection
 from psycopg_pool import ConnectionPool, PoolClosed
 
-from . import lifecycle
 from .errors import InsecureConnectionError
 
 
@@ -51,7 +50,7 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         self._explain = explain
         self._prepare = prepare  # per new connection: the files libpq opens (never cached)
         self._recheck = recheck  # libpq failed on one of them anyway: say which
-        self._retry = retry  # faults.retrying, with the alias's budget
+        self._retry = retry  # errors.retrying, with the alias's budget
         self._refusal: InsecureConnectionError | None = None
         self._probe = threading.Condition()
         self._probing = False
@@ -65,7 +64,9 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         if configure is not None:
             kwargs["configure"] = lambda conn: self._configure_unless_exiting(configure, conn)
         super().__init__(*args, **kwargs)
-        lifecycle.track_pool(self)
+        from .base import track_pool  # base imports this module when a pool is first built
+
+        track_pool(self)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         with self._state:
@@ -207,9 +208,9 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
     def abandon_after_fork(self) -> None:
         """In a forked child: never use or close this pool (its threads are the parent's).
 
-        Its connections were already dropped without a write (``lifecycle``); marked closed,
-        it refuses clients and its finalizer does nothing, and the next query in the child
-        builds a new pool.
+        Its connections were already dropped without a write (``base.after_fork_in_child``);
+        marked closed, it refuses clients and its finalizer does nothing, and the next query in
+        the child builds a new pool.
         """
         self._closed = True
         registry = PostgresWrapper._connection_pools  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ so they must be quick and must not raise; exceptions are not caught for them.
 - ``connection_refused(sender, alias, error)``: the settings or the live link were
   refused (``SecurePolicyError`` or ``InsecureConnectionError``).
 - ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
-  connection failed for a transient cause (``faults``) and is tried again in ``delay``
+  connection failed for a transient cause (``errors.classify``) and is tried again in ``delay``
   seconds; ``message`` is libpq's, the password removed.
 
 ``sender`` is the wrapper class.
@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from django.dispatch import Signal
 
-from . import lifecycle
 from .handshake import expiring
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
@@ -109,12 +108,9 @@ def reset_announced() -> None:
         _announced.clear()
 
 
-def _after_fork() -> None:
+def after_fork_in_child() -> None:
     # A forked child announces its own first connections; the lock may have been held by
     # one of the parent's threads at the fork, so the child gets a fresh one.
     global _lock
     _lock = threading.Lock()
     _announced.clear()
-
-
-lifecycle.on_fork_in_child(_after_fork)

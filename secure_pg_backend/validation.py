@@ -17,10 +17,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
-from .credentials import CredentialProviderError
 from .errors import (
     CHECKS,
     ConnectionFileError,
+    CredentialProviderError,
     InsecureConnectionError,
     SecurePolicyError,
     redact,

@@ -18,8 +18,7 @@ from django.core.management import call_command
 from django.db import OperationalError, connections
 
 from secure_pg_backend.client import DatabaseClient, psql_session
-from secure_pg_backend.credentials import CredentialProviderError
-from secure_pg_backend.errors import SecurePolicyError
+from secure_pg_backend.errors import CredentialProviderError, SecurePolicyError
 from secure_pg_backend.testing import TLSPostgres
 
 from .conftest import assert_no_secret

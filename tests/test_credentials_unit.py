@@ -18,8 +18,9 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
 
-from secure_pg_backend import credentials
-from secure_pg_backend.credentials import CredentialProviderError, password_for, with_password
+from secure_pg_backend import credentials, policy
+from secure_pg_backend.errors import CredentialProviderError
+from secure_pg_backend.policy import password_for, with_password
 
 SECRET = "provider-Tok-51c0ffee"
 RDS_HOST = "orders.c9akciq32.eu-west-1.rds.amazonaws.com"
@@ -109,7 +110,7 @@ def test_callable_provider_is_named_by_module_and_qualname() -> None:
     with pytest.raises(CredentialProviderError, match=rf"'{__name__}\.failing' raised"):
         password_for("main", entry(failing))
     partial = functools.partial(credentials.aws_rds_iam, region="eu-west-1")
-    assert credentials.provider_name(partial) == (
+    assert policy.provider_name(partial) == (
         "functools.partial(secure_pg_backend.credentials.aws_rds_iam, ...)"
     )
 
@@ -155,7 +156,7 @@ def test_dotted_path_not_allowed_by_settings_is_refused_before_any_import(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     settings_dict = entry("spb_side_effect_provider.provide")
-    violation = credentials.provider_violation("url", settings_dict)
+    violation = policy.provider_violation("url", settings_dict)
     assert violation is not None and violation.code == "E015"
     assert "SECURE_PG_BACKEND_PASSWORD_PROVIDERS" in violation.fix
     with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['url'\].*not allowed"):
@@ -164,7 +165,7 @@ def test_dotted_path_not_allowed_by_settings_is_refused_before_any_import(
 
 
 def test_builtin_provider_is_named_without_an_import() -> None:
-    loaded = credentials.load_provider("main", entry("secure_pg_backend.credentials.aws_rds_iam"))
+    loaded = policy.load_provider("main", entry("secure_pg_backend.credentials.aws_rds_iam"))
     assert loaded is not None and loaded[0] is credentials.aws_rds_iam
 
 
@@ -274,10 +275,10 @@ def test_pool_kwargs_is_a_callable_only_with_a_provider(monkeypatch: pytest.Monk
     import psycopg_pool
 
     params = {"dbname": "app"}
-    assert credentials.pool_kwargs("main", {"OPTIONS": {}}, params) is params
-    fresh = credentials.pool_kwargs("main", entry(fixed), params)
+    assert policy.pool_kwargs("main", {"OPTIONS": {}}, params) is params
+    fresh = policy.pool_kwargs("main", entry(fixed), params)
     assert callable(fresh) and fresh() == {"dbname": "app", "password": SECRET}
     assert SECRET not in repr(fresh)
     monkeypatch.setattr(psycopg_pool, "__version__", "3.2.6")
     with pytest.raises(ImproperlyConfigured, match=r"needs psycopg-pool 3\.3 or newer.*3\.2\.6"):
-        credentials.pool_kwargs("main", entry(fixed), params)
+        policy.pool_kwargs("main", entry(fixed), params)

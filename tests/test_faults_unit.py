@@ -1,4 +1,4 @@
-"""faults: which connect failures are refusals, which are transient, and the retry loop.
+"""Failed connect attempts (errors.classify): refusals, transient faults, the retry loop.
 
 No server: the messages are libpq's and OpenSSL's own, as captured from real failures
 (libpq 15 and 18); the retry loop runs on a fake clock.
@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import faults, signals
+from secure_pg_backend import errors, signals
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.policy import Request, e017_connect_retry
 
@@ -46,29 +46,29 @@ UNKNOWN = {
 
 @pytest.mark.parametrize(("name", "message"), REFUSALS.items())
 def test_refusals_are_recognised(name: str, message: str) -> None:
-    cause = faults.classify(psycopg.OperationalError(message))
-    assert cause is not None and (cause.name, cause.kind) == (name, faults.REFUSAL)
+    cause = errors.classify(psycopg.OperationalError(message))
+    assert cause is not None and (cause.name, cause.kind) == (name, errors.REFUSAL)
 
 
 @pytest.mark.parametrize(("name", "message"), TRANSIENT.items())
 def test_transient_failures_are_recognised(name: str, message: str) -> None:
-    cause = faults.classify(psycopg.OperationalError(message))
-    assert cause is not None and (cause.name, cause.kind) == (name, faults.TRANSIENT)
+    cause = errors.classify(psycopg.OperationalError(message))
+    assert cause is not None and (cause.name, cause.kind) == (name, errors.TRANSIENT)
 
 
 @pytest.mark.parametrize("message", UNKNOWN.values())
 def test_anything_else_is_neither(message: str) -> None:
-    assert faults.classify(psycopg.OperationalError(message)) is None
-    assert faults.explain(psycopg.OperationalError(message), "default", "db") is None
+    assert errors.classify(psycopg.OperationalError(message)) is None
+    assert errors.explain(psycopg.OperationalError(message), "default", "db") is None
 
 
 def test_an_eof_is_never_explained_as_a_tls_configuration_problem() -> None:
     # The blip of issue 16: "SSL error: unexpected eof" was once a TLS refusal.
-    assert faults.explain(psycopg.OperationalError(TRANSIENT["closed"]), "default", "db") is None
+    assert errors.explain(psycopg.OperationalError(TRANSIENT["closed"]), "default", "db") is None
 
 
 def test_a_refusal_is_explained_with_the_fix_and_without_the_password() -> None:
-    error = faults.explain(
+    error = errors.explain(
         psycopg.OperationalError(REFUSALS["untrusted"] + " pw-Secret-1"),
         "default",
         "db.example.com",
@@ -89,17 +89,17 @@ def _several(*messages: str) -> psycopg.OperationalError:
 
 
 def test_one_host_refused_makes_the_whole_attempt_a_refusal() -> None:
-    cause = faults.classify(_several(REFUSALS["untrusted"], TRANSIENT["refused"]))
-    assert cause is not None and cause.kind == faults.REFUSAL
+    cause = errors.classify(_several(REFUSALS["untrusted"], TRANSIENT["refused"]))
+    assert cause is not None and cause.kind == errors.REFUSAL
 
 
 def test_every_host_transient_is_transient() -> None:
-    cause = faults.classify(_several(TRANSIENT["refused"], TRANSIENT["standby"]))
-    assert cause is not None and cause.kind == faults.TRANSIENT
+    cause = errors.classify(_several(TRANSIENT["refused"], TRANSIENT["standby"]))
+    assert cause is not None and cause.kind == errors.TRANSIENT
 
 
 def test_one_host_unknown_is_not_retried() -> None:
-    assert faults.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
+    assert errors.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
 
 
 class _LoggedIn:
@@ -117,9 +117,9 @@ class _PasswordOnly:
 def test_after_the_login_only_the_servers_not_now_is_retried() -> None:
     logged_in: Any = _LoggedIn()  # psycopg's FinishedPGconn of the failed attempt
     closed = psycopg.OperationalError(TRANSIENT["closed"], pgconn=logged_in)
-    assert faults.classify(closed) is None
+    assert errors.classify(closed) is None
     busy = psycopg.OperationalError(TRANSIENT["too_many"], pgconn=logged_in)
-    assert faults.classify(busy) is not None
+    assert errors.classify(busy) is not None
 
 
 def test_a_restart_during_the_login_is_transient() -> None:
@@ -127,20 +127,20 @@ def test_a_restart_during_the_login_is_transient() -> None:
     closed = psycopg.OperationalError(
         HOST + "SSL connection has been closed unexpectedly", pgconn=_PasswordOnly()
     )
-    cause = faults.classify(closed)
-    assert cause is not None and cause.kind == faults.TRANSIENT
+    cause = errors.classify(closed)
+    assert cause is not None and cause.kind == errors.TRANSIENT
 
 
 def test_the_backends_own_refusals_are_refusals() -> None:
     files = ConnectionFileError("the root certificate does not exist", alias="a")
-    assert faults.classify(files) is faults.FILE and faults.FILE.kind == faults.REFUSAL
+    assert errors.classify(files) is errors.FILE and errors.FILE.kind == errors.REFUSAL
     replaced = ConnectionFileError.from_violations("a", None, (), replaced=True)
-    assert faults.classify(replaced) is faults.FILE_REPLACED
-    assert faults.FILE_REPLACED.kind == faults.TRANSIENT
-    assert faults.classify(replaced.copy()) is faults.FILE_REPLACED
+    assert errors.classify(replaced) is errors.FILE_REPLACED
+    assert errors.FILE_REPLACED.kind == errors.TRANSIENT
+    assert errors.classify(replaced.copy()) is errors.FILE_REPLACED
     policy = InsecureConnectionError("weak cipher", alias="a")
-    cause = faults.classify(policy)
-    assert cause is not None and cause.kind == faults.REFUSAL
+    cause = errors.classify(policy)
+    assert cause is not None and cause.kind == errors.REFUSAL
 
 
 # -- the budget -----------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_the_backends_own_refusals_are_refusals() -> None:
     ],
 )
 def test_budget(options: dict[str, Any], timeout: str | None, budget: float) -> None:
-    assert faults.retry_budget(options, timeout) == budget
+    assert errors.retry_budget(options, timeout) == budget
 
 
 @pytest.mark.parametrize("value", [-1, "5", True, None, float("nan"), 1e9])
@@ -212,7 +212,7 @@ def retried() -> Iterator[list[dict[str, Any]]]:
 
 
 def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, secrets: str = "") -> Any:
-    return faults.retrying(
+    return errors.retrying(
         connect,
         alias="default",
         budget=budget,
@@ -237,7 +237,7 @@ def test_transient_failures_are_retried_until_it_works(
     }
     # jittered exponential backoff: each delay within [d/2, d], d doubling from 50 ms
     for number, delay in enumerate(clock.sleeps):
-        ceiling = min(faults.FIRST_DELAY * 2**number, faults.MAX_DELAY)
+        ceiling = min(errors.FIRST_DELAY * 2**number, errors.MAX_DELAY)
         assert ceiling / 2 <= delay <= ceiling
     assert [r["delay"] for r in retried] == clock.sleeps
     assert len(caplog.records) == 4 and all(r.levelno == logging.WARNING for r in caplog.records)
@@ -271,7 +271,7 @@ def test_refusals_and_unknown_failures_fail_on_the_first_attempt(
 def test_a_probe_attempts_once(retried: list[dict[str, Any]]) -> None:
     clock = FakeClock()
     connect = Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock)
-    with faults.attempt_once(), pytest.raises(psycopg.OperationalError):
+    with errors.attempt_once(), pytest.raises(psycopg.OperationalError):
         _retry(connect, clock)
     assert connect.calls == 1 and retried == []
     assert _retry(Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock), clock)

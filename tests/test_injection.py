@@ -24,8 +24,8 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import ConnectionFileError, SecurePolicyError, credentials, libpq
-from secure_pg_backend.credentials import CredentialProviderError
+from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq, policy
+from secure_pg_backend.errors import CredentialProviderError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 
 from .conftest import TCPRecorder, assert_no_secret, connect_or_hang
@@ -624,7 +624,7 @@ def test_provider_values_are_refused_or_reach_the_judged_server_only(
 
 def test_pool_asks_for_a_screened_value_per_connection() -> None:
     entry = {"HOST": "db.test", "OPTIONS": {"password_provider": lambda a, s: "tok\x00x"}}
-    fresh = credentials.pool_kwargs("pooled", entry, {"host": "db.test", "password": "env"})
+    fresh = policy.pool_kwargs("pooled", entry, {"host": "db.test", "password": "env"})
     assert callable(fresh)
     with pytest.raises(CredentialProviderError, match=r"DATABASES\['pooled'\]") as caught:
         fresh()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from django.db import connections
 
-from secure_pg_backend import lifecycle
+from secure_pg_backend import base
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests import exit_stress
 from tests.test_signals import StallingServer
@@ -46,9 +46,9 @@ def test_at_exit_an_idle_pool_closes_and_its_threads_stop(
     pool.wait(timeout=10)
     assert pool_threads(pool)
     started = time.monotonic()
-    pool.close_at_exit(time.monotonic() + lifecycle.EXIT_GRACE)
+    pool.close_at_exit(time.monotonic() + base.EXIT_GRACE)
     assert pool.closed and not pool_threads(pool)
-    assert time.monotonic() - started < lifecycle.EXIT_GRACE
+    assert time.monotonic() - started < base.EXIT_GRACE
 
 
 def test_at_exit_a_stalled_connection_attempt_does_not_delay_the_exit(
@@ -78,7 +78,7 @@ def stalled_attempt_at_exit(
         time.sleep(0.02)
     assert stalling_server.hellos == 1  # the pool's worker is inside the handshake
     started = time.monotonic()
-    pool.close_at_exit(time.monotonic() + lifecycle.EXIT_GRACE)
+    pool.close_at_exit(time.monotonic() + base.EXIT_GRACE)
     # Closing would wait for that worker; it is left blocked in libpq instead.
     assert time.monotonic() - started < 0.2 and not pool.closed
     stalling_server.close()  # the handshake fails, the worker is free, the pool can close
@@ -96,7 +96,7 @@ def test_a_forked_child_does_not_close_the_parents_pool_at_exit(
     pid = os.fork()
     if pid == 0:  # exits through atexit, as a worker process would
         try:
-            lifecycle._quiesce_pools()
+            base._quiesce_pools()
         finally:
             os._exit(0)
     os.waitpid(pid, 0)

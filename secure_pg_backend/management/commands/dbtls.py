@@ -14,8 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import redact, secret_values
-from ...faults import attempt_once
+from ...errors import attempt_once, redact, secret_values
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 
