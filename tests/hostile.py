@@ -111,7 +111,7 @@ class _LoopbackServer:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.02)  # how soon close() is noticed
         self.port = int(self.sock.getsockname()[1])
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
         self._acceptor.start()

@@ -41,7 +41,9 @@ def test_not_after_is_read_by_openssl_exactly(ca: TestCA, not_after: dt.datetime
     assert libpq.certificate_not_after(cert.public_bytes(Encoding.DER)) == not_after
 
 
-@pytest.mark.parametrize("der", [b"", b"\x30\x03\x02\x01\x01", os.urandom(64)])
+@pytest.mark.parametrize(
+    "der", [b"", b"\x30\x03\x02\x01\x01", os.urandom(64)], ids=["empty", "integer", "random"]
+)
 def test_not_after_of_something_that_is_not_a_certificate_is_none(der: bytes) -> None:
     assert libpq.certificate_not_after(der) is None
 
