@@ -10,7 +10,7 @@
   (``expiring``) the log line, the system check W001, the health check and the metrics
   share.
 
-The public report (``tlsinfo.TLSInfo``, two dataclasses, about 2 ms of a cold start) is
+The public report (``tlsinfo.TLSInfo``, two dataclasses, a visible part of a cold start) is
 built from these only when something inspects or logs the connection.
 """
 

@@ -264,10 +264,10 @@ def environment_snapshot() -> tuple[Any, ...]:
     """The values of every variable libpq (or ``sslrootcert=system``) reads, cheaply.
 
     CPython keeps os.environ's raw bytes in ``_data``; reading that skips decoding ~40
-    values on every new connection: measured 3 us, against 50 us through ``os.environ.get``
-    and 60 us through ``os.environb.get`` (each a Python-level call per name), and the
-    public API offers no cheap way to tell that the environment changed. Elsewhere (or if
-    ``_data`` is ever not a dict) the public mapping is used.
+    values on every new connection, which ``os.environ.get`` and ``os.environb.get`` do
+    (a Python-level call per name, an order of magnitude slower; docs/performance.md), and
+    the public API offers no cheap way to tell that the environment changed. Elsewhere (or
+    if ``_data`` is ever not a dict) the public mapping is used.
     """
     raw = getattr(os.environ, "_data", None)
     names = _snapshot_names()
@@ -373,8 +373,8 @@ def effective_settings(pgconn: Any) -> dict[str, str]:
     """``PQconninfo`` of a live connection: the values libpq actually used.
 
     Read through ctypes at the known positions of the few keywords the check needs
-    (each confirmed by name): converting all ~50 options to Python costs 35 us per
-    connection, this about 8.
+    (each confirmed by name): converting all ~50 options to Python on every connection
+    would cost several times more.
     """
     conninfo_fn, free_fn, wanted = _conninfo_functions()
     options = conninfo_fn(pgconn.pgconn_ptr)
@@ -483,7 +483,7 @@ def certificate_not_after(der: bytes) -> dt.datetime | None:
     """notAfter (UTC) of a DER certificate; None if this OpenSSL cannot say.
 
     Decoding DER (``d2i_X509``) initializes OpenSSL's decoders and digests, work that
-    OpenSSL undoes again at exit: about 2 ms of a process. For a live connection,
+    OpenSSL undoes again at exit, a cost a cold start should not pay. For a live connection,
     ``peer_not_after`` reads the certificate the TLS session already decoded.
     """
     fns = _time_functions()

@@ -67,9 +67,10 @@ WEAKENING_KEYWORDS = {
     "the captured traffic",
 }
 
-# Records here (and in errors, gate, libpq, handshake) are plain slotted classes: these modules are
-# imported by every process that connects, and defining a frozen dataclass costs ~0.7 ms, a
-# typing.NamedTuple ~0.1 ms (it compiles its constructor with eval), a class like these 0.01 ms.
+# Records here (and in errors, libpq, handshake) are plain slotted classes: these modules are
+# imported by every process that connects, and defining a frozen dataclass or a
+# typing.NamedTuple (which compiles its constructor with eval) costs far more at import
+# (docs/performance.md, cold start).
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
