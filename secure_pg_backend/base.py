@@ -299,47 +299,51 @@ class VerifiedTLSMixin(_WrapperBase):
         return info if info is not None else _tls_info_of(self.connection)
 
     # -- Django's pool, with refusals reported at once -------------------------
-    # A copy of Django's property with our pool class: Django has no hook for the class (it
-    # imports psycopg_pool.ConnectionPool inside the property). The copy follows Django 6.1's
-    # (the check default overridable); tests/test_retry.py pins the shape of Django's property
-    # in 5.2 and 6.1, so a release that changes it fails there, not in production.
+    # Django's property builds psycopg_pool.ConnectionPool (imported inside it: no hook for the
+    # class) only when the alias has none in the class-level registry, and returns what is
+    # registered. So ours is registered first and Django's property does the rest: which
+    # aliases pool, the refusal of CONN_MAX_AGE with a pool, what it returns.
+    # tests/test_retry.py pins that contract of Django's property.
     @property
     def pool(self) -> Any:
         pool_options = self.settings_dict["OPTIONS"].get("pool")
-        if self.alias == NO_DB_ALIAS or not pool_options:
-            return None
-        if self.alias not in self._connection_pools:
-            if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
-                raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
-            try:
-                from .pool import VerifiedConnectionPool
-            except ImportError as err:
-                raise ImproperlyConfigured(
-                    "Error loading psycopg_pool module.\n"
-                    "Did you install secure-pg-backend[pool] (psycopg[pool])?"
-                ) from err
-            # Same construction as Django's own, with a pool that reports refusals.
-            pool_options = {} if pool_options is True else {**pool_options}
-            connect_kwargs = self.get_connection_params()
-            connect_kwargs["autocommit"] = True
-            pool_options.setdefault(
-                "check",
-                VerifiedConnectionPool.check_connection
-                if self.settings_dict["CONN_HEALTH_CHECKS"]
-                else None,
-            )
-            pool = VerifiedConnectionPool(
-                kwargs=policy.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
-                open=False,
-                configure=self._configure_connection,
-                explain=self._explain,
-                prepare=self._check_files,
-                recheck=self._recheck_files,
-                retry=lambda connect: self._retrying(connect, connect_kwargs),
-                **pool_options,
-            )
-            self._connection_pools.setdefault(self.alias, pool)
-        return self._connection_pools[self.alias]
+        if (
+            pool_options
+            and self.alias != NO_DB_ALIAS
+            and self.alias not in self._connection_pools
+            and self.settings_dict.get("CONN_MAX_AGE", 0) == 0
+        ):
+            self._connection_pools.setdefault(self.alias, self._verified_pool(pool_options))
+        return super().pool
+
+    def _verified_pool(self, pool_options: Any) -> Any:
+        """The pool Django would build, with the policy's retries and prompt refusals."""
+        try:
+            from .pool import VerifiedConnectionPool
+        except ImportError as err:
+            raise ImproperlyConfigured(
+                "Error loading psycopg_pool module.\n"
+                "Did you install secure-pg-backend[pool] (psycopg[pool])?"
+            ) from err
+        pool_options = {} if pool_options is True else {**pool_options}
+        connect_kwargs = self.get_connection_params()
+        connect_kwargs["autocommit"] = True  # as Django's: it sets the real value later
+        pool_options.setdefault(  # overridable, as from Django 6.1
+            "check",
+            VerifiedConnectionPool.check_connection
+            if self.settings_dict["CONN_HEALTH_CHECKS"]
+            else None,
+        )
+        return VerifiedConnectionPool(
+            kwargs=policy.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
+            open=False,  # as Django's: opened on first use, not at start-up
+            configure=self._configure_connection,
+            explain=self._explain,
+            prepare=self._check_files,
+            recheck=self._recheck_files,
+            retry=lambda connect: self._retrying(connect, connect_kwargs),
+            **pool_options,
+        )
 
 
 class DatabaseWrapper(VerifiedTLSMixin, postgresql.DatabaseWrapper):

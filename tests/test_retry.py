@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg_pool
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
 
 from secure_pg_backend import ConnectionFileError, InsecureConnectionError, signals
@@ -319,37 +320,36 @@ def test_psycopg_pool_internals_the_pool_relies_on() -> None:
     assert "timeout" in inspect.signature(pool._connect).parameters
 
 
-# Django's ``pool`` property, copied in ``base.VerifiedTLSMixin.pool``: Django offers no hook for
-# the pool class (the property imports psycopg_pool.ConnectionPool inside itself), so the copy
-# stays, pinned to the shapes it was made from (sha256 of ``ast.unparse``, comments and
-# formatting ignored). A Django release that changes the property fails here: re-read it,
-# bring the copy up to date, then add the new shape.
-DJANGO_POOL_PROPERTY = {(5, 2): "86907f470baccd3d", (6, 1): "7aef841ba3e94fb6"}
+def test_django_internals_the_backend_relies_on(good_server: TLSPostgres) -> None:
+    """The private names and the one contract of Django's postgresql backend used here.
 
-
-def _pool_property_shape() -> str:
-    import ast
-    import hashlib
-    import inspect
-    import textwrap
-
+    ``VerifiedTLSMixin.pool`` registers its pool in Django's class-level registry and lets
+    Django's own property return it: Django's property must return what is registered for
+    the alias, and still refuse CONN_MAX_AGE with a pool itself. A Django release that changes
+    either fails here, not in production.
+    """
     from django.db.backends.postgresql import base as postgresql
 
-    source = textwrap.dedent(inspect.getsource(postgresql.DatabaseWrapper.pool.fget))
-    return hashlib.sha256(ast.unparse(ast.parse(source).body[0]).encode()).hexdigest()[:16]
-
-
-def test_django_internals_the_backend_relies_on() -> None:
-    """The private names of Django's postgresql backend used here (base.py's pool property,
-    pool.py's abandon_after_fork, the post-handshake check in _configure_connection)."""
-    import django
-    from django.db.backends.postgresql import base as postgresql
+    from secure_pg_backend.base import standalone_wrapper
+    from secure_pg_backend.pool import VerifiedConnectionPool
 
     assert isinstance(postgresql.DatabaseWrapper._connection_pools, dict)
     assert callable(postgresql.DatabaseWrapper._configure_connection)
-    shape = _pool_property_shape()
-    expected = DJANGO_POOL_PROPERTY.get(django.VERSION[:2])
-    if expected is not None:
-        assert shape == expected, "Django's pool property changed: update base.py's copy"
-    else:  # a Django between the pinned ones: one of the known shapes
-        assert shape in DJANGO_POOL_PROPERTY.values(), "Django's pool property changed"
+    entry = good_server.database_settings(options={"pool": {"min_size": 0, "max_size": 1}})
+    stock = standalone_wrapper("pin_stock", {**entry, "ENGINE": "django.db.backends.postgresql"})
+    registered = object()
+    postgresql.DatabaseWrapper._connection_pools["pin_stock"] = registered
+    try:
+        assert stock.pool is registered
+    finally:
+        del postgresql.DatabaseWrapper._connection_pools["pin_stock"]
+    ours = standalone_wrapper("pin_ours", entry)
+    try:
+        assert isinstance(ours.pool, VerifiedConnectionPool)
+        assert ours.pool is postgresql.DatabaseWrapper._connection_pools["pin_ours"]
+    finally:
+        postgresql.DatabaseWrapper._connection_pools.pop("pin_ours", None)
+    persistent = standalone_wrapper("pin_age", {**entry, "CONN_MAX_AGE": 60})
+    with pytest.raises(ImproperlyConfigured, match="Pooling doesn't support persistent"):
+        _ = persistent.pool
+    assert "pin_age" not in postgresql.DatabaseWrapper._connection_pools
