@@ -16,6 +16,9 @@ class SecurePgBackendConfig(AppConfig):
 
         # Tagged "security" (not "database"): these run offline on every `check`.
         checks.register(_check_databases, checks.Tags.security)
+        # A PostgreSQL alias this policy does not cover: with `check --deploy` only, since
+        # a stock alias can be deliberate in development (W003).
+        checks.register(_check_deploy_aliases, checks.Tags.security, deploy=True)
         # Prometheus metrics when prometheus_client is installed (extra [metrics]).
         metrics.install(verified_aliases)
 
@@ -27,3 +30,11 @@ def _check_databases(
     from .checks import check_databases
 
     return check_databases(app_configs, **kwargs)
+
+
+def _check_deploy_aliases(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    from .checks import check_deploy_aliases
+
+    return check_deploy_aliases(app_configs, **kwargs)

@@ -3,21 +3,29 @@
 No network and no second copy of any rule: each alias whose wrapper carries the
 policy is judged by the same gate the connection uses (``policy_verdict``), and
 each ``Violation`` becomes one ``Error`` with id ``secure_pg_backend.<code>``.
+
+With ``--deploy``, also every alias the policy does not reach although it speaks
+PostgreSQL (W003): a stock ``postgresql``/``postgis`` ENGINE left over next to this one,
+or a third-party wrapper without the mixin.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
-from django.core.checks import CheckMessage, Error
+from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
+from django.db.utils import load_backend
 
-from .errors import check_id, location, redact, secret_values
+from .errors import CHECKS, check_id, location, redact, secret_values
 
-__all__ = ["check_databases"]
+__all__ = ["check_databases", "check_deploy_aliases"]
+
+_POSTGIS_MODULE = "django.contrib.gis.db.backends.postgis.base"
 
 
 def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
@@ -45,3 +53,76 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
                 )
             )
     return errors
+
+
+def check_deploy_aliases(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W003: each alias whose wrapper class is Django's PostgreSQL one (or derived from it)
+    but not ``VerifiedTLSMixin``. Judged by the class the ENGINE loads, not by its name; the
+    class is not instantiated, so nothing connects."""
+    from django.db.backends.postgresql.base import DatabaseWrapper as PostgresWrapper
+
+    from .base import VerifiedTLSMixin
+
+    entry = CHECKS["W003"]
+    warnings: list[CheckMessage] = []
+    databases: dict[str, dict[str, Any]] = getattr(settings, "DATABASES", {})
+    for alias, settings_dict in databases.items():
+        engine = settings_dict.get("ENGINE")
+        if not isinstance(engine, str) or not engine:
+            continue
+        try:
+            wrapper = load_backend(engine).DatabaseWrapper
+        except (ImproperlyConfigured, AttributeError):  # Django reports an ENGINE that fails
+            continue
+        if not isinstance(wrapper, type) or not issubclass(wrapper, PostgresWrapper):
+            continue
+        if issubclass(wrapper, VerifiedTLSMixin):
+            continue
+        options = settings_dict.get("OPTIONS") or {}
+        sslmode = options.get("sslmode") if isinstance(options, dict) else None
+        if isinstance(sslmode, str):
+            mode = f"its OPTIONS['sslmode'] is {sslmode!r}"
+        else:
+            mode = "it sets no sslmode: libpq's default (PGSSLMODE, else 'prefer') can fall back to plaintext"
+        message = (
+            f"DATABASES[{alias!r}] uses ENGINE {engine!r} ({_class_name(wrapper)}), a "
+            "PostgreSQL backend without secure_pg_backend's policy: its connections are not "
+            "held to verified TLS (verify-full, a root of trust, the live link checked); "
+            f"{mode}."
+        )
+        warnings.append(
+            Warning(
+                redact(message, secret_values(settings_dict)),
+                hint=_fix(wrapper, PostgresWrapper),
+                obj=f"DATABASES[{alias!r}]",
+                id=entry.id,
+            )
+        )
+    return warnings
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _fix(wrapper: type, stock: type) -> str:
+    # A PostGIS wrapper was loaded with its module: judged by the class, never by importing
+    # GeoDjango (and GDAL) for an alias that does not use it.
+    postgis = sys.modules.get(_POSTGIS_MODULE)
+    stock_postgis = getattr(postgis, "DatabaseWrapper", None)
+    if wrapper is stock:
+        return "Set its ENGINE to 'secure_pg_backend'."
+    if wrapper is stock_postgis:
+        return "Set its ENGINE to 'secure_pg_backend.postgis'."
+    base = (
+        "secure_pg_backend.postgis"
+        if stock_postgis and issubclass(wrapper, stock_postgis)
+        else "secure_pg_backend"
+    )
+    return (
+        f"Compose the policy into this wrapper: class DatabaseWrapper(VerifiedTLSMixin, "
+        f"{_class_name(wrapper)}) with VerifiedTLSMixin from secure_pg_backend.base, first in "
+        f"the bases; or, without its features, set ENGINE to {base!r}."
+    )

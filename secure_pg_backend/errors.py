@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import logging
 import random
 import time
@@ -66,7 +67,7 @@ ROOT_FIX = (
 class CheckId:
     """One check id: ``rule`` names the function that reports it (module-relative)."""
 
-    __slots__ = ("code", "fix", "level", "meaning", "online", "rule")
+    __slots__ = ("code", "deploy", "fix", "level", "meaning", "online", "rule")
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class CheckId:
         fix: str,  # plain text: used verbatim by messages whose fix has no specifics
         level: str = ERROR,
         online: bool = False,  # needs a connection (manage.py check --database)
+        deploy: bool = False,  # reported by manage.py check --deploy only
     ) -> None:
         self.code = code
         self.rule = rule
@@ -83,6 +85,7 @@ class CheckId:
         self.fix = fix
         self.level = level
         self.online = online
+        self.deploy = deploy
 
     @property
     def id(self) -> str:
@@ -91,7 +94,9 @@ class CheckId:
 
     @property
     def kind(self) -> str:
-        return f"{self.level} (online)" if self.online else self.level
+        if self.online:
+            return f"{self.level} (online)"
+        return f"{self.level} (deploy)" if self.deploy else self.level
 
 
 _TABLE = (
@@ -165,8 +170,7 @@ _TABLE = (
         "E010",
         "validation.DatabaseValidation",
         "the link was refused under the policy; the message is the refusal itself (certificate "
-        "not trusted, wrong host name, expired, no TLS, weak cipher, …); see "
-        "[Errors](errors.md) and [Troubleshooting](troubleshooting.md)",
+        "not trusted, wrong host name, expired, no TLS, weak cipher, …), naming its cause",
         "the fix at the end of the message.",
         online=True,
     ),
@@ -213,7 +217,7 @@ _TABLE = (
         '`OPTIONS["password_provider"]` cannot be used: a string that is neither the built-in '
         "provider nor listed in `SECURE_PG_BACKEND_PASSWORD_PROVIDERS` (a `DATABASE_URL` must "
         "not make the process import code; nothing is imported), an allowed path that does "
-        "not import, not callable, or `PASSWORD` is set as well ([Operations](operations.md))",
+        "not import, not callable, or `PASSWORD` is set as well",
         "set it to a function (alias, settings_dict) -> password in settings (or list its "
         "dotted path in SECURE_PG_BACKEND_PASSWORD_PROVIDERS), and remove PASSWORD.",
     ),
@@ -241,6 +245,20 @@ _TABLE = (
         level=WARNING,
         online=True,
     ),
+    CheckId(
+        "W003",
+        "checks.check_deploy_aliases",
+        "an alias uses a PostgreSQL backend this policy does not cover: Django's `postgresql` "
+        "or `postgis` ENGINE, or a third-party wrapper built on them without "
+        "`VerifiedTLSMixin`; its connections take whatever `sslmode` they are given "
+        "(libpq's default `prefer` falls back to plaintext) and nothing checks the live link. "
+        "Judged by the wrapper class, not the ENGINE's name",
+        "set its ENGINE to 'secure_pg_backend' ('secure_pg_backend.postgis' for PostGIS); for a "
+        "third-party wrapper, compose it: class DatabaseWrapper(VerifiedTLSMixin, "
+        "theirs.DatabaseWrapper) with VerifiedTLSMixin from secure_pg_backend.base, first.",
+        level=WARNING,
+        deploy=True,
+    ),
 )
 
 CHECKS: dict[str, CheckId] = {entry.code: entry for entry in _TABLE}
@@ -256,6 +274,84 @@ def markdown_table() -> str:
     rows = ["| Id | Kind | Meaning | Fix |", "| --- | --- | --- | --- |"]
     rows += [f"| `{c.id}` | {c.kind} | {c.meaning} | {c.fix} |" for c in _TABLE]
     return "\n".join(rows) + "\n"
+
+
+# -- explanations: python -m secure_pg_backend explain, manage.py dbtls --explain -----------
+# Shipped with the package (the wheel has no docs/), so messages point here, not at a page.
+EXPLAIN = "python -m secure_pg_backend explain"
+
+
+def explain_command(name: str) -> str:
+    """How a message names its explanation: ``python -m secure_pg_backend explain E010``."""
+    return f"{EXPLAIN} {name}"
+
+
+def _plain(markdown: str) -> str:
+    # The meanings are Markdown for docs/checks.md; a terminal gets them without code marks.
+    return markdown.replace("`", "")
+
+
+def _refusal_causes() -> tuple[Cause, ...]:
+    """The refusals a connection attempt can end in (``InsecureConnectionError.cause``), each
+    with its problem and fix: E010's causes."""
+    return tuple(cause for cause in CAUSES if cause.kind == REFUSAL)
+
+
+def _where(entry: CheckId) -> str:
+    if entry.online:
+        return "manage.py check --database ALIAS (and before migrate); it connects"
+    if entry.deploy:
+        return "manage.py check --deploy"
+    return (
+        "every manage.py check, offline; opening a connection with these settings is refused "
+        "the same way"
+    )
+
+
+def explanation(name: str) -> str:
+    """What a check id (``E010``, ``secure_pg_backend.E010``, ``e010``) or a refusal cause
+    (``untrusted``) means and how to fix it; a ``LookupError`` saying what exists otherwise."""
+    key = name.strip()
+    if key.lower().startswith(PREFIX):
+        key = key[len(PREFIX) :]
+    entry = CHECKS.get(key.upper())
+    if entry is not None:
+        lines = [
+            f"{entry.id}: {entry.kind}",
+            f"Reported by: {_where(entry)}.",
+            f"What it means: {_plain(entry.meaning)}.",
+            f"Fix: {entry.fix}",
+        ]
+        if entry.code == "E010":
+            lines.append(f"The refusal names one of these causes ({EXPLAIN} CAUSE for one):")
+            lines += [
+                f"  {cause.name}: {cause.problem} Fix: {cause.fix}" for cause in _refusal_causes()
+            ]
+        return "\n".join(lines) + "\n"
+    for cause in _refusal_causes():
+        if cause.name == key.lower():
+            return (
+                f"{cause.name} (a refusal: {CHECKS['E010'].id} in manage.py check --database)\n"
+                f"What it means: {cause.problem}\nFix: {cause.fix}\n"
+            )
+    known = [*CHECKS, *(cause.name for cause in _refusal_causes())]
+    close = difflib.get_close_matches(key.upper() if key[:1].isupper() else key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise LookupError(
+        f"{name!r} is neither a check id nor a refusal cause of secure_pg_backend{hint}; "
+        f"'{EXPLAIN}' lists them all."
+    )
+
+
+def explanation_index() -> str:
+    """Every check id and refusal cause, one line each."""
+    width = len(PREFIX) + 4
+    lines = [f"{c.id:<{width}}  {c.kind:<16}  {_plain(c.meaning)}" for c in _TABLE]
+    lines += [
+        f"{cause.name:<{width}}  {'refusal (E010)':<16}  {cause.problem}"
+        for cause in _refusal_causes()
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # -- redaction and locations ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import attempt_once, redact, secret_values
+from ...errors import attempt_once, explanation, explanation_index, redact, secret_values
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 
@@ -37,8 +37,22 @@ class Command(BaseCommand):
         parser.add_argument(
             "--json", action="store_true", help="Print a JSON object keyed by alias."
         )
+        parser.add_argument(
+            "--explain",
+            nargs="?",
+            const="",
+            metavar="ID",
+            help=(
+                "Connect nothing; print what a check id (E010) or refusal cause (untrusted) "
+                "means and its fix, or every one without ID (as python -m secure_pg_backend "
+                "explain)."
+            ),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["explain"] is not None:
+            self._explain(options["explain"])
+            return
         ours = verified_aliases()
         selected: list[str] = options["databases"] or ours
         for alias in selected:
@@ -79,6 +93,13 @@ class Command(BaseCommand):
                 f"{len(failed)} of {len(selected)} database aliases failed: {', '.join(failed)}",
                 returncode=1,
             )
+
+    def _explain(self, name: str) -> None:
+        try:
+            text = explanation(name) if name else explanation_index()
+        except LookupError as exc:
+            raise CommandError(exc.args[0], returncode=2) from None
+        self.stdout.write(text, ending="")
 
     def _probe(self, alias: str) -> tuple[TLSInfo | None, tuple[str, str]]:
         wrapper = connections[alias]
