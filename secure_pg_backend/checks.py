@@ -85,7 +85,10 @@ def check_deploy_aliases(
         if isinstance(sslmode, str):
             mode = f"its OPTIONS['sslmode'] is {sslmode!r}"
         else:
-            mode = "it sets no sslmode: libpq's default (PGSSLMODE, else 'prefer') can fall back to plaintext"
+            mode = (
+                "it sets no sslmode: libpq's default (PGSSLMODE, else 'prefer') can fall back "
+                "to plaintext"
+            )
         message = (
             f"DATABASES[{alias!r}] uses ENGINE {engine!r} ({_class_name(wrapper)}), a "
             "PostgreSQL backend without secure_pg_backend's policy: its connections are not "

@@ -548,7 +548,7 @@ class Cause:
 
 _ROOT_FIX = (
     "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's certificate "
-    "(see docs/cloud-providers.md), or renew it if expired."
+    "(your database provider publishes it), or renew it if expired."
 )
 
 # Order matters: the first cause whose marker appears wins (a specific reason before a

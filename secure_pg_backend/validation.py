@@ -23,6 +23,7 @@ from .errors import (
     CredentialProviderError,
     InsecureConnectionError,
     SecurePolicyError,
+    explain_command,
     redact,
     secret_values,
 )
@@ -33,10 +34,14 @@ if TYPE_CHECKING:
 W_EXPIRY = CHECKS["W001"].id
 E_REFUSED = CHECKS["E010"].id
 E_CONNECT = CHECKS["E014"].id
-DOCS_HINT = "docs/errors.md lists every refusal and failure with its fix."
+
+
+def _explained(code: str) -> str:
+    return f"'{explain_command(code)}' says what it means and how to fix it."
+
 
 # What kind of failure a connection attempt ended in: dbtls prints it, the checks choose
-# their message and hint by it (docs/errors.md's causes).
+# their message and hint by it.
 SETTINGS_REFUSED = "settings refused"
 FILE_UNUSABLE = "file unusable"
 TLS_REFUSED = "TLS refused"
@@ -78,20 +83,23 @@ class DatabaseValidation(BaseDatabaseValidation):
             return issues  # the offline check already reported each broken rule
         except InsecureConnectionError as exc:
             message = f"Database alias {alias!r}: {self._redact(exc)}"
-            return [*issues, checks.Error(message, hint=DOCS_HINT, obj=where, id=E_REFUSED)]
+            return [
+                *issues,
+                checks.Error(message, hint=_explained("E010"), obj=where, id=E_REFUSED),
+            ]
         except (DatabaseError, ImproperlyConfigured) as exc:
             if failure_cause(exc) == CONFIGURATION:
                 message = f"Database alias {alias!r}: the settings conflict: {self._redact(exc)}"
                 hint = (
                     f"A configuration problem, found before any server was contacted (not "
                     f"TLS, the server or the credentials): change {where} as the message "
-                    "says. " + DOCS_HINT
+                    "says. " + _explained("E014")
                 )
             else:
                 message = f"Database alias {alias!r} could not connect: {self._redact(exc)}"
                 hint = (
                     "Not a TLS problem: check that the server is running and reachable, and "
-                    "the USER, PASSWORD and NAME. " + DOCS_HINT
+                    "the USER, PASSWORD and NAME. " + _explained("E014")
                 )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
         # Decided on the session's notAfter (handshake.expiring); the certificate is parsed

@@ -1,0 +1,140 @@
+"""``python -m secure_pg_backend explain`` and ``manage.py dbtls --explain``: every check id and
+refusal cause explained by the installed package, from the table the messages come from; and
+no message points at a repository path the wheel does not ship."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secure_pg_backend.errors import CAUSES, CHECKS, REFUSAL, explanation, explanation_index
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "secure_pg_backend"
+REFUSALS = [cause for cause in CAUSES if cause.kind == REFUSAL]
+
+
+def _run(*args: str, settings: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env["PYTHONPATH"] = str(ROOT)
+    if settings:
+        env["DJANGO_SETTINGS_MODULE"] = settings
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_explain_prints_meaning_and_fix_from_the_table() -> None:
+    proc = _run("-m", "secure_pg_backend", "explain", "E010")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("secure_pg_backend.E010: Error (online)\n")
+    assert "What it means: the link was refused under the policy" in out
+    assert f"Fix: {CHECKS['E010'].fix}\n" in out
+    # E010's fix is "the one at the end of the message": each refusal cause, with its own.
+    for cause in REFUSALS:
+        assert f"  {cause.name}: {cause.problem} Fix: {cause.fix}\n" in out
+    # Every spelling a user copies from check output or types names the same entry.
+    for spelling in ("secure_pg_backend.E010", "e010", "SECURE_PG_BACKEND.e010"):
+        again = _run("-m", "secure_pg_backend", "explain", spelling)
+        assert (again.returncode, again.stdout) == (0, out), spelling
+
+
+def test_explain_a_refusal_cause_by_name() -> None:
+    proc = _run("-m", "secure_pg_backend", "explain", "untrusted")
+    assert proc.returncode == 0, proc.stderr
+    untrusted = next(cause for cause in REFUSALS if cause.name == "untrusted")
+    assert f"What it means: {untrusted.problem}\nFix: {untrusted.fix}\n" in proc.stdout
+
+
+def test_explain_without_an_id_lists_each_one_line() -> None:
+    proc = _run("-m", "secure_pg_backend", "explain")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == [entry.id for entry in CHECKS.values()] + [c.name for c in REFUSALS]
+    assert proc.stdout == explanation_index()
+
+
+def test_an_unknown_id_fails_clearly() -> None:
+    proc = _run("-m", "secure_pg_backend", "explain", "E099")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "'E099' is neither a check id nor a refusal cause" in proc.stderr
+    assert "'python -m secure_pg_backend explain' lists them all" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    typo = _run("-m", "secure_pg_backend", "explain", "untrsted")
+    assert typo.returncode == 2 and "did you mean untrusted?" in typo.stderr
+
+
+def test_no_django_settings_needed() -> None:
+    code = (
+        "import secure_pg_backend.__main__\n"
+        "from django.conf import settings\n"
+        "print(settings.configured)\n"
+    )
+    proc = _run("-c", code)
+    assert (proc.returncode, proc.stdout) == (0, "False\n"), proc.stderr
+
+
+def test_manage_py_dbtls_explain_prints_the_same_text() -> None:
+    module = _run("-m", "secure_pg_backend", "explain", "W003")
+    # Settings whose database exists nowhere: --explain connects nothing.
+    proc = _run("-m", "django", "dbtls", "--explain", "W003", settings="tests.deploy_settings")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == module.stdout
+    listed = _run("-m", "django", "dbtls", "--explain", settings="tests.deploy_settings")
+    assert (listed.returncode, listed.stdout) == (0, explanation_index())
+    unknown = _run("-m", "django", "dbtls", "--explain", "W999", settings="tests.deploy_settings")
+    assert unknown.returncode == 2
+    assert "'W999' is neither a check id nor a refusal cause" in unknown.stderr
+
+
+@pytest.mark.parametrize("code", list(CHECKS))
+def test_every_check_id_is_explained(code: str) -> None:
+    entry = CHECKS[code]
+    text = explanation(code)
+    assert text.startswith(f"{entry.id}: {entry.kind}\n")
+    assert f"Fix: {entry.fix}\n" in text
+    assert "`" not in text  # Markdown code marks are for docs/checks.md, not a terminal
+    assert "](" not in entry.meaning  # no link to a page the installed package lacks
+
+
+def _strings(tree: ast.AST) -> list[str]:
+    """Every string literal except docstrings (which address this repository's developers)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def test_no_message_points_at_a_repository_path() -> None:
+    doc_path = re.compile(r"docs/|\b[\w-]+\.md\b")
+    offenders = [
+        f"{source.relative_to(ROOT)}: {text!r}"
+        for source in sorted(PACKAGE.rglob("*.py"))
+        for text in _strings(ast.parse(source.read_text()))
+        if doc_path.search(text)
+    ]
+    assert offenders == []
