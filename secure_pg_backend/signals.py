@@ -28,6 +28,7 @@ is built only for a record that will be emitted.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -77,7 +78,72 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
         "tls_root_cert": info.root_cert,
         "tls_root_cert_source": info.root_cert_source,
         "tls_cert_not_after": not_after.isoformat() if not_after else None,
+        **otel_server_fields(info, not_after),
     }
+
+
+# -- the same facts under OpenTelemetry's semantic convention names: the server side ----------
+# Dotted keys are plain record attributes to ``logging`` and plain keys to a JSON formatter, so
+# a pipeline that speaks OTel needs no mapping. A name is left out, never guessed, when the link
+# does not have it (no TLS, no ALPN, a cipher without a known IANA name).
+
+# OpenSSL names TLS 1.2 suites its own way; OTel's tls.cipher is the IANA name (TLS 1.3 suites
+# have it already). The suites the link check accepts by default (forward secrecy + AEAD) that
+# servers negotiate; tests/test_otel_fields.py holds this table to `openssl ciphers -stdname`.
+_IANA_CIPHERS = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256": "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305": "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256": "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384": "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305": "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "DHE-RSA-AES128-GCM-SHA256": "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
+    "DHE-RSA-AES256-GCM-SHA384": "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    "DHE-RSA-CHACHA20-POLY1305": "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+}
+
+
+def iana_cipher(cipher: str | None) -> str | None:
+    """The IANA name of an OpenSSL cipher name, or None when it is not known here."""
+    if not cipher:
+        return None
+    return cipher if cipher.startswith("TLS_") else _IANA_CIPHERS.get(cipher)
+
+
+def otel_server_fields(info: TLSInfo, not_after: dt.datetime | None) -> dict[str, Any]:
+    """``db.*``, ``server.*``, ``network.peer.address`` and the server side of ``tls.*``.
+
+    ``db.namespace`` is the database name: PostgreSQL's convention qualifies it with the
+    schema only when that is known without another round trip, and it is not.
+    """
+    fields: dict[str, Any] = {
+        "db.system.name": "postgresql",
+        "db.namespace": info.database,
+        "server.address": info.host,  # the name connected to (a socket directory without TLS)
+    }
+    if info.port is not None:
+        fields["server.port"] = info.port
+    if info.hostaddr and info.hostaddr != info.host:
+        fields["network.peer.address"] = info.hostaddr
+    if not info.tls:
+        return fields
+    name, _, version = (info.protocol or "").partition("v")  # "TLSv1.3"
+    if name.upper() in ("TLS", "SSL") and version:
+        fields["tls.protocol.name"] = name.lower()
+        fields["tls.protocol.version"] = version
+    cipher = iana_cipher(info.cipher)
+    if cipher:
+        fields["tls.cipher"] = cipher
+    if info.alpn:
+        fields["tls.next_protocol"] = info.alpn
+    if not_after is not None:
+        fields["tls.server.not_after"] = not_after.astimezone(dt.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+    der = info._peer_der  # the certificate as presented; hashing it needs no parse
+    if der:
+        fields["tls.server.hash.sha256"] = hashlib.sha256(der).hexdigest().upper()
+    return fields
 
 
 def announce(
