@@ -522,3 +522,100 @@ def _not_after(fns: _TimeFunctions, x509: int) -> dt.datetime | None:
     return dt.datetime(
         tm.year + 1900, tm.mon + 1, tm.mday, tm.hour, tm.min, tm.sec, tzinfo=dt.timezone.utc
     )
+
+
+# -- a certificate's subject and issuer, by the same OpenSSL ---------------------------------
+# For the start-up log record's OpenTelemetry fields (signals.otel_server_fields), which must not
+# import ``cryptography`` (the first connection never does). RFC 2253 order and escaping, as
+# ``PeerCertificate.subject`` (cryptography's RFC 4514 string) shows them, with UTF-8 kept as is
+# (XN_FLAG_RFC2253 without ASN1_STRFLGS_ESC_MSB).
+_XN_FLAGS = 0x313 | 0x10000 | 0x100000 | 0x1000000
+_BIO_CTRL_INFO = 3  # BIO_get_mem_data
+
+
+class _NameFunctions:
+    __slots__ = ("bio_ctrl", "bio_free", "bio_new", "bio_s_mem", "issuer", "print_ex", "subject")
+
+    def __init__(self, **functions: _CFunc) -> None:
+        for name, function in functions.items():
+            setattr(self, name, function)
+
+    bio_ctrl: _CFunc
+    bio_free: _CFunc
+    bio_new: _CFunc
+    bio_s_mem: _CFunc
+    issuer: _CFunc
+    print_ex: _CFunc
+    subject: _CFunc
+
+
+@functools.lru_cache(maxsize=1)
+def _name_functions() -> _NameFunctions | None:
+    """OpenSSL's name printing, or None (another TLS library, or libpq not loaded)."""
+    try:
+        lib = loaded_libpq()
+    except (LibpqUnavailable, OSError):
+        return None
+    found = {
+        "bio_ctrl": _optional(lib, "BIO_ctrl"),
+        "bio_free": _optional(lib, "BIO_free"),
+        "bio_new": _optional(lib, "BIO_new"),
+        "bio_s_mem": _optional(lib, "BIO_s_mem"),
+        "issuer": _optional(lib, "X509_get_issuer_name"),
+        "print_ex": _optional(lib, "X509_NAME_print_ex"),
+        "subject": _optional(lib, "X509_get_subject_name"),
+    }
+    functions = {name: fn for name, fn in found.items() if fn is not None}
+    if len(functions) != len(found):
+        return None
+    pointer = ctypes.c_void_p
+    for name, restype, argtypes in (
+        ("bio_ctrl", ctypes.c_long, [pointer, ctypes.c_int, ctypes.c_long, pointer]),
+        ("bio_free", ctypes.c_int, [pointer]),
+        ("bio_new", pointer, [pointer]),
+        ("bio_s_mem", pointer, []),
+        ("issuer", pointer, [pointer]),
+        ("print_ex", ctypes.c_int, [pointer, pointer, ctypes.c_int, ctypes.c_ulong]),
+        ("subject", pointer, [pointer]),
+    ):
+        functions[name].restype = restype
+        functions[name].argtypes = argtypes
+    return _NameFunctions(**functions)
+
+
+def certificate_names(der: bytes) -> tuple[str, str] | None:
+    """(subject, issuer) of a DER certificate as RFC 2253 strings; None if this OpenSSL cannot
+    say (the report's ``peer_certificate`` then has them, parsed by ``cryptography``)."""
+    time_fns, fns = _time_functions(), _name_functions()
+    if time_fns is None or fns is None:
+        return None
+    cursor = ctypes.c_char_p(der)  # d2i advances the pointer it gets; `der` stays alive
+    x509 = time_fns.d2i_x509(None, ctypes.byref(cursor), len(der))
+    if not x509:
+        return None
+    try:
+        subject = _print_name(fns, fns.subject(x509))
+        issuer = _print_name(fns, fns.issuer(x509))
+    finally:
+        time_fns.x509_free(x509)
+    return None if subject is None or issuer is None else (subject, issuer)
+
+
+def _print_name(fns: _NameFunctions, name: int | None) -> str | None:
+    if not name:
+        return None
+    bio = fns.bio_new(fns.bio_s_mem())
+    if not bio:
+        return None
+    try:
+        if fns.print_ex(bio, name, 0, _XN_FLAGS) < 0:
+            return None
+        data = ctypes.c_void_p()
+        size = fns.bio_ctrl(bio, _BIO_CTRL_INFO, 0, ctypes.byref(data))
+        if size == 0:
+            return ""
+        if size < 0 or not data.value:
+            return None
+        return ctypes.string_at(data.value, size).decode("utf-8", "replace")
+    finally:
+        fns.bio_free(bio)

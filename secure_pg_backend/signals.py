@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.dispatch import Signal
 
+from . import libpq
 from .handshake import expiring
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
@@ -142,6 +143,10 @@ def otel_server_fields(info: TLSInfo, not_after: dt.datetime | None) -> dict[str
         )
     der = info._peer_der  # the certificate as presented; hashing it needs no parse
     if der:
+        # The names by the session's OpenSSL: this record must not import cryptography.
+        names = libpq.certificate_names(der)
+        if names is not None:
+            fields["tls.server.subject"], fields["tls.server.issuer"] = names
         fields["tls.server.hash.sha256"] = hashlib.sha256(der).hexdigest().upper()
     return fields
 

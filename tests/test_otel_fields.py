@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import trustme
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import signals
+from secure_pg_backend import libpq, signals
 from secure_pg_backend.handshake import cipher_is_strong
 from secure_pg_backend.testing import TLSPostgres
-from secure_pg_backend.tlsinfo import TLSInfo
+from secure_pg_backend.tlsinfo import PeerCertificate, TLSInfo
 
 from .conftest import assert_no_secret, leaf_certificate
 
@@ -71,6 +73,8 @@ def test_the_log_record_carries_the_otel_names(
         "tls.protocol.version": info.protocol.removeprefix("TLSv"),  # "1.3"
         "tls.cipher": info.cipher,  # a TLS 1.3 suite: OpenSSL's name is the IANA one
         "tls.server.not_after": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tls.server.subject": leaf.subject.rfc4514_string(),
+        "tls.server.issuer": leaf.issuer.rfc4514_string(),
         "tls.server.hash.sha256": hashlib.sha256(leaf.public_bytes(Encoding.DER))
         .hexdigest()
         .upper(),
@@ -82,8 +86,11 @@ def test_the_log_record_carries_the_otel_names(
     assert dt.datetime.fromisoformat(fields["tls.server.not_after"].replace("Z", "+00:00")) == (
         leaf.not_valid_after_utc
     )
-    # The fingerprint is the one the parsed certificate reports, in OTel's uppercase.
+    # The names and the fingerprint are the ones the parsed certificate reports (the
+    # fingerprint in OTel's uppercase).
     assert info.peer_certificate is not None
+    assert fields["tls.server.subject"] == info.peer_certificate.subject
+    assert fields["tls.server.issuer"] == info.peer_certificate.issuer
     assert fields["tls.server.hash.sha256"] == info.peer_certificate.sha256_fingerprint.upper()
     # Beside the existing names, not instead of them.
     assert record.db_name == "app" and record.tls_cipher == info.cipher  # type: ignore[attr-defined]
@@ -165,3 +172,23 @@ def test_the_iana_names_are_openssls() -> None:
     for name, iana in signals._IANA_CIPHERS.items():
         assert openssl.get(name) == iana, name
         assert cipher_is_strong("TLSv1.2", name), name  # only suites the link check accepts
+
+
+def test_names_read_by_openssl_are_the_parsed_certificates() -> None:
+    """The log record's names (OpenSSL, no cryptography import) and ``PeerCertificate``'s
+    (cryptography) are the same strings, escaping and UTF-8 included."""
+    ca = trustme.CA(organization_name="Acme, Inc.", organization_unit_name="Ops+DB")
+    leaves = [
+        ca.issue_cert("db.example.com"),
+        ca.issue_cert(
+            "db.example.com",
+            common_name='Café "x"; <y> #1 ',
+            organization_name="#Org",
+            organization_unit_name=" lead",
+        ),
+    ]
+    for leaf in leaves:
+        cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+        raw = cert.public_bytes(Encoding.DER)
+        parsed = PeerCertificate.from_der(raw)
+        assert libpq.certificate_names(raw) == (parsed.subject, parsed.issuer)
