@@ -9,6 +9,8 @@
   (``tests/test_checkids.py`` keeps them equal).
 * The exceptions every refusal is raised as, and how they name the configuration at fault.
 * ``redact``/``secret_values``: what every message is cleaned of.
+* ``explanation``: one id or refusal cause in words for a terminal (``python -m
+  secure_pg_backend explain``, ``manage.py dbtls --explain``), from the same table.
 * Why an attempt to open a connection failed (``CAUSES``, ``classify``, ``explain``) and
   whether trying again can help (``retrying``).
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
 import logging
 import random
 import time
@@ -334,6 +335,8 @@ def explanation(name: str) -> str:
                 f"{cause.name} (a refusal: {CHECKS['E010'].id} in manage.py check --database)\n"
                 f"What it means: {cause.problem}\nFix: {cause.fix}\n"
             )
+    import difflib  # only for a name that is not known: not on every process start
+
     known = [*CHECKS, *(cause.name for cause in _refusal_causes())]
     close = difflib.get_close_matches(key.upper() if key[:1].isupper() else key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
