@@ -122,7 +122,10 @@ class TestCA:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         rsa: bool | None = None,
+        common_name: str | None = None,
     ) -> LeafPair:
+        """A leaf for ``hostnames``; a client certificate is ``issue(common_name=USER)``
+        (PostgreSQL's ``clientcert=verify-full`` matches the common name to the user)."""
         key_type = self.key_type
         if rsa is not None:
             key_type = self._trustme.KeyType.RSA if rsa else self._trustme.KeyType.ECDSA
@@ -130,7 +133,11 @@ class TestCA:
         not_before = not_before or now - dt.timedelta(days=1)  # clock skew
         not_after = not_after or not_before + LEAF_VALIDITY
         leaf = self.ca.issue_cert(
-            *hostnames, not_before=not_before, not_after=not_after, key_type=key_type
+            *hostnames,
+            common_name=common_name,
+            not_before=not_before,
+            not_after=not_after,
+            key_type=key_type,
         )
         chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
         return LeafPair(cert_chain_pem=chain, key_pem=leaf.private_key_pem.bytes())
@@ -291,7 +298,9 @@ class TLSPostgres:
 
     ``allow_plaintext`` adds ``host`` lines to pg_hba.conf so that non-TLS TCP
     clients are also accepted (to show what the backend refuses, and to measure
-    what TLS costs). ``settings`` are extra postgresql.conf lines.
+    what TLS costs). ``settings`` are extra postgresql.conf lines. ``client_ca`` makes the
+    server demand a client certificate from that CA whose common name is the user
+    (``ssl_ca_file`` and ``clientcert=verify-full`` on its ``hostssl`` lines).
     """
 
     leaf: LeafPair | None
@@ -303,6 +312,7 @@ class TLSPostgres:
     pg_bin: Path | None = None
     app_password: str = field(default=APP_PASSWORD, repr=False)
     superuser_password: str = field(default=SUPERUSER_PASSWORD, repr=False)
+    client_ca: TestCA | None = None
 
     def __post_init__(self) -> None:
         self.pg_bin = self.pg_bin or find_pg_bin()
@@ -388,6 +398,8 @@ class TLSPostgres:
         key = self.data / "server.key"
         key.write_bytes(self.leaf.key_pem)
         key.chmod(0o600)
+        if self.client_ca is not None:
+            (self.data / "client_ca.crt").write_bytes(self.client_ca.cert_pem)
 
     def _write_conf(self) -> None:
         lines = {
@@ -405,14 +417,17 @@ class TLSPostgres:
         if self.ssl and self.leaf:
             lines["ssl_cert_file"] = "'server.crt'"
             lines["ssl_key_file"] = "'server.key'"
+            if self.client_ca is not None:
+                lines["ssl_ca_file"] = "'client_ca.crt'"
         lines.update(self.settings)
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("\n# secure_pg_backend.testing\n")
             for key, value in lines.items():
                 conf.write(f"{key} = {value}\n")
         hba = ["local all all scram-sha-256"]
+        clientcert = " clientcert=verify-full" if self.client_ca is not None else ""
         for net in ("127.0.0.1/32", "::1/128"):
-            hba.append(f"hostssl all all {net} scram-sha-256")
+            hba.append(f"hostssl all all {net} scram-sha-256{clientcert}")
             if self.allow_plaintext or not (self.ssl and self.leaf):
                 hba.append(f"host all all {net} scram-sha-256")
         (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
