@@ -238,11 +238,35 @@ _TABLE = (
         "set it to a number of seconds from 0 (no retries) to 3600, or remove it (default 5).",
     ),
     CheckId(
+        "E018",
+        "policy.check_files",
+        "the client certificate's private key (`OPTIONS[\"sslkey\"]`, or libpq's default "
+        "`~/.postgresql/postgresql.key`) can be read or written by group or others, next to a "
+        "client certificate libpq loads: libpq refuses such a key (0600 or less when owned by "
+        "the user, 0640 or less when owned by root); checked with `stat` before every new "
+        "connection",
+        "restrict the key file: chmod 600 (owned by the user that runs Django), or 640 if "
+        "owned by root.",
+    ),
+    CheckId(
         "W001",
         "validation.DatabaseValidation",
         "the server certificate expires within 30 days",
         "Renew the server certificate before it expires; clients will refuse the connection "
         "after that date.",
+        level=WARNING,
+        online=True,
+    ),
+    CheckId(
+        "W002",
+        "validation.DatabaseValidation",
+        "the client certificate this side presents has less than a third of its lifetime "
+        "and fewer than 30 days left (a 24-hour certificate from Vault, cert-manager or "
+        "SPIFFE warns in its last 8 hours, a 90-day one in its last 30 days): its renewal is "
+        "overdue",
+        "Check the automation that renews the client certificate (OPTIONS['sslcert'] and "
+        "OPTIONS['sslkey']); the server will refuse connections once it has expired. New "
+        "connections read the files again, so a renewed pair needs no restart.",
         level=WARNING,
         online=True,
     ),

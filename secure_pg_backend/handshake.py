@@ -4,11 +4,11 @@
   two ``PQsslAttribute`` calls and ``PQconninfo``.
 * ``check_link``: the post-handshake rules, pure functions over those facts and the
   ``Decision`` the settings rules (``policy``) made for the same connection.
-* The server certificate's expiry, the one place it is computed: its notAfter decoded by
-  the session's own OpenSSL (so the first connection can choose its start-up log level,
-  and the metrics read it, without ``cryptography``), and the one warning rule
-  (``expiring``) the log line, the system check W001, the health check and the metrics
-  share.
+* The certificates' expiry, the one place it is computed: the server certificate's notAfter
+  and the client certificate's validity, decoded by the session's own OpenSSL (so the first
+  connection can choose its start-up log level, and the metrics read them, without
+  ``cryptography``), and the one warning rule (``expiring``) the log line, the system checks
+  W001 and W002, the health check and the metrics share.
 
 The public report (``tlsinfo.TLSInfo``, two dataclasses, a visible part of a cold start) is
 built from these only when something inspects or logs the connection.
@@ -20,24 +20,29 @@ import datetime as dt
 import functools
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from . import libpq
 from .errors import CHECKS
 from .policy import _EMPTY, PROTOCOL_RANK, Decision
 
 __all__ = [
+    "CLIENT_WARNING_FRACTION",
     "EXPIRY_WARNING_DAYS",
     "LinkFacts",
+    "Validity",
     "certificate_not_after",
     "check_link",
     "cipher_is_strong",
+    "client_validity",
+    "client_validity_once",
     "days_left",
     "decode",
     "expiring",
     "not_after_once",
     "peer_not_after",
     "read_facts",
+    "warning_window",
 ]
 
 
@@ -219,19 +224,47 @@ def read_facts(pgconn: Any) -> LinkFacts:
     )
 
 
-# -- the server certificate's expiry ---------------------------------------------------------
+# -- the certificates' expiry ----------------------------------------------------------------
 
-# Log line, system check W001, health check and the example page all warn from this many days.
+# Log line, system checks W001/W002, health check and the example page all warn from this many
+# days (at the latest: a short-lived client certificate warns later, see warning_window).
 EXPIRY_WARNING_DAYS = 30
+# A client certificate from Vault, cert-manager or SPIFFE lives hours or days and is renewed by
+# automation well before it ends: cert-manager renews when a third of the lifetime is left (its
+# default renewBefore), SPIFFE agents at half, Vault agent at about a third. Warning 30 days
+# ahead would warn on every connection of a 24-hour certificate; warning when less than this
+# fraction of the lifetime is left fires only once renewal is overdue.
+CLIENT_WARNING_FRACTION = 1 / 3
+
+Validity = tuple[dt.datetime, dt.datetime]  # (notBefore, notAfter), UTC
 
 
 def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
     return (not_after - (now or dt.datetime.now(dt.timezone.utc))).days
 
 
-def expiring(not_after: dt.datetime, now: dt.datetime | None = None) -> bool:
-    """The one expiry rule: fewer than ``EXPIRY_WARNING_DAYS`` whole days left."""
-    return days_left(not_after, now) < EXPIRY_WARNING_DAYS
+def warning_window(
+    not_before: dt.datetime | None, not_after: dt.datetime, days: float = EXPIRY_WARNING_DAYS
+) -> dt.timedelta:
+    """How long before ``not_after`` the warning starts: ``days`` for the server certificate
+    (``not_before`` None); for a client certificate the shorter of ``days`` and
+    ``CLIENT_WARNING_FRACTION`` of its lifetime."""
+    window = dt.timedelta(days=days)
+    if not_before is None:
+        return window
+    return min(window, (not_after - not_before) * CLIENT_WARNING_FRACTION)
+
+
+def expiring(
+    not_after: dt.datetime,
+    now: dt.datetime | None = None,
+    not_before: dt.datetime | None = None,
+    days: float = EXPIRY_WARNING_DAYS,
+) -> bool:
+    """The one expiry rule: less than ``warning_window`` left (fewer than ``days`` whole days
+    for the server certificate; the last third of a short-lived client certificate's life)."""
+    left = not_after - (now or dt.datetime.now(dt.timezone.utc))
+    return left < warning_window(not_before, not_after, days)
 
 
 @functools.lru_cache(maxsize=32)
@@ -269,11 +302,46 @@ def peer_not_after(pgconn: Any) -> dt.datetime | None:
 def not_after_once(pgconn: Any) -> Callable[[], dt.datetime | None]:
     """``peer_not_after`` for one connection, read at most once: the log line and the metrics
     of the same connection share the read (and neither pays it unless it needs it)."""
-    found: list[dt.datetime | None] = []
+    return _once(lambda: peer_not_after(pgconn))
 
-    def read() -> dt.datetime | None:
+
+@functools.lru_cache(maxsize=32)
+def certificate_validity(der: bytes) -> Validity:
+    """A DER certificate's (notBefore, notAfter) by a full parse: only where libpq's OpenSSL
+    lacks the functions to read them from the session."""
+    from .tlsinfo import PeerCertificate
+
+    cert = PeerCertificate.from_der(der)
+    return cert.not_before, cert.not_after
+
+
+def client_validity(pgconn: Any) -> Validity | None:
+    """(notBefore, notAfter) of the client certificate this side holds in a live TLS session;
+    None without one (no TLS, no client certificate: two ctypes calls that return NULL)."""
+    ptr = pgconn.pgconn_ptr
+    if not ptr or not pgconn.ssl_in_use:
+        return None
+    validity = libpq.client_validity(ptr)
+    if validity is None:
+        der = libpq.client_certificate_der(ptr)
+        validity = certificate_validity(der) if der else None
+    return validity
+
+
+def client_validity_once(pgconn: Any) -> Callable[[], Validity | None]:
+    """``client_validity`` for one connection, read at most once (log line and metrics)."""
+    return _once(lambda: client_validity(pgconn))
+
+
+T = TypeVar("T")
+
+
+def _once(read: Callable[[], T]) -> Callable[[], T]:
+    found: list[T] = []
+
+    def once() -> T:
         if not found:
-            found.append(peer_not_after(pgconn))
+            found.append(read())
         return found[0]
 
-    return read
+    return once

@@ -176,16 +176,20 @@ def peer_certificate_der(pgconn_ptr: int) -> bytes | None:
     if not x509:
         return None
     try:
-        size = fns.i2d_x509(x509, None)
-        if size <= 0:
-            return None
-        buf = ctypes.create_string_buffer(size)
-        cursor = ctypes.c_void_p(ctypes.addressof(buf))  # i2d advances the pointer it gets
-        if fns.i2d_x509(x509, ctypes.byref(cursor)) != size:
-            return None
-        return buf.raw
+        return _der(fns.i2d_x509, x509)
     finally:
         fns.x509_free(x509)
+
+
+def _der(i2d_x509: _CFunc, x509: int) -> bytes | None:
+    size = i2d_x509(x509, None)
+    if size <= 0:
+        return None
+    buf = ctypes.create_string_buffer(size)
+    cursor = ctypes.c_void_p(ctypes.addressof(buf))  # i2d advances the pointer it gets
+    if i2d_x509(x509, ctypes.byref(cursor)) != size:
+        return None
+    return buf.raw
 
 
 # -- libpq's own view of connection parameters ----------------------------------------------
@@ -444,13 +448,19 @@ class _Tm(ctypes.Structure):
 
 
 class _TimeFunctions:
-    __slots__ = ("asn1_time_to_tm", "d2i_x509", "get0_not_after", "x509_free")
+    __slots__ = ("asn1_time_to_tm", "d2i_x509", "get0_not_after", "get0_not_before", "x509_free")
 
     def __init__(
-        self, d2i_x509: _CFunc, get0_not_after: _CFunc, asn1_time_to_tm: _CFunc, x509_free: _CFunc
+        self,
+        d2i_x509: _CFunc,
+        get0_not_after: _CFunc,
+        get0_not_before: _CFunc,
+        asn1_time_to_tm: _CFunc,
+        x509_free: _CFunc,
     ) -> None:
         self.d2i_x509 = d2i_x509
         self.get0_not_after = get0_not_after
+        self.get0_not_before = get0_not_before
         self.asn1_time_to_tm = asn1_time_to_tm
         self.x509_free = x509_free
 
@@ -464,19 +474,21 @@ def _time_functions() -> _TimeFunctions | None:
         return None
     d2i = _optional(lib, "d2i_X509")
     not_after = _optional(lib, "X509_get0_notAfter")
+    not_before = _optional(lib, "X509_get0_notBefore")
     to_tm = _optional(lib, "ASN1_TIME_to_tm")
     free = _optional(lib, "X509_free")
-    if d2i is None or not_after is None or to_tm is None or free is None:
+    if d2i is None or not_after is None or not_before is None or to_tm is None or free is None:
         return None
     d2i.restype = ctypes.c_void_p
     d2i.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]
-    not_after.restype = ctypes.c_void_p
-    not_after.argtypes = [ctypes.c_void_p]
+    for get0 in (not_after, not_before):
+        get0.restype = ctypes.c_void_p
+        get0.argtypes = [ctypes.c_void_p]
     to_tm.restype = ctypes.c_int
     to_tm.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Tm)]
     free.restype = None
     free.argtypes = [ctypes.c_void_p]
-    return _TimeFunctions(d2i, not_after, to_tm, free)
+    return _TimeFunctions(d2i, not_after, not_before, to_tm, free)
 
 
 def certificate_not_after(der: bytes) -> dt.datetime | None:
@@ -515,8 +527,11 @@ def peer_not_after(pgconn_ptr: int) -> dt.datetime | None:
 
 
 def _not_after(fns: _TimeFunctions, x509: int) -> dt.datetime | None:
+    return _asn1_time(fns, fns.get0_not_after(x509))
+
+
+def _asn1_time(fns: _TimeFunctions, asn1_time: int | None) -> dt.datetime | None:
     tm = _Tm()
-    asn1_time = fns.get0_not_after(x509)
     if not asn1_time or fns.asn1_time_to_tm(asn1_time, ctypes.byref(tm)) != 1:
         return None
     return dt.datetime(
@@ -594,10 +609,14 @@ def certificate_names(der: bytes) -> tuple[str, str] | None:
     if not x509:
         return None
     try:
-        subject = _print_name(fns, fns.subject(x509))
-        issuer = _print_name(fns, fns.issuer(x509))
+        return _names(fns, x509)
     finally:
         time_fns.x509_free(x509)
+
+
+def _names(fns: _NameFunctions, x509: int) -> tuple[str, str] | None:
+    subject = _print_name(fns, fns.subject(x509))
+    issuer = _print_name(fns, fns.issuer(x509))
     return None if subject is None or issuer is None else (subject, issuer)
 
 
@@ -619,3 +638,58 @@ def _print_name(fns: _NameFunctions, name: int | None) -> str | None:
         return ctypes.string_at(data.value, size).decode("utf-8", "replace")
     finally:
         fns.bio_free(bio)
+
+
+# -- the client certificate this side holds in the live session -------------------------------
+# libpq loads OPTIONS['sslcert'] (or ~/.postgresql/postgresql.crt) into the session whenever the
+# file exists and sslcertmode is not 'disable'; OpenSSL sends it when the server asks for one.
+# ``SSL_get_certificate`` returns the session's own pointer (no reference taken: never freed).
+# A connection without a client certificate pays two ctypes calls that return NULL.
+
+
+@functools.lru_cache(maxsize=1)
+def _local_certificate() -> _CFunc | None:
+    try:
+        get = _optional(loaded_libpq(), "SSL_get_certificate")
+    except (LibpqUnavailable, OSError):
+        return None
+    if get is not None:
+        get.restype = ctypes.c_void_p
+        get.argtypes = [ctypes.c_void_p]
+    return get
+
+
+def _local_x509(pgconn_ptr: int) -> int | None:
+    get = _local_certificate()
+    if get is None:
+        return None
+    ssl_ptr = functions().ssl_struct(pgconn_ptr, b"OpenSSL")
+    x509 = get(ssl_ptr) if ssl_ptr else None
+    return int(x509) if x509 else None
+
+
+def client_certificate_der(pgconn_ptr: int) -> bytes | None:
+    """DER of the client certificate in this live TLS session; None when there is none."""
+    i2d = functions().i2d_x509
+    x509 = _local_x509(pgconn_ptr) if i2d is not None else None
+    return _der(i2d, x509) if x509 else None
+
+
+def client_validity(pgconn_ptr: int) -> tuple[dt.datetime, dt.datetime] | None:
+    """(notBefore, notAfter), UTC, of the client certificate in this live TLS session, decoded
+    by the session's OpenSSL; None without one (or where that OpenSSL cannot say)."""
+    time_fns = _time_functions()
+    x509 = _local_x509(pgconn_ptr) if time_fns is not None else None
+    if not x509 or time_fns is None:
+        return None
+    not_before = _asn1_time(time_fns, time_fns.get0_not_before(x509))
+    not_after = _not_after(time_fns, x509)
+    return None if not_before is None or not_after is None else (not_before, not_after)
+
+
+def client_certificate_names(pgconn_ptr: int) -> tuple[str, str] | None:
+    """(subject, issuer) of the client certificate in this live session, as
+    ``certificate_names`` prints them, from the session's own X509 (no DER decoding)."""
+    fns = _name_functions()
+    x509 = _local_x509(pgconn_ptr) if fns is not None else None
+    return _names(fns, x509) if x509 and fns is not None else None

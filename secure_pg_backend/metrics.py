@@ -6,18 +6,22 @@ already export::
 
     secure_pg_backend_connections_total{alias,outcome}      outcome: verified | refused
     secure_pg_backend_server_certificate_expiry_timestamp_seconds{alias,host}
+    secure_pg_backend_client_certificate_expiry_timestamp_seconds{alias}   with mTLS only
     secure_pg_backend_tls_info{alias,protocol,cipher}       1 for what was last negotiated
     secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried
 
 Driven by the ``connection_verified``, ``connection_refused`` and ``connection_retried``
 signals. A verified connection is recorded from what the post-handshake check already read
 (``facts``: protocol, cipher, host) and its certificate's notAfter as the session's OpenSSL
-decodes it (``not_after``, shared with the log line): never the full ``TLSInfo`` report,
-whose four ``PQsslAttribute`` calls and DER copy would be paid on every pooled connection.
+decodes it (``not_after``, shared with the log line), and the client certificate's validity
+read the same way (``client_validity``: two ctypes calls that return NULL on a connection
+without one): never the full ``TLSInfo`` report, whose four ``PQsslAttribute`` calls and DER
+copy would be paid on every pooled connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import signals
 
 if TYPE_CHECKING:
-    from .handshake import LinkFacts
+    from .handshake import LinkFacts, Validity
 
 __all__ = ["install"]
 
@@ -37,6 +41,12 @@ _lock = threading.Lock()
 _metrics: dict[str, Any] = {}
 # The (protocol, cipher) each alias last reported, so a change replaces the old series.
 _tls_labels: dict[str, tuple[str, str]] = {}
+# Aliases with a client certificate series, so a connection without one costs nothing here.
+_client_aliases: set[str] = set()
+
+
+def _no_client() -> None:
+    return None
 
 
 def _on_verified(
@@ -44,13 +54,25 @@ def _on_verified(
     alias: str,
     facts: LinkFacts,
     not_after: Callable[[], dt.datetime | None],
+    client_validity: Callable[[], Validity | None] = _no_client,
     **_: Any,
 ) -> None:
     _metrics["connections"].labels(alias=alias, outcome="verified").inc()
     try:
         _record_link(alias, facts, not_after)
+        _record_client(alias, client_validity())
     except Exception:  # a metrics fault must never fail the connection it describes
         logger.exception("secure_pg_backend: could not record TLS metrics for %r", alias)
+
+
+def _record_client(alias: str, validity: Validity | None) -> None:
+    if validity is not None:
+        _metrics["client_expiry"].labels(alias=alias).set(validity[1].timestamp())
+        _client_aliases.add(alias)
+    elif alias in _client_aliases:  # no client certificate any more: no series
+        _client_aliases.discard(alias)
+        with contextlib.suppress(KeyError):  # another thread removed it first
+            _metrics["client_expiry"].remove(alias)
 
 
 def _record_link(
@@ -104,6 +126,14 @@ def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) 
                 "secure_pg_backend_server_certificate_expiry_timestamp_seconds",
                 "notAfter of the server certificate last presented, as a Unix timestamp.",
                 ["alias", "host"],
+                multiprocess_mode="min",  # across workers, the soonest expiry
+                **kwargs,
+            )
+            _metrics["client_expiry"] = prometheus_client.Gauge(
+                "secure_pg_backend_client_certificate_expiry_timestamp_seconds",
+                "notAfter of the client certificate this side last presented, as a Unix "
+                "timestamp (no series for an alias without one).",
+                ["alias"],
                 multiprocess_mode="min",  # across workers, the soonest expiry
                 **kwargs,
             )

@@ -9,7 +9,7 @@ which keys and characters a DATABASES entry may hold at all. Then the rules, who
 the keywords the settings pass explicitly and what libpq resolved them to (service
 file, environment, defaults; see ``libpq.resolve``). Each rule on the settings is one
 small function named after its check id (``e001_sslmode`` is ``secure_pg_backend.E001``;
-``RULES``); the file rules E005, E006 and E016 are ``check_files``. Which function reports
+``RULES``); the file rules E005, E006, E016 and E018 are ``check_files``. Which function reports
 each id, what it means and its fix are in ``errors.CHECKS``. The same rules serve the
 connection gate, the system checks and ``dbshell``; ``check_link`` holds the post-handshake
 rules.
@@ -444,7 +444,9 @@ def e006_root_cert(req: Request) -> Violation | None:
 
 # -- the files libpq opens, checked before each physical connection ---------------------------
 REGULAR, DIRECTORY = "file", "directory"
+KEY = "private key"  # a regular file that libpq also refuses when others may read it (E018)
 MISSING = "does not exist"
+LOOSE_KEY = "can be read or written by group or others"
 
 
 class FileNeed:
@@ -452,22 +454,30 @@ class FileNeed:
 
     ``required``: a missing file is refused (the root of trust); libpq skips the others
     when they do not exist. Anything present of the wrong type (a FIFO would block libpq
-    while it holds the GIL, a directory fails obscurely) is refused by name.
+    while it holds the GIL, a directory fails obscurely) is refused by name. ``companion``:
+    for the client key, the client certificate, without which libpq never reads the key.
     """
 
-    __slots__ = ("code", "kind", "origin", "path", "required")
+    __slots__ = ("code", "companion", "kind", "origin", "path", "required")
 
     def __init__(
-        self, code: str, origin: str, path: str, kind: str = REGULAR, required: bool = False
+        self,
+        code: str,
+        origin: str,
+        path: str,
+        kind: str = REGULAR,
+        required: bool = False,
+        companion: str | None = None,
     ) -> None:
         self.code = code
         self.origin = origin
         self.path = path
         self.kind = kind
         self.required = required
+        self.companion = companion
 
 
-def file_problem(path: str, kind: str = REGULAR) -> str | None:
+def file_problem(path: str, kind: str = REGULAR, companion: str | None = None) -> str | None:
     """Why ``path`` is not a usable file (or directory), checked with ``stat`` only.
 
     Never ``open``: a FIFO or a device would block or have side effects.
@@ -487,18 +497,40 @@ def file_problem(path: str, kind: str = REGULAR) -> str | None:
         return "is not a regular file (a FIFO, socket or device)"
     if not os.access(path, os.R_OK):
         return "cannot be read (permission denied)"
+    if kind == KEY and os.name != "nt":  # libpq judges key permissions outside Windows only
+        problem = key_mode_problem(info.st_uid, info.st_mode)
+        # libpq reads the key only after loading a certificate: a lone key is never judged.
+        if problem is not None and (companion is None or os.path.exists(companion)):
+            return problem
+    return None
+
+
+def key_mode_problem(uid: int, mode: int) -> str | None:
+    """libpq's rule on a client key (fe-secure-openssl.c): nothing for group or others when
+    the user owns it (0600 or less), at most group read when root owns it (0640 or less)."""
+    loose = (
+        (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO) if uid == 0 else stat.S_IRWXG | stat.S_IRWXO
+    )
+    if mode & loose:
+        owner = "root" if uid == 0 else "the user"
+        return f"{LOOSE_KEY} (mode {stat.S_IMODE(mode):04o}, owned by {owner})"
     return None
 
 
 def _file_need(
-    req: Request, keyword: str, default: str | None, kind: str = REGULAR
+    req: Request,
+    keyword: str,
+    default: str | None,
+    kind: str = REGULAR,
+    companion: FileNeed | None = None,
 ) -> FileNeed | None:
     value = req.resolved.get(keyword)
+    along = companion.path if companion is not None else None
     if value:
-        return FileNeed("E016", req.origin(keyword), os.path.expanduser(value), kind)
+        return FileNeed("E016", req.origin(keyword), os.path.expanduser(value), kind, False, along)
     if default is None:
         return None
-    return FileNeed("E016", f"libpq's default {keyword} ({default})", default, kind)
+    return FileNeed("E016", f"libpq's default {keyword} ({default})", default, kind, False, along)
 
 
 def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
@@ -513,11 +545,10 @@ def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
         needs = [FileNeed("E006", req.origin("sslrootcert"), root.path, required=True)]
     env = req.environ
     client_cert = req.resolved.get("sslcertmode") != "disable"
+    cert = _file_need(req, "sslcert", _in_dot_postgresql(env, "postgresql.crt"))
     candidates = [
-        _file_need(req, "sslcert", _in_dot_postgresql(env, "postgresql.crt"))
-        if client_cert
-        else None,
-        _file_need(req, "sslkey", _in_dot_postgresql(env, "postgresql.key"))
+        cert if client_cert else None,
+        _file_need(req, "sslkey", _in_dot_postgresql(env, "postgresql.key"), KEY, cert)
         if client_cert
         else None,
         _file_need(req, "sslcrl", _in_dot_postgresql(env, "root.crl")),
@@ -555,14 +586,14 @@ def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
     """What is wrong with the files now: ``stat`` only, so cheap enough for every connection."""
     found = []
     for need in needs:
-        problem = file_problem(need.path, need.kind)
+        problem = file_problem(need.path, need.kind, need.companion)
         if problem is not None and (need.required or problem != MISSING):
             found.append((need, problem))
     return found
 
 
 def check_files(needs: tuple[FileNeed, ...]) -> tuple[Violation, ...]:
-    """The file rules (E005, E006, E016) as violations, for the checks and dbshell."""
+    """The file rules (E005, E006, E016, E018) as violations, for the checks and dbshell."""
     return tuple(file_violation(need, problem) for need, problem in file_problems(needs))
 
 
@@ -576,6 +607,13 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
         )
     if need.code == "E006":
         return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
+    if need.kind == KEY and problem.startswith(LOOSE_KEY):
+        return Violation(
+            "E018",
+            f"{need.origin} is {need.path!r}, which {problem}; libpq refuses to use such a "
+            "client key.",
+            f"chmod 600 {need.path} (as the user that runs Django), or chmod 640 if root owns it.",
+        )
     wanted = "a directory" if need.kind == DIRECTORY else "a regular file"
     return Violation(
         "E016",

@@ -6,12 +6,13 @@ Sent by ``VerifiedTLSMixin`` for every physical connection, pooled or not. Recei
 run on the thread that opened the connection (a pool's worker thread, for a pool),
 so they must be quick and must not raise; exceptions are not caught for them.
 
-- ``connection_verified(sender, alias, tls_info, facts, not_after)``: the post-handshake
-  check passed. ``tls_info`` is a zero-argument callable returning the ``TLSInfo`` (built on
-  demand, so a receiver that does not need it costs nothing); ``facts`` is the
-  ``handshake.LinkFacts`` the check judged (protocol, cipher, host), and ``not_after`` a
-  zero-argument callable returning the server certificate's notAfter (read once, by the
-  session's OpenSSL), for receivers that run on every connection (the metrics).
+- ``connection_verified(sender, alias, tls_info, facts, not_after, client_validity)``: the
+  post-handshake check passed. ``tls_info`` is a zero-argument callable returning the
+  ``TLSInfo`` (built on demand, so a receiver that does not need it costs nothing); ``facts``
+  is the ``handshake.LinkFacts`` the check judged (protocol, cipher, host), ``not_after`` a
+  zero-argument callable returning the server certificate's notAfter and ``client_validity``
+  one returning the client certificate's (notBefore, notAfter) or None (each read once, by
+  the session's OpenSSL), for receivers that run on every connection (the metrics).
 - ``connection_refused(sender, alias, error)``: the settings or the live link were
   refused (``SecurePolicyError`` or ``InsecureConnectionError``).
 - ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
@@ -21,8 +22,8 @@ so they must be quick and must not raise; exceptions are not caught for them.
 ``sender`` is the wrapper class.
 
 The start-up log line (logger ``secure_pg_backend``): INFO for each alias's first connection
-(WARNING when its server certificate expires soon), DEBUG after; the ``TLSInfo`` it describes
-is built only for a record that will be emitted.
+(WARNING when its server or client certificate expires soon), DEBUG after; the ``TLSInfo`` it
+describes is built only for a record that will be emitted.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from django.dispatch import Signal
 
 from . import libpq
-from .handshake import expiring
+from .handshake import Validity, expiring
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
     from .tlsinfo import TLSInfo
@@ -65,7 +66,7 @@ def _first_time(alias: str) -> bool:
 
 def extra_fields(info: TLSInfo) -> dict[str, Any]:
     not_after = info.not_after
-    return {
+    fields: dict[str, Any] = {
         "db_alias": info.alias,
         "db_host": info.host,
         "db_hostaddr": info.hostaddr,
@@ -81,6 +82,26 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
         "tls_cert_not_after": not_after.isoformat() if not_after else None,
         **otel_server_fields(info, not_after),
     }
+    fields.update(_client_fields(info))
+    return fields
+
+
+def _client_fields(info: TLSInfo) -> dict[str, str]:
+    """The client certificate this side presented, under OpenTelemetry's names; nothing
+    without one."""
+    client = info.client_certificate
+    if client is None:
+        return {}
+    return {
+        "tls.client.subject": client.subject,
+        "tls.client.issuer": client.issuer,
+        "tls.client.not_after": _otel_time(client.not_after),
+        "tls.client.hash.sha256": client.sha256_fingerprint.upper(),
+    }
+
+
+def _none() -> None:
+    return None
 
 
 # -- the same facts under OpenTelemetry's semantic convention names: the server side ----------
@@ -138,9 +159,7 @@ def otel_server_fields(info: TLSInfo, not_after: dt.datetime | None) -> dict[str
     if info.alpn:
         fields["tls.next_protocol"] = info.alpn
     if not_after is not None:
-        fields["tls.server.not_after"] = not_after.astimezone(dt.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
+        fields["tls.server.not_after"] = _otel_time(not_after)
     der = info._peer_der  # the certificate as presented; hashing it needs no parse
     if der:
         # The names by the session's OpenSSL: this record must not import cryptography.
@@ -151,26 +170,42 @@ def otel_server_fields(info: TLSInfo, not_after: dt.datetime | None) -> dict[str
     return fields
 
 
+def _otel_time(moment: dt.datetime) -> str:
+    """ISO 8601 in UTC, as OTel's examples write it: ``2027-03-01T12:00:00Z``."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def announce(
-    alias: str, not_after: Callable[[], dt.datetime | None], build: Callable[[], TLSInfo]
+    alias: str,
+    not_after: Callable[[], dt.datetime | None],
+    build: Callable[[], TLSInfo],
+    client_validity: Callable[[], Validity | None] = _none,
 ) -> None:
     """Log a new physical connection; ``build`` runs only if a record will be emitted.
 
-    The first connection of an alias is INFO, or WARNING when the server certificate expires
-    soon; later ones are DEBUG. Choosing the level needs only the expiry (``not_after``).
+    The first connection of an alias is INFO, or WARNING when the server or the client
+    certificate expires soon; later ones are DEBUG. Choosing the level needs only the expiry
+    (``not_after``, ``client_validity``).
     """
-    level = _first_level(not_after) if _first_time(alias) else logging.DEBUG
+    level = _first_level(not_after, client_validity) if _first_time(alias) else logging.DEBUG
     if level is None or not logger.isEnabledFor(level):
         return
     info = build()
     logger.log(level, "secure_pg_backend: %s", info.log_line(), extra=extra_fields(info))
 
 
-def _first_level(not_after: Callable[[], dt.datetime | None]) -> int | None:
+def _first_level(
+    not_after: Callable[[], dt.datetime | None], client_validity: Callable[[], Validity | None]
+) -> int | None:
     if not logger.isEnabledFor(logging.WARNING):
         return None
     expires = not_after()
-    return logging.WARNING if expires is not None and expiring(expires) else logging.INFO
+    if expires is not None and expiring(expires):
+        return logging.WARNING
+    client = client_validity()
+    if client is not None and expiring(client[1], not_before=client[0]):
+        return logging.WARNING
+    return logging.INFO
 
 
 def reset_announced() -> None:

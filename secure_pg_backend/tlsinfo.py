@@ -28,7 +28,13 @@ from .handshake import (
 )
 from .policy import Decision
 
-__all__ = ["EXPIRY_WARNING_DAYS", "PeerCertificate", "TLSInfo", "inspect_connection"]
+__all__ = [
+    "EXPIRY_WARNING_DAYS",
+    "ClientCertificate",
+    "PeerCertificate",
+    "TLSInfo",
+    "inspect_connection",
+]
 
 T = TypeVar("T")
 
@@ -98,6 +104,69 @@ class PeerCertificate:
 
 
 @dataclass(frozen=True)
+class ClientCertificate:
+    """The certificate this side holds in the TLS session (``OPTIONS['sslcert']``, or libpq's
+    default ``~/.postgresql/postgresql.crt``), sent when the server asks for one.
+
+    Read from the live session by its own OpenSSL (names, validity) when the report is built,
+    so describing it never imports ``cryptography``.
+    """
+
+    subject: str
+    issuer: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    sha256_fingerprint: str  # lower-case hex, as PeerCertificate's
+
+    @classmethod
+    def from_der(cls, der: bytes) -> ClientCertificate:
+        """The fallback where libpq's OpenSSL lacks the functions to describe it."""
+        peer = PeerCertificate.from_der(der)
+        return cls(
+            peer.subject, peer.issuer, peer.not_before, peer.not_after, peer.sha256_fingerprint
+        )
+
+    def time_left(self, now: dt.datetime | None = None) -> dt.timedelta:
+        return self.not_after - (now or dt.datetime.now(dt.timezone.utc))
+
+    def expires_soon(self, now: dt.datetime | None = None) -> bool:
+        """In the last third of its lifetime, or within ``EXPIRY_WARNING_DAYS`` (the one rule,
+        ``handshake.expiring``)."""
+        return expiring(self.not_after, now, self.not_before)
+
+    def expiry_text(self, now: dt.datetime | None = None) -> str:
+        """``expires 2026-01-31 14:05 UTC, in 3 hours``: in hours and minutes, since client
+        certificates often live less than a day."""
+        left = self.time_left(now)
+        when = f"{self.not_after:%Y-%m-%d %H:%M} UTC"
+        if left < dt.timedelta(0):
+            return f"expired {when}, {_duration(-left)} ago"
+        return f"expires {when}, in {_duration(left)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["not_before"] = self.not_before.isoformat()
+        data["not_after"] = self.not_after.isoformat()
+        return data
+
+
+def _duration(span: dt.timedelta) -> str:
+    """Two days or more in days, then hours, then minutes: what an operator acts on."""
+
+    def unit(count: int, name: str) -> str:
+        return f"{count} {name}{'s' if count != 1 else ''}"
+
+    seconds = int(span.total_seconds())
+    if seconds >= 2 * 86400:
+        return unit(seconds // 86400, "day")
+    if seconds >= 2 * 3600:
+        return unit(seconds // 3600, "hour")
+    if seconds >= 3600:
+        return f"{unit(seconds // 3600, 'hour')} {unit(seconds % 3600 // 60, 'minute')}"
+    return unit(seconds // 60, "minute")
+
+
+@dataclass(frozen=True)
 class TLSInfo:
     """What was negotiated on one physical connection, and the policy in force."""
 
@@ -119,6 +188,7 @@ class TLSInfo:
     root_cert_source: str
     gssencmode: str = "disable"
     sslnegotiation: str = "postgres"
+    client_certificate: ClientCertificate | None = None  # None: this side presented none
     _peer_der: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -168,6 +238,8 @@ class TLSInfo:
         data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         cert = self.peer_certificate
         data["peer_certificate"] = cert.as_dict() if cert else None
+        client = self.client_certificate
+        data["client_certificate"] = client.as_dict() if client else None
         return data
 
     # -- the wording: every way a report is shown, together ----------------------------------
@@ -191,7 +263,15 @@ class TLSInfo:
             f"{self.root_cert} ({self.root_cert_source})"
         )
         expiry = self.expiry_text()
-        return f"{text}; server certificate {expiry}" if expiry else text
+        if expiry:
+            text = f"{text}; server certificate {expiry}"
+        return text + self._client_text()
+
+    def _client_text(self) -> str:
+        client = self.client_certificate
+        if client is None:
+            return ""
+        return f"; client certificate {client.subject}, {client.expiry_text()}"
 
     def status_line(self) -> str:
         """``manage.py dbtls``'s line: the banner, then where, what was trusted and the server
@@ -205,7 +285,7 @@ class TLSInfo:
         cert = self.peer_certificate
         if cert is not None:
             parts.append(f"server certificate {cert.subject}, {self.expiry_text()}")
-        return "; ".join(parts)
+        return "; ".join(parts) + self._client_text()
 
     def summary(self) -> str:
         """psql's banner style: ``SSL connection (protocol: TLSv1.3, cipher: …)``."""
@@ -224,11 +304,12 @@ class TLSInfo:
 def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLSInfo:
     """Build the ``TLSInfo`` for an established (already policy-checked) connection."""
     attrs: dict[str, str | None] = {}
-    der = None
+    der = client = None
     ptr = pgconn.pgconn_ptr  # None once the connection is closed: nothing left to read
     if facts.ssl_in_use and ptr:
         attrs = libpq.ssl_attributes(ptr)
         der = libpq.peer_certificate_der(ptr)
+        client = _client_certificate(ptr)
     # psycopg's ConnectionInfo: its port is libpq's compiled default where PQport is empty
     # (a connection with no PORT anywhere), not None.
     link = psycopg.ConnectionInfo(pgconn)
@@ -257,5 +338,23 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         root_cert_source=decision.root_cert_source,
         gssencmode=effective.get("gssencmode", ""),
         sslnegotiation=effective.get("sslnegotiation", "postgres"),
+        client_certificate=client,
         _peer_der=der,
+    )
+
+
+def _client_certificate(ptr: int) -> ClientCertificate | None:
+    """The client certificate of the live session, described by its OpenSSL."""
+    der = libpq.client_certificate_der(ptr)
+    if der is None:
+        return None
+    names, validity = libpq.client_certificate_names(ptr), libpq.client_validity(ptr)
+    if names is None or validity is None:
+        return ClientCertificate.from_der(der)
+    return ClientCertificate(
+        subject=names[0],
+        issuer=names[1],
+        not_before=validity[0],
+        not_after=validity[1],
+        sha256_fingerprint=hashlib.sha256(der).hexdigest(),
     )

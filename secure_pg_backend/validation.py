@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
 
 W_EXPIRY = CHECKS["W001"].id
+W_CLIENT_EXPIRY = CHECKS["W002"].id
 E_REFUSED = CHECKS["E010"].id
 E_CONNECT = CHECKS["E014"].id
 
@@ -113,6 +114,17 @@ class DatabaseValidation(BaseDatabaseValidation):
                     hint=CHECKS["W001"].fix,
                     obj=where,
                     id=W_EXPIRY,
+                )
+            )
+        client = info.client_certificate
+        if client is not None and client.expires_soon():  # the same rule (handshake.expiring)
+            issues.append(
+                checks.Warning(
+                    f"The client certificate database alias {alias!r} presents "
+                    f"({client.subject}) {client.expiry_text()}.",
+                    hint=CHECKS["W002"].fix,
+                    obj=where,
+                    id=W_CLIENT_EXPIRY,
                 )
             )
         return issues
