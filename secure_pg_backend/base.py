@@ -277,13 +277,15 @@ class VerifiedTLSMixin(_WrapperBase):
         setattr(connection, _LINK_ATTR, (facts, decision))
         track_connection(connection)  # a forked child must drop it unwritten
         not_after = handshake.not_after_once(connection.pgconn)
-        signals.announce(self.alias, not_after, lambda: _tls_info_of(connection))
+        client_validity = handshake.client_validity_once(connection.pgconn)
+        signals.announce(self.alias, not_after, lambda: _tls_info_of(connection), client_validity)
         signals.connection_verified.send(
             type(self),
             alias=self.alias,
             tls_info=lambda: _tls_info_of(connection),
             facts=facts,
             not_after=not_after,
+            client_validity=client_validity,
         )
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:

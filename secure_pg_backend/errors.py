@@ -625,6 +625,30 @@ CAUSES = (
         "or remove OPTIONS['sslnegotiation'].",
     ),
     Cause(
+        # libpq: 'could not load private key file "...": bad decrypt' (OpenSSL 3, PKCS#8 and
+        # traditional PEM alike); OpenSSL 1.1 words it "bad password read". Never the password.
+        "client_key_password",
+        REFUSAL,
+        ("bad decrypt", "bad password read"),
+        "libpq could not decrypt the client certificate's private key (OPTIONS['sslkey']): "
+        "OPTIONS['sslpassword'] is not its passphrase.",
+        "set OPTIONS['sslpassword'] to the passphrase the key was encrypted with (it is never "
+        "shown), or use an unencrypted key file with mode 0600.",
+    ),
+    Cause(
+        # libpq: "could not load private key file ...: processing error" (encrypted, no
+        # sslpassword), "...: key values mismatch", "certificate present, but not private key
+        # file ...", "private key file ... has group or world access" (E018 checks it first).
+        "client_key",
+        REFUSAL,
+        ("private key file",),
+        "libpq could not use the client certificate's private key (OPTIONS['sslkey']): missing, "
+        "encrypted without OPTIONS['sslpassword'], readable by others, or not the key of "
+        "OPTIONS['sslcert'].",
+        "point OPTIONS['sslkey'] at the private key of OPTIONS['sslcert'] (mode 0600), with "
+        "OPTIONS['sslpassword'] if it is encrypted.",
+    ),
+    Cause(
         "client_certificate",
         REFUSAL,
         (
@@ -632,10 +656,13 @@ CAUSES = (
             "certificate required",
             "alert bad certificate",
             "certificate unknown",
+            # the server's pg_hba.conf (clientcert=verify-ca/verify-full), after the handshake
+            "requires a valid client certificate",
         ),
-        "the server refused this client's certificate during the TLS handshake.",
+        "the server refused this client's certificate, or demands one and none was sent.",
         "check OPTIONS['sslcert'] and OPTIONS['sslkey'] (a certificate issued by the CA in "
-        "the server's ssl_ca_file, for this USER).",
+        "the server's ssl_ca_file, for this USER; libpq sends none when OPTIONS['sslcert'] "
+        "does not exist).",
     ),
     Cause(
         "protocol",

@@ -10,8 +10,10 @@
     ]))
 
 Healthy when a connection for the alias passes the policy and answers ``SELECT 1``;
-a warning when the server certificate expires within ``warn_days`` (0 turns the warning
-off); unavailable when the connection is refused or fails, with the reason.
+a warning when the server certificate expires within ``warn_days``, or the client certificate
+this side presents has less than a third of its lifetime and fewer than ``warn_days`` left
+(0 turns both warnings off); unavailable when the connection is refused or fails, with the
+reason.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..errors import (
     redact,
     secret_values,
 )
-from ..handshake import EXPIRY_WARNING_DAYS
+from ..handshake import EXPIRY_WARNING_DAYS, expiring
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]
@@ -46,11 +48,21 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
 
     def run(self) -> None:
         info = self._connect()
-        days = info.days_left()  # the session's notAfter, as the log line and metrics read it
-        if days is not None and days < self.warn_days:
+        # The session's notAfter, judged by the rule the log line, checks and metrics share.
+        not_after = info.not_after
+        if not_after is not None and expiring(not_after, days=self.warn_days):
             raise ServiceWarning(
                 f"the server certificate of {location(self.alias, info.host)} "
                 f"{info.expiry_text()} (warn_days={self.warn_days}); renew it."
+            )
+        client = info.client_certificate
+        if client is not None and expiring(
+            client.not_after, None, client.not_before, self.warn_days
+        ):
+            raise ServiceWarning(
+                f"the client certificate {location(self.alias, info.host)} presents "
+                f"({client.subject}) {client.expiry_text()} (warn_days={self.warn_days}); check "
+                "the automation that renews OPTIONS['sslcert']."
             )
 
     def _connect(self) -> TLSInfo:
