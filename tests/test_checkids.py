@@ -56,6 +56,11 @@ def test_a_violation_without_its_own_fix_takes_the_tables() -> None:
 def test_ids_kinds_and_order() -> None:
     codes = list(CHECKS)
     assert codes == sorted(codes, key=lambda code: (code[0] == "W", code))
-    assert {code for code, entry in CHECKS.items() if entry.online} == {"E010", "E014", "W001"}
+    assert {code for code, entry in CHECKS.items() if entry.online} == {
+        "E010",
+        "E014",
+        "W001",
+        "W002",
+    }
     assert CHECKS["W001"].kind == "Warning (online)"
     assert CHECKS["E001"].id == "secure_pg_backend.E001"
