@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -452,3 +454,46 @@ def test_without_a_client_certificate_nothing_new_is_reported(
         )
         is None
     )
+
+
+CHILD = """
+import json, logging, os, sys
+import django
+from django.conf import settings
+settings.configure(
+    DATABASES={"default": json.loads(os.environ["SPB_MTLS"])},
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "secure_pg_backend"],
+    USE_TZ=True,
+)
+django.setup()
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+logging.getLogger("secure_pg_backend").setLevel("INFO")
+from django.db import connection
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+print("cryptography imported:", "cryptography" in sys.modules)
+"""
+
+
+@needs_server
+def test_describing_the_client_certificate_does_not_import_cryptography(
+    mtls_server: TLSPostgres, client_leaf: LeafPair, tmp_path: Path
+) -> None:
+    """The start-up line names the client certificate from the session's OpenSSL: the first
+    connection stays as light as without one (docs/performance.md)."""
+    root = Path(__file__).resolve().parent.parent
+    database = _settings(mtls_server, *_write_pair(tmp_path, client_leaf))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=dict(os.environ, PYTHONPATH=str(root), SPB_MTLS=json.dumps(database)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line, imported = proc.stdout.splitlines()
+    assert line.startswith("INFO secure_pg_backend: database alias 'default'")
+    assert f"; client certificate CN={APP_USER}," in line
+    assert imported == "cryptography imported: False"
