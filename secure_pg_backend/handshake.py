@@ -321,11 +321,10 @@ def client_validity(pgconn: Any) -> Validity | None:
     ptr = pgconn.pgconn_ptr
     if not ptr or not pgconn.ssl_in_use:
         return None
-    validity = libpq.client_validity(ptr)
-    if validity is None:
-        der = libpq.client_certificate_der(ptr)
-        validity = certificate_validity(der) if der else None
-    return validity
+    if libpq.decodes_times():
+        return libpq.client_validity(ptr)
+    der = libpq.client_certificate_der(ptr)
+    return certificate_validity(der) if der else None
 
 
 def client_validity_once(pgconn: Any) -> Callable[[], Validity | None]:

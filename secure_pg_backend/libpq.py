@@ -675,6 +675,11 @@ def client_certificate_der(pgconn_ptr: int) -> bytes | None:
     return _der(i2d, x509) if x509 else None
 
 
+def decodes_times() -> bool:
+    """Whether libpq's OpenSSL can decode a certificate's validity (OpenSSL >= 1.1.1)."""
+    return _time_functions() is not None
+
+
 def client_validity(pgconn_ptr: int) -> tuple[dt.datetime, dt.datetime] | None:
     """(notBefore, notAfter), UTC, of the client certificate in this live TLS session, decoded
     by the session's OpenSSL; None without one (or where that OpenSSL cannot say)."""
