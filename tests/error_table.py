@@ -10,14 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from django.db.utils import ConnectionHandler
 
-from secure_pg_backend.testing import TestCA, TLSPostgres
+from secure_pg_backend.testing import APP_USER, TestCA, TLSPostgres
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,39 @@ def _fields(**extra: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 def _no_root(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "OPTIONS": {k: v for k, v in entry["OPTIONS"].items() if k != "sslrootcert"}}
+
+
+# Client certificate files for the server that demands one ("mtls"), written by client_files().
+_CLIENT: dict[str, str] = {}
+WRONG_SSLPASSWORD = "wrong-Key-Pass-5e1f"
+
+
+def client_files(ca: TestCA, parent: Path) -> None:
+    """In ``parent``: a client certificate for the app user, its key readable by others
+    (0644), and the key encrypted with another passphrase than the one the case gives."""
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = ca.issue(common_name=APP_USER)
+    folder = parent / "spb-client"
+    folder.mkdir()
+    key = serialization.load_pem_private_key(leaf.key_pem, None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"the-right-passphrase"),
+    )
+    files = {"client.crt": (leaf.cert_chain_pem, 0o644), "loose.key": (leaf.key_pem, 0o644)}
+    files["encrypted.key"] = (encrypted, 0o600)
+    for name, (data, mode) in files.items():
+        (folder / name).write_bytes(data)
+        (folder / name).chmod(mode)
+        _CLIENT[name] = str(folder / name)
+
+
+def _client(cert: str, key: str, **extra: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda entry: _options(sslcert=_CLIENT.get(cert, cert), sslkey=_CLIENT[key], **extra)(
+        entry
+    )
 
 
 EXPIRED = {
@@ -78,6 +113,24 @@ CASES = (
     Case("Server without TLS", TLS, "plain", _fields()),
     Case("Expired certificate", TLS, "expired", _fields()),
     Case(
+        "Client key readable by others",
+        FILE,
+        "mtls",
+        _client("client.crt", "loose.key"),
+    ),
+    Case(
+        "Client key with a wrong `sslpassword`",
+        TLS,
+        "mtls",
+        _client("client.crt", "encrypted.key", sslpassword=WRONG_SSLPASSWORD),
+    ),
+    Case(
+        "No client certificate for a server that demands one",
+        TLS,
+        "mtls",
+        _client("/nonexistent/client.crt", "loose.key"),
+    ),
+    Case(
         "Pool with persistent connections",
         CONFIG,
         "good",
@@ -105,6 +158,9 @@ def outcome(case: Case, servers: dict[str, TLSPostgres], root_cert: str) -> tupl
 
 
 _VOLATILE = (
+    (re.compile(r"/[^\s'\"]*/spb-client/"), "/path/to/"),
+    # libpq's rule on a client key depends on its owner; the table is made by root or a user
+    (re.compile(r"owned by root\)"), "owned by the user)"),
     (re.compile(r"port \d+"), "port 5432"),
     (re.compile(r":\d{4,5}\b"), ":5432"),
     (re.compile(r"/tmp/spb-[^\s'\"]+"), "/path/to/ca.pem"),
@@ -136,9 +192,10 @@ Every failure class, with the exact message a user gets (generated from real ser
   I/O; `manage.py check` reports the same rule as `secure_pg_backend.E0xx`.
 - **file unusable**: `ConnectionFileError` (an `InsecureConnectionError`, so an
   `OperationalError`): a file libpq would open (the root certificate, a client certificate,
-  key or CRL, the passfile) is missing or not a regular file *now*. Checked before every new
-  connection and never cached: the next connection after the file is back succeeds.
-  `manage.py check` reports it offline as `E005`, `E006` or `E016`.
+  key or CRL, the passfile) is missing or not a regular file *now*, or the client key is
+  readable by others (libpq would refuse it). Checked before every new connection and never
+  cached: the next connection after the file is fixed succeeds. `manage.py check` reports it
+  offline as `E005`, `E006`, `E016` or `E018`.
 - **TLS refused**: `InsecureConnectionError` (a subclass of Django's `OperationalError`)
   after libpq or the post-handshake check refused the link; `manage.py check --database`
   reports it as `secure_pg_backend.E010`.
@@ -173,7 +230,9 @@ def main() -> int:
             "other-ca": TLSPostgres(other.issue("localhost", "127.0.0.1"), trust=ca),
             "plain": TLSPostgres(None, trust=ca, ssl=False),
             "expired": TLSPostgres(ca.issue("localhost", "127.0.0.1", **EXPIRED), trust=ca),
+            "mtls": TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca, client_ca=ca),
         }
+        client_files(ca, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         for server in servers.values():
             stack.enter_context(server)
         sys.stdout.write(HEADER + "\n".join(rows(servers, str(ca.cert_path))) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 from .conftest import SECRETS
-from .error_table import CASES, HEADER, rows
+from .error_table import CASES, HEADER, WRONG_SSLPASSWORD, client_files, rows
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -21,14 +22,20 @@ def servers(
     mitm_server: TLSPostgres,
     plain_server: TLSPostgres,
     expired_server: TLSPostgres,
+    start_server: Callable[..., TLSPostgres],
+    ca: TestCA,
+    tmp_path: Path,
     django_db_blocker: Any,
 ) -> Any:
+    mtls = start_server(ca.issue("localhost", "127.0.0.1"), trust=ca, client_ca=ca)
+    client_files(ca, tmp_path)
     with django_db_blocker.unblock():
         yield {
             "good": good_server,
             "other-ca": mitm_server,
             "plain": plain_server,
             "expired": expired_server,
+            "mtls": mtls,
         }
 
 
@@ -39,4 +46,4 @@ def test_docs_error_table_matches_real_output(servers: dict[str, TLSPostgres], c
     assert page.startswith(HEADER), "regenerate: python -m tests.error_table > docs/errors.md"
     for row in produced:
         assert row in page, f"docs/errors.md is out of date; regenerate it. Missing:\n{row}"
-        assert not any(secret in row for secret in SECRETS)
+        assert not any(secret in row for secret in (*SECRETS, WRONG_SSLPASSWORD))
