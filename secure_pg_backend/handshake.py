@@ -226,8 +226,8 @@ def read_facts(pgconn: Any) -> LinkFacts:
 
 # -- the certificates' expiry ----------------------------------------------------------------
 
-# Log line, system checks W001/W002, health check and the example page all warn from this many
-# days (at the latest: a short-lived client certificate warns later, see warning_window).
+# Log line, system checks W001/W002, health check and the example page all warn this many days
+# before expiry (a short-lived client certificate later: see warning_window).
 EXPIRY_WARNING_DAYS = 30
 # A client certificate from Vault, cert-manager or SPIFFE lives hours or days and is renewed by
 # automation well before it ends: cert-manager renews when a third of the lifetime is left (its

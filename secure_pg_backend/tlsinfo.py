@@ -130,8 +130,8 @@ class ClientCertificate:
         return self.not_after - (now or dt.datetime.now(dt.timezone.utc))
 
     def expires_soon(self, now: dt.datetime | None = None) -> bool:
-        """In the last third of its lifetime, or within ``EXPIRY_WARNING_DAYS`` (the one rule,
-        ``handshake.expiring``)."""
+        """Less than a third of its lifetime and fewer than ``EXPIRY_WARNING_DAYS`` days left:
+        its renewal is overdue (the one rule, ``handshake.expiring``)."""
         return expiring(self.not_after, now, self.not_before)
 
     def expiry_text(self, now: dt.datetime | None = None) -> str:
