@@ -243,10 +243,11 @@ _TABLE = (
         "the client certificate's private key (`OPTIONS[\"sslkey\"]`, or libpq's default "
         "`~/.postgresql/postgresql.key`) can be read or written by group or others, next to a "
         "client certificate libpq loads: libpq refuses such a key (0600 or less when owned by "
-        "the user, 0640 or less when owned by root); checked with `stat` before every new "
-        "connection",
+        "the user, 0640 or less when owned by root); or the key is encrypted and "
+        '`OPTIONS["sslpassword"]` is not set: OpenSSL would ask for the passphrase on the '
+        "terminal and the connection wait there. Checked before every new connection",
         "restrict the key file: chmod 600 (owned by the user that runs Django), or 640 if "
-        "owned by root.",
+        "owned by root; for an encrypted key, set OPTIONS['sslpassword'] to its passphrase.",
     ),
     CheckId(
         "W001",

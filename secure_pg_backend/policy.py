@@ -445,8 +445,10 @@ def e006_root_cert(req: Request) -> Violation | None:
 # -- the files libpq opens, checked before each physical connection ---------------------------
 REGULAR, DIRECTORY = "file", "directory"
 KEY = "private key"  # a regular file that libpq also refuses when others may read it (E018)
+KEY_WITHOUT_PASSPHRASE = "private key, no sslpassword"  # ... and must not be encrypted (E018)
 MISSING = "does not exist"
 LOOSE_KEY = "can be read or written by group or others"
+ENCRYPTED_KEY = "is an encrypted private key"
 
 
 class FileNeed:
@@ -480,7 +482,9 @@ class FileNeed:
 def file_problem(path: str, kind: str = REGULAR, companion: str | None = None) -> str | None:
     """Why ``path`` is not a usable file (or directory), checked with ``stat`` only.
 
-    Never ``open``: a FIFO or a device would block or have side effects.
+    Never ``open`` before ``stat`` said it is a regular file: a FIFO or a device would block
+    or have side effects. The one file read is a client key without ``sslpassword`` (is it
+    encrypted?), once per version of the file.
     """
     try:
         info = os.stat(path)
@@ -497,12 +501,47 @@ def file_problem(path: str, kind: str = REGULAR, companion: str | None = None) -
         return "is not a regular file (a FIFO, socket or device)"
     if not os.access(path, os.R_OK):
         return "cannot be read (permission denied)"
-    if kind == KEY and os.name != "nt":  # libpq judges key permissions outside Windows only
-        problem = key_mode_problem(info.st_uid, info.st_mode)
-        # libpq reads the key only after loading a certificate: a lone key is never judged.
-        if problem is not None and (companion is None or os.path.exists(companion)):
-            return problem
+    if kind in (KEY, KEY_WITHOUT_PASSPHRASE):
+        return _key_problem(path, info, kind, companion)
     return None
+
+
+def _key_problem(path: str, info: os.stat_result, kind: str, companion: str | None) -> str | None:
+    # libpq judges key permissions outside Windows only.
+    problem = key_mode_problem(info.st_uid, info.st_mode) if os.name != "nt" else None
+    if problem is None and kind == KEY_WITHOUT_PASSPHRASE and _encrypted_pem(path, info):
+        # OpenSSL would ask for the passphrase on the terminal, if the process has one, and
+        # the connection would wait there for ever (measured: libpq 18); else it fails.
+        problem = ENCRYPTED_KEY
+    # libpq reads the key only after loading a certificate: a lone key is never judged.
+    if problem is not None and (companion is None or os.path.exists(companion)):
+        return problem
+    return None
+
+
+# What _encrypted_pem found, per (path, inode, mtime, size): a stat is all later connections pay.
+_ENCRYPTION_SEEN: dict[tuple[str, int, int, int], bool] = {}
+_PEM_ENCRYPTED = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _encrypted_pem(path: str, info: os.stat_result) -> bool:
+    """Whether a key file is PEM encrypted with a passphrase (PKCS#8 or OpenSSL's own form)."""
+    key = (path, info.st_ino, info.st_mtime_ns, info.st_size)
+    found = _ENCRYPTION_SEEN.get(key)
+    if found is None:
+        try:  # a regular file a moment ago; O_NONBLOCK in case it was swapped for a FIFO
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                head = os.read(fd, 65536)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False  # libpq will say why it cannot read it
+        found = any(marker in head for marker in _PEM_ENCRYPTED)
+        if len(_ENCRYPTION_SEEN) > 64:  # renewed keys leave old entries behind
+            _ENCRYPTION_SEEN.clear()
+        _ENCRYPTION_SEEN[key] = found
+    return found
 
 
 def key_mode_problem(uid: int, mode: int) -> str | None:
@@ -546,9 +585,10 @@ def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
     env = req.environ
     client_cert = req.resolved.get("sslcertmode") != "disable"
     cert = _file_need(req, "sslcert", _in_dot_postgresql(env, "postgresql.crt"))
+    key_kind = KEY if req.resolved.get("sslpassword") else KEY_WITHOUT_PASSPHRASE
     candidates = [
         cert if client_cert else None,
-        _file_need(req, "sslkey", _in_dot_postgresql(env, "postgresql.key"), KEY, cert)
+        _file_need(req, "sslkey", _in_dot_postgresql(env, "postgresql.key"), key_kind, cert)
         if client_cert
         else None,
         _file_need(req, "sslcrl", _in_dot_postgresql(env, "root.crl")),
@@ -607,7 +647,16 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
         )
     if need.code == "E006":
         return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
-    if need.kind == KEY and problem.startswith(LOOSE_KEY):
+    if problem == ENCRYPTED_KEY:
+        return Violation(
+            "E018",
+            f"{need.origin} is {need.path!r}, an encrypted private key, and "
+            f"{option_name('sslpassword')} is not set: OpenSSL would ask for the passphrase on "
+            "the terminal, and the connection wait there (or fail without one).",
+            f"set {option_name('sslpassword')} to the key's passphrase, or store the key "
+            "unencrypted with mode 0600.",
+        )
+    if problem.startswith(LOOSE_KEY):
         return Violation(
             "E018",
             f"{need.origin} is {need.path!r}, which {problem}; libpq refuses to use such a "

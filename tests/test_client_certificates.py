@@ -174,6 +174,68 @@ def test_a_loose_key_without_a_certificate_is_not_judged(tmp_path: Path) -> None
     assert policy.file_violation(need, problem).code == "E018"
 
 
+def _encrypted(leaf: LeafPair, passphrase: str, pkcs8: bool = True) -> bytes:
+    key = serialization.load_pem_private_key(leaf.key_pem, None)
+    form = (
+        serialization.PrivateFormat.PKCS8
+        if pkcs8
+        else serialization.PrivateFormat.TraditionalOpenSSL
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, form, serialization.BestAvailableEncryption(passphrase.encode())
+    )
+
+
+@pytest.mark.parametrize("pkcs8", [True, False])
+def test_an_encrypted_key_without_sslpassword_is_refused_before_any_connection(
+    tmp_path: Path,
+    client_leaf: LeafPair,
+    tcp_recorder: TCPRecorder,
+    make_wrapper: Callable[..., Any],
+    ca: TestCA,
+    pkcs8: bool,
+) -> None:
+    """With a terminal, OpenSSL would ask for the passphrase there and the connection would
+    wait for ever (measured in a pty: libpq 18 prints 'Enter PEM pass phrase:' and blocks)."""
+    cert, key = _write_pair(tmp_path, client_leaf)
+    Path(key).write_bytes(_encrypted(client_leaf, SSL_PASSWORD, pkcs8))
+    options = {"sslrootcert": str(ca.cert_path), "sslcert": cert, "sslkey": key}
+    settings = {
+        "ENGINE": "secure_pg_backend",
+        "NAME": "app",
+        "USER": APP_USER,
+        "HOST": "127.0.0.1",
+        "PORT": str(tcp_recorder.port),
+        "OPTIONS": options,
+    }
+    wrapper = make_wrapper(settings, alias="locked")
+    with pytest.raises(ConnectionFileError) as caught:
+        wrapper.ensure_connection()
+    assert [v.code for v in caught.value.violations] == ["E018"]
+    text = str(caught.value)
+    assert "DATABASES['locked']" in text and f"OPTIONS['sslkey'] is '{key}'" in text
+    assert "an encrypted private key, and OPTIONS['sslpassword'] is not set" in text
+    assert tcp_recorder.accepted == 0
+    # With the passphrase given, the key is libpq's to open (here: the recorder hangs up).
+    unlocked = make_wrapper(
+        {**settings, "OPTIONS": {**options, "sslpassword": SSL_PASSWORD}}, alias="unlocked"
+    )
+    assert unlocked.policy_verdict().check_files() == ()
+
+
+def test_a_plain_key_is_not_mistaken_for_an_encrypted_one(
+    tmp_path: Path, client_leaf: LeafPair
+) -> None:
+    cert, key = _write_pair(tmp_path, client_leaf)
+    need = policy.FileNeed(
+        "E016", "OPTIONS['sslkey']", key, policy.KEY_WITHOUT_PASSPHRASE, False, cert
+    )
+    assert policy.file_problems((need,)) == []
+    Path(key).write_bytes(_encrypted(client_leaf, SSL_PASSWORD))  # a new version: read again
+    ((_, problem),) = policy.file_problems((need,))
+    assert problem == policy.ENCRYPTED_KEY
+
+
 # -- libpq's words for a key it cannot use: no server -----------------------------------------
 HOST = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
 KEY_MESSAGES = {  # measured against PostgreSQL 15 with psycopg[binary] 3.3 (libpq 18)
@@ -334,15 +396,8 @@ def test_a_wrong_sslpassword_is_a_clear_refusal_without_the_password(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     cert_path, _ = _write_pair(tmp_path, client_leaf)
-    key = serialization.load_pem_private_key(client_leaf.key_pem, None)
     encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(SSL_PASSWORD.encode()),
-        )
-    )
+    encrypted.write_bytes(_encrypted(client_leaf, SSL_PASSWORD))
     encrypted.chmod(0o600)
     wrong = _settings(mtls_server, cert_path, str(encrypted), sslpassword=WRONG_PASSWORD)
     wrapper = make_wrapper(wrong, alias="mtls_wrong")
