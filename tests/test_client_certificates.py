@@ -306,6 +306,27 @@ def test_tls_info_reports_the_client_certificate_from_the_session(
 
 
 @needs_server
+def test_a_pooled_connection_reports_its_client_certificate(
+    mtls_server: TLSPostgres,
+    client_leaf: LeafPair,
+    tmp_path: Path,
+    make_wrapper: Callable[..., Any],
+) -> None:
+    # The pool opens connections on its own threads, through the same verification.
+    cert_path, key_path = _write_pair(tmp_path, client_leaf)
+    entry = _settings(mtls_server, cert_path, key_path, pool={"min_size": 1, "max_size": 2})
+    wrapper = make_wrapper(entry, alias="mtls_pool")
+    client = wrapper.tls_info.client_certificate
+    assert client is not None
+    assert client.subject == _expected(client_leaf).subject.rfc4514_string()
+    with wrapper.cursor() as cur:
+        cur.execute("select ssl, client_dn from pg_stat_ssl where pid = pg_backend_pid()")
+        ssl, client_dn = cur.fetchone()
+    assert ssl is True
+    assert client_dn.endswith(f"/CN={APP_USER}")  # the server saw the certificate we report
+
+
+@needs_server
 def test_dbtls_shows_the_client_certificate(
     mtls_server: TLSPostgres,
     client_leaf: LeafPair,
