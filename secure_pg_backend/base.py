@@ -214,8 +214,11 @@ class VerifiedTLSMixin(_WrapperBase):
         """One attempt: the files checked now, a fresh password, libpq's handshake."""
         self._check_files()
         params = policy.with_password(self.alias, self.settings_dict, conn_params)
+        connect = super().get_new_connection
         try:
-            return super().get_new_connection(params)
+            return policy.negotiate(
+                self._decision, lambda direct: connect(policy.with_negotiation(params, direct))
+            )
         except self.Database.OperationalError as exc:
             self._recheck_files(exc)
             raise
@@ -275,6 +278,7 @@ class VerifiedTLSMixin(_WrapperBase):
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
+        policy.learn_direct(decision, connection.pgconn)
         track_connection(connection)  # a forked child must drop it unwritten
         not_after = handshake.not_after_once(connection.pgconn)
         client_validity = handshake.client_validity_once(connection.pgconn)
@@ -336,14 +340,27 @@ class VerifiedTLSMixin(_WrapperBase):
             if self.settings_dict["CONN_HEALTH_CHECKS"]
             else None,
         )
+        kwargs = policy.pool_kwargs(self.alias, self.settings_dict, connect_kwargs)
+        decision = self._decision
+        negotiates = policy.pool_negotiates(decision)
+        if negotiates:  # each new connection's parameters: direct TLS where known to work
+            kwargs = policy.negotiated_kwargs(decision, kwargs)
+
+        def retry(connect: Callable[[], Any]) -> Any:
+            if negotiates:  # one fallback to the SSLRequest, as for unpooled connections
+                return self._retrying(
+                    lambda: policy.negotiate(decision, lambda direct: connect()), connect_kwargs
+                )
+            return self._retrying(connect, connect_kwargs)
+
         return VerifiedConnectionPool(
-            kwargs=policy.pool_kwargs(self.alias, self.settings_dict, connect_kwargs),
+            kwargs=kwargs,
             open=False,  # as Django's: opened on first use, not at start-up
             configure=self._configure_connection,
             explain=self._explain,
             prepare=self._check_files,
             recheck=self._recheck_files,
-            retry=lambda connect: self._retrying(connect, connect_kwargs),
+            retry=retry,
             **pool_options,
         )
 

@@ -26,18 +26,20 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from django.utils.module_loading import import_string
 
 from . import libpq
 from .compat import NEWER_KEYWORDS, too_new_violation
 from .errors import (
+    REFUSAL,
     ROOT_FIX,
     CredentialProviderError,
     ProviderConfigurationError,
     SecurePolicyError,
     Violation,
+    classify,
     location,
 )
 
@@ -59,6 +61,8 @@ BACKEND_OPTIONS = frozenset(
     {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER, CONNECT_RETRY}
 )
 OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS)
+
+T = TypeVar("T")
 
 KEYLOG = "sslkeylogfile"
 WEAKENING_KEYWORDS = {
@@ -146,6 +150,7 @@ class Decision:
         "alias",
         "allow_legacy_ciphers",
         "allow_unix_socket",
+        "direct_key",
         "files",
         "hosts",
         "keylog_keyword",
@@ -165,8 +170,10 @@ class Decision:
         allow_legacy_ciphers: bool = False,
         keylog_keyword: bool = False,  # this libpq knows sslkeylogfile: send it empty
         files: tuple[FileNeed, ...] = (),  # checked before each physical connection
+        direct_key: DirectKey | None = None,  # direct TLS by default, learned per endpoint
     ) -> None:
         self.alias = alias
+        self.direct_key = direct_key
         self.hosts = hosts
         self.root_cert = root_cert
         self.root_cert_source = root_cert_source
@@ -706,6 +713,7 @@ def evaluate(req: Request) -> Evaluation:
         allow_legacy_ciphers=req.options.get(ALLOW_LEGACY_CIPHERS) is True,
         keylog_keyword=KEYLOG in req.keywords,
         files=files,
+        direct_key=direct_key(req),
     )
     return Evaluation(req.alias, host_display(req), (), decision)
 
@@ -731,6 +739,148 @@ def final_parameters(
     params.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
     params.update(decision.forced)
     return params
+
+
+# -- direct TLS by default, where the server is known to do it -------------------------------
+# libpq's default negotiation sends an SSLRequest and waits for the server's answer before its
+# TLS ClientHello; ``sslnegotiation=direct`` (libpq 17+, ALPN 'postgresql' required) starts TLS
+# at once: one round trip less per new connection, which with CONN_MAX_AGE=0 is per request.
+# Only a PostgreSQL 17+ server can do it: an older one hangs up, PgBouncer answers in plaintext.
+# So when nothing sets sslnegotiation (an explicit 'postgres' or 'direct' always wins), a
+# connection goes direct only to an endpoint this process has seen do TLS the way PostgreSQL 17+
+# does, and a direct attempt refused the way such a peer refuses falls back once, in the same
+# connect, to the SSLRequest, which is then remembered. sslmode and every check stay as they
+# are: the fallback changes how TLS starts, never whether or how the server is verified.
+
+DirectKey = tuple[str, str, str]  # the host, hostaddr and port lists libpq resolved
+NEGOTIATION = "sslnegotiation"
+DIRECT = "direct"
+DIRECT_SINCE = 170000  # the first PostgreSQL server (and libpq) that negotiates TLS directly
+
+# Endpoint -> whether direct TLS works there, for the life of the process (a forked child
+# inherits it: the same endpoints). Absent: not known yet, so the SSLRequest is used and the
+# verified connection's facts decide (``learn_direct``). A dict write is atomic; two threads
+# learning at once learn the same thing.
+_DIRECT: dict[DirectKey, bool] = {}
+
+# How a peer that cannot negotiate TLS directly answers a ClientHello, in libpq's words:
+# PostgreSQL before 17 reads it as an oversized startup packet and hangs up ("SSL error:
+# unexpected eof while reading"; older OpenSSL: "SSL SYSCALL error: EOF detected"), PgBouncer
+# answers with a plaintext error message ("SSL error: wrong version number").
+NOT_DIRECT_MARKERS = (
+    "unexpected eof while reading",
+    "eof detected",
+    "ssl syscall error",
+    "wrong version number",
+)
+
+
+def direct_key(req: Request) -> DirectKey | None:
+    """The endpoint whose direct TLS is learned, or None where the default does not apply:
+    this libpq predates the keyword, something sets it (OPTIONS, ``PGSSLNEGOTIATION``, a
+    service, whose file may name it), or a host entry is a Unix-domain socket."""
+    if NEGOTIATION not in req.keywords or NEGOTIATION in req.explicit:
+        return None
+    variable = req.envvars.get(NEGOTIATION)
+    if variable and variable in req.environ:
+        return None
+    if req.explicit.get("service") or req.environ.get("PGSERVICE"):
+        return None
+    if req.resolved.get(NEGOTIATION, "postgres") != "postgres":
+        return None
+    if any(not addr and (not name or is_socket_host(name)) for name, addr in _entries(req)):
+        return None
+    get = req.resolved.get
+    return (get("host") or "", get("hostaddr") or "", get("port") or "")
+
+
+def goes_direct(decision: Decision | None) -> bool:
+    """Whether the next connection of this decision starts TLS directly by default."""
+    key = decision.direct_key if decision is not None else None
+    return key is not None and _DIRECT.get(key) is True
+
+
+def with_negotiation(params: Mapping[str, Any], direct: bool) -> dict[str, Any]:
+    """``params`` for one attempt, with ``sslnegotiation=direct`` when ``direct``."""
+    return {**params, NEGOTIATION: DIRECT} if direct else dict(params)
+
+
+def cannot_do_direct(exc: BaseException) -> bool:
+    """A direct attempt failed the way a peer that cannot negotiate TLS directly fails.
+
+    Never for a refusal libpq made on what it saw (an untrusted certificate, another host
+    name, no ALPN 'postgresql', a root file): that stays a refusal (``errors.classify``).
+    """
+    cause = classify(exc)
+    if cause is not None and cause.kind == REFUSAL and cause.name != "protocol":
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in NOT_DIRECT_MARKERS)
+
+
+def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
+    """``connect(direct)``: direct where known to work, falling back once if refused as
+    a peer that cannot do it refuses (remembered); else the SSLRequest, as libpq does."""
+    if decision is None or not goes_direct(decision):
+        return connect(False)
+    key = decision.direct_key
+    assert key is not None  # goes_direct
+    try:
+        return connect(True)
+    except Exception as exc:
+        if not cannot_do_direct(exc):
+            raise
+    _DIRECT[key] = False  # before the fallback: a pool's parameters are read from here
+    try:
+        return connect(False)
+    except BaseException:
+        # Refused both ways: perhaps down rather than unable. Unknown again, so the next
+        # connection uses the SSLRequest and what it shows is learned.
+        _DIRECT.pop(key, None)
+        raise
+
+
+def pool_negotiates(decision: Decision | None) -> bool:
+    """Whether a pool's new connections follow the direct default: psycopg-pool 3.3+ asks
+    for the parameters of each new connection; with an older one libpq's default stays."""
+    if decision is None or decision.direct_key is None:
+        return False
+    import psycopg_pool
+
+    return _version(psycopg_pool.__version__) >= (3, 3)
+
+
+def negotiated_kwargs(
+    decision: Decision | None, kwargs: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+) -> Callable[[], dict[str, Any]]:
+    """A pool's ``kwargs`` (``pool_negotiates``): each new connection's, direct where known."""
+
+    def fresh() -> dict[str, Any]:
+        params = kwargs() if callable(kwargs) else kwargs
+        return with_negotiation(params, goes_direct(decision))
+
+    return fresh
+
+
+def learn_direct(decision: Decision, pgconn: Any) -> None:
+    """Learn from a verified connection whether its endpoint can negotiate TLS directly.
+
+    Yes when the server reports PostgreSQL 17+ and the TLS peer selected ALPN 'postgresql'
+    (libpq 17+ offers it in either negotiation; PostgreSQL 17+ selects it). PgBouncer passes
+    the server's version through but selects no ALPN: no. Read once per endpoint.
+    """
+    key = decision.direct_key
+    if key is None or key in _DIRECT:
+        return
+    from .handshake import ALPN, decode  # it imports this module
+
+    alpn = decode(libpq.functions().ssl_attribute(pgconn.pgconn_ptr, b"alpn"))
+    _DIRECT[key] = pgconn.server_version >= DIRECT_SINCE and alpn == ALPN
+
+
+def forget_direct() -> None:
+    """Forget what was learned (tests and the benchmark start from a new process's state)."""
+    _DIRECT.clear()
 
 
 def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation | None:
