@@ -623,7 +623,7 @@ CAUSES = (
         "direct TLS negotiation did not select ALPN 'postgresql': the peer is not known "
         "to be a PostgreSQL server (cross-protocol attacks).",
         "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
-        "or remove OPTIONS['sslnegotiation'].",
+        "or set OPTIONS['sslnegotiation'] = 'postgres' (the SSLRequest first).",
     ),
     Cause(
         # libpq: 'could not load private key file "...": bad decrypt' (OpenSSL 3, PKCS#8 and

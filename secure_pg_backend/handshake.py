@@ -177,7 +177,7 @@ def link_alpn(decision: Decision, facts: LinkFacts) -> Problem | None:
         f"direct TLS negotiation ended with ALPN {facts.alpn!r}, not {ALPN!r}: the peer is "
         "not known to be a PostgreSQL server (cross-protocol attacks).",
         "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
-        "or remove OPTIONS['sslnegotiation'].",
+        "or set OPTIONS['sslnegotiation'] = 'postgres' (the SSLRequest first).",
     )
 
 
