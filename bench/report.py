@@ -149,20 +149,53 @@ def _cold_start(cold: dict[str, Any]) -> Lines:
 
 def _negotiation(neg: dict[str, Any]) -> Lines:
     if "unavailable" in neg:
-        return ["", f"`sslnegotiation=direct`: not measured ({neg['unavailable']})."]
-    alpn = neg["alpn"]
-    return [
+        return [
+            "",
+            f"New connections through a delaying proxy: not measured ({neg['unavailable']}).",
+        ]
+    lines = [
         "",
-        f"| New connection on PostgreSQL {neg['server']}, through a proxy adding "
-        f"{neg['rtt_ms']:g} ms per round trip (µs) | `sslnegotiation=direct` "
-        "| default (`postgres`) | ratio |",
-        "| --- | ---: | ---: | ---: |",
-        _row("connect: `ensure_connection()` + `close()`", neg, "direct", "postgres"),
-        "",
-        f"`sslnegotiation=direct` saves {neg['saved_us']:,.0f} µs per new connection, "
-        f"{neg['saved_round_trips']:.2f} round trips of {neg['rtt_ms']:g} ms; "
-        f"ALPN reported: direct {alpn['direct']!r}, default {alpn['postgres']!r}.",
+        "| New connection through a proxy adding a round-trip time (µs) | `secure_pg_backend` "
+        "| stock `postgresql` | ratio | negotiation (1st, then) |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
+    notes = []
+    for run in neg.get("runs", []):
+        if "unavailable" in run:
+            notes.append(f"PostgreSQL {run['major']}: not measured ({run['unavailable']}).")
+            continue
+        label = f"PostgreSQL {run['server']}, {run['rtt_ms']:g} ms"
+        first, then = run["sslnegotiation"]
+        lines.append(_row(label, run, "secure", "stock") + f" {first}, then {then} |")
+        if "fallback" in run:
+            notes.append(
+                f"PostgreSQL {run['server']} at {run['rtt_ms']:g} ms: a first connection to an "
+                f"endpoint costs {_us(run['first']['median'])} µs (ratio {run['first_ratio']:.3f} "
+                "to stock: the SSLRequest, then learning from its facts); a connection that "
+                f"tries direct TLS and falls back costs {_us(run['fallback']['median'])} µs "
+                f"(+{run['fallback_extra_us']:,.0f} µs, ratio {run['fallback_ratio']:.3f}), "
+                "once per endpoint that stops doing direct TLS."
+            )
+    return [*lines, "", *notes] if notes else lines
+
+
+def _negotiation_targets(neg: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = [run for run in neg.get("runs", []) if "unavailable" not in run]
+    new = [r for r in runs if int(r["server"].split(".")[0]) >= 17 and r["rtt_ms"] == 10]
+    old = [r for r in runs if int(r["server"].split(".")[0]) < 17]
+    targets = []
+    for name, chosen, limit in (
+        ("direct by default: connect ≤ 0.86 of stock, PostgreSQL 17+ at 10 ms", new, 0.86),
+        ("no cost before 17: connect ≤ 1.01 of stock, PostgreSQL 15 (1 and 10 ms)", old, 1.01),
+    ):
+        if not chosen:
+            targets.append(
+                {"name": name, "measured": "not measured", "ok": None, "unavailable": True}
+            )
+            continue
+        worst = max(r["ratio"] for r in chosen)
+        targets.append({"name": name, "measured": f"{worst:.3f}", "ok": worst <= limit})
+    return targets
 
 
 def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
@@ -240,4 +273,6 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     targets = _main_targets(results) if "connect" in results else []
     if "cold_start" in results:
         targets.append(_cold_start_target(results["cold_start"]))
+    if "negotiation" in results:
+        targets += _negotiation_targets(results["negotiation"])
     return targets
