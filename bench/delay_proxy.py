@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 _CHUNK = 65536
 _EOF = b""
@@ -103,3 +106,52 @@ class DelayProxy:
                     dst.sendall(data)
                 except OSError:
                     broken = True  # the peer is gone: drain the queue until EOF
+
+
+class DelayProxyProcess:
+    """``DelayProxy`` in a child process: ``with DelayProxyProcess(port, rtt_s) as proxy:``.
+
+    In the measuring process the proxy's threads would wait for the GIL while the client runs
+    Python (Django, the backend), up to the 5 ms switch interval: noise as large as a 1 ms round
+    trip. In its own process its delays are the ones asked for.
+    """
+
+    def __init__(self, target_port: int, rtt_s: float) -> None:
+        self._args = [sys.executable, "-m", "bench.delay_proxy", str(target_port), str(rtt_s)]
+        self._process: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def __enter__(self) -> DelayProxyProcess:
+        root = Path(__file__).resolve().parent.parent
+        self._process = subprocess.Popen(
+            self._args, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self.__exit__()
+            raise RuntimeError(f"the delaying proxy did not start: {line!r}")
+        self.port = int(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # the child exits when its stdin ends
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+def _serve(target_port: int, rtt_s: float) -> None:
+    """The child: print the port, relay until stdin ends (the parent exited or closed it)."""
+    with DelayProxy(target_port, rtt_s) as proxy:
+        print(proxy.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), float(sys.argv[2]))

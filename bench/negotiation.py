@@ -5,7 +5,8 @@ TLS ClientHello; ``sslnegotiation=direct`` (libpq and server 17+) sends the Clie
 one round trip less per new connection. ``secure_pg_backend`` uses it by default once a
 connection has shown the server can (``policy``: learned per endpoint), so on PostgreSQL 17+ its
 new connections should be one round trip faster than the stock ENGINE's, and on an older server
-exactly as fast. Loopback hides round trips, so both ENGINEs connect through ``DelayProxy`` at
+exactly as fast. Loopback hides round trips, so both ENGINEs connect through ``DelayProxy`` (in
+its own process) at
 each of ``RTTS_MS``, alternating round by round, to a PostgreSQL 15 and a PostgreSQL 18 server
 from ``scripts/pg-binaries`` (``PG_BIN_15`` / ``PG_BIN_18`` to use others). Same libpq settings
 for both (verify-full, the same root certificate); neither sets ``sslnegotiation``.
@@ -38,7 +39,7 @@ from bench.common import (
     repeat,
     version_text,
 )
-from bench.delay_proxy import DelayProxy
+from bench.delay_proxy import DelayProxyProcess
 from secure_pg_backend import policy
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import TestCA, TLSPostgres
@@ -111,7 +112,7 @@ def _as_misled(key: policy.DirectKey | None) -> Callable[[], None]:
 def _through_proxy(
     server: TLSPostgres, major: int, rtt_ms: float, rounds: int, iters: int, costs: bool
 ) -> dict[str, Any]:
-    with DelayProxy(server.port, rtt_ms / 1000) as proxy:
+    with DelayProxyProcess(server.port, rtt_ms / 1000) as proxy:
         secure = _wrapper(server, proxy.port, SECURE_ENGINE, f"secure_{major}_{rtt_ms:g}")
         stock = _wrapper(server, proxy.port, STOCK_ENGINE, f"stock_{major}_{rtt_ms:g}")
         steps = {"secure": _connect_step(secure), "stock": _connect_step(stock)}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.delay_proxy import DelayProxy
+from bench.delay_proxy import DelayProxy, DelayProxyProcess
 from bench.report import check_targets, report
 from bench.wire import statements_by_pid
 
@@ -52,6 +52,17 @@ def test_each_exchange_through_the_proxy_takes_a_round_trip(echo_port: int) -> N
             client.sendall(message)
             assert client.recv(100) == message
             assert time.monotonic() - start >= RTT_S
+
+
+def test_the_proxy_in_its_own_process_delays_alike_and_exits(echo_port: int) -> None:
+    proxy = DelayProxyProcess(echo_port, RTT_S)
+    with proxy, socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        start = time.monotonic()
+        client.sendall(b"ClientHello")
+        assert client.recv(100) == b"ClientHello"
+        assert time.monotonic() - start >= RTT_S
+        child = proxy._process
+    assert child is not None and child.returncode == 0  # ended when its stdin closed
 
 
 def test_the_proxy_keeps_order_and_passes_the_end_of_stream_on(echo_port: int) -> None:
@@ -113,3 +124,41 @@ def test_cold_start_ratio_is_judged() -> None:
         "secure 331.0 ms, stock 300.0 ms, ratio 1.103 (median of the per-pair ratios 1.095)" in text
     )
     assert "1,364,000,000 vs 1,343,000,000, ratio 1.0156" in text
+
+
+def _run(server: str, rtt_ms: float, secure: float, stock: float) -> dict[str, object]:
+    def timing(median: float) -> dict[str, float]:
+        return {"median": median, "min": median, "max": median, "n": 41}
+
+    return {
+        "major": int(server.split(".")[0]),
+        "server": server,
+        "rtt_ms": rtt_ms,
+        "secure": timing(secure),
+        "stock": timing(stock),
+        "ratio": secure / stock,
+        "sslnegotiation": ["postgres", "direct" if server.startswith("18") else "postgres"],
+    }
+
+
+def test_direct_tls_by_default_is_judged_per_server() -> None:
+    runs = [
+        _run("15.19", 1.0, 25_300, 25_000),  # 1.012: over 1.01 at 1 ms counts too
+        _run("15.19", 10.0, 90_000, 90_000),
+        _run("18.6", 1.0, 24_000, 25_000),  # not judged: the saving is one 1 ms round trip
+        _run("18.6", 10.0, 61_000, 72_000),
+        {"major": 17, "unavailable": "scripts/pg-binaries 17 failed: offline"},
+    ]
+    results = {"mode": "full", "plan": {}, "duration_s": 1.0, "negotiation": {"runs": runs}}
+    new, old = check_targets(results)
+    assert (new["measured"], new["ok"]) == ("0.847", True)
+    assert (old["measured"], old["ok"]) == ("1.012", False)
+    text = report(results, [new, old])
+    assert "| PostgreSQL 18.6, 10 ms | 61,000.0" in text and "| postgres, then direct |" in text
+    assert "PostgreSQL 17: not measured (scripts/pg-binaries 17 failed: offline)." in text
+
+
+def test_direct_tls_targets_without_servers_are_not_passed() -> None:
+    runs = [{"major": 18, "unavailable": "no binaries"}]
+    results = {"mode": "full", "plan": {}, "duration_s": 1.0, "negotiation": {"runs": runs}}
+    assert [t["ok"] for t in check_targets(results)] == [None, None]
