@@ -67,7 +67,7 @@ FULL = Plan(
     rss_cycles=10_000,
     count_connections=10,
     cold_start_rounds=81,
-    negotiation_rounds=41,
+    negotiation_rounds=81,
     negotiation_iters=2,
 )
 QUICK = Plan(

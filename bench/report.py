@@ -156,8 +156,8 @@ def _negotiation(neg: dict[str, Any]) -> Lines:
     lines = [
         "",
         "| New connection through a proxy adding a round-trip time (µs) | `secure_pg_backend` "
-        "| stock `postgresql` | ratio | negotiation (1st, then) |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| stock `postgresql` | ratio | per-round ratios: median | negotiation (1st, then) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     notes = []
     for run in neg.get("runs", []):
@@ -166,7 +166,10 @@ def _negotiation(neg: dict[str, Any]) -> Lines:
             continue
         label = f"PostgreSQL {run['server']}, {run['rtt_ms']:g} ms"
         first, then = run["sslnegotiation"]
-        lines.append(_row(label, run, "secure", "stock") + f" {first}, then {then} |")
+        paired = run.get("paired_ratio", {}).get("median", float("nan"))
+        lines.append(
+            _row(label, run, "secure", "stock") + f" {paired:.3f} | {first}, then {then} |"
+        )
         if "fallback" in run:
             notes.append(
                 f"PostgreSQL {run['server']} at {run['rtt_ms']:g} ms: a first connection to an "
