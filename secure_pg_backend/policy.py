@@ -765,14 +765,10 @@ _DIRECT: dict[DirectKey, bool] = {}
 
 # How a peer that cannot negotiate TLS directly answers a ClientHello, in libpq's words:
 # PostgreSQL before 17 reads it as an oversized startup packet and hangs up ("SSL error:
-# unexpected eof while reading"; older OpenSSL: "SSL SYSCALL error: EOF detected"), PgBouncer
-# answers with a plaintext error message ("SSL error: wrong version number").
-NOT_DIRECT_MARKERS = (
-    "unexpected eof while reading",
-    "eof detected",
-    "ssl syscall error",
-    "wrong version number",
-)
+# unexpected eof while reading"; OpenSSL 1.1: "SSL SYSCALL error: EOF detected"), PgBouncer
+# answers with a plaintext error message ("SSL error: wrong version number"). A reset or a
+# refused connection is not among them: that is the path or the server, not the negotiation.
+NOT_DIRECT_MARKERS = ("unexpected eof while reading", "eof detected", "wrong version number")
 
 
 def direct_key(req: Request) -> DirectKey | None:
@@ -872,10 +868,12 @@ def learn_direct(decision: Decision, pgconn: Any) -> None:
     key = decision.direct_key
     if key is None or key in _DIRECT:
         return
+    if pgconn.server_version < DIRECT_SINCE:
+        _DIRECT[key] = False
+        return
     from .handshake import ALPN, decode  # it imports this module
 
-    alpn = decode(libpq.functions().ssl_attribute(pgconn.pgconn_ptr, b"alpn"))
-    _DIRECT[key] = pgconn.server_version >= DIRECT_SINCE and alpn == ALPN
+    _DIRECT[key] = decode(libpq.functions().ssl_attribute(pgconn.pgconn_ptr, b"alpn")) == ALPN
 
 
 def forget_direct() -> None:

@@ -65,6 +65,20 @@ def test_the_proxy_in_its_own_process_delays_alike_and_exits(echo_port: int) -> 
     assert child is not None and child.returncode == 0  # ended when its stdin closed
 
 
+def test_the_proxy_in_its_own_process_keeps_order_and_passes_the_end_of_stream_on(
+    echo_port: int,
+) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB, many chunks
+    proxy = DelayProxyProcess(echo_port, 0.002)
+    with proxy, socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)  # the echo server sees EOF only through the proxy
+        received = b""
+        while data := client.recv(65536):
+            received += data
+    assert received == payload
+
+
 def test_the_proxy_keeps_order_and_passes_the_end_of_stream_on(echo_port: int) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB, many chunks
     with (

@@ -48,6 +48,10 @@ UNTRUSTED = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
     "SSL error: certificate verify failed"
 )
+RESET = (
+    'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+    "SSL SYSCALL error: Connection reset by peer"
+)
 REFUSED = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
     "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?"
@@ -150,7 +154,7 @@ def test_a_peer_that_cannot_do_direct_gets_one_fallback(words: str) -> None:
     assert attempts.calls == [True, False, False]
 
 
-@pytest.mark.parametrize("words", [UNTRUSTED, REFUSED])
+@pytest.mark.parametrize("words", [UNTRUSTED, REFUSED, RESET])
 def test_a_refusal_or_another_fault_under_direct_is_not_a_fallback(words: str) -> None:
     policy._DIRECT[KEY] = True
     attempts = Attempts(words)
