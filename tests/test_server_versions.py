@@ -6,7 +6,8 @@ cached in .cache/pg). Unset: the server this machine has (``secure_pg_backend.te
 choice, ``$PG_BIN`` first). Every version gets the same checks: verified TLS equal to what the
 server reports in pg_stat_ssl, the ``tls_info`` fields, refusal of an untrusted CA and of a wrong
 host name, and ``sslnegotiation=direct``: ALPN ``postgresql`` on 17+, a refusal (never plaintext)
-before 17, which cannot speak it.
+before 17, which cannot speak it; without the setting, direct TLS from the second connection on
+17+ and the SSLRequest before (tests/test_direct_tls.py has the rest of that default).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from django.db.utils import OperationalError
 
-from secure_pg_backend import InsecureConnectionError
+from secure_pg_backend import InsecureConnectionError, libpq, policy
 from secure_pg_backend.testing import TestCA, TLSPostgres, find_pg_bin
 
 from .conftest import refused_by_old_libpq
@@ -143,3 +144,17 @@ def test_direct_negotiation(make_wrapper: Wrapper, server: Server) -> None:
     info = wrapper.tls_info
     assert (ssl, version) == (True, info.protocol)
     assert info.alpn == "postgresql"
+
+
+def test_direct_tls_by_default_from_the_second_connection(
+    make_wrapper: Wrapper, server: Server
+) -> None:
+    policy.forget_direct()  # this module's other tests taught it this endpoint already
+    wrapper = make_wrapper(server.pg.database_settings())
+    used = []
+    for _ in range(2):
+        wrapper.ensure_connection()
+        used.append(wrapper.tls_info.sslnegotiation)
+        wrapper.close()
+    direct = server.major >= DIRECT_SSL_SINCE and "sslnegotiation" in libpq.keywords()
+    assert used == ["postgres", "direct" if direct else "postgres"]
