@@ -762,6 +762,12 @@ DIRECT_SINCE = 170000  # the first PostgreSQL server (and libpq) that negotiates
 # verified connection's facts decide (``learn_direct``). A dict write is atomic; two threads
 # learning at once learn the same thing.
 _DIRECT: dict[DirectKey, bool] = {}
+# Endpoint -> fallbacks so far. A PostgreSQL 17+ server that hangs up during a restart looks,
+# for one attempt, like one that cannot do direct TLS; the connection the fallback makes then
+# shows it can, and the default comes back. A peer that keeps failing direct attempts while
+# looking capable (a proxy passing ALPN through) stays on the SSLRequest after a few.
+_FALLBACKS: dict[DirectKey, int] = {}
+MAX_FALLBACKS = 3
 
 # How a peer that cannot negotiate TLS directly answers a ClientHello, in libpq's words:
 # PostgreSQL before 17 reads it as an oversized startup packet and hangs up ("SSL error:
@@ -827,6 +833,7 @@ def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
         if not cannot_do_direct(exc):
             raise
     _DIRECT[key] = False  # before the fallback: a pool's parameters are read from here
+    _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
     try:
         return connect(False)
     except BaseException:
@@ -863,10 +870,15 @@ def learn_direct(decision: Decision, pgconn: Any) -> None:
 
     Yes when the server reports PostgreSQL 17+ and the TLS peer selected ALPN 'postgresql'
     (libpq 17+ offers it in either negotiation; PostgreSQL 17+ selects it). PgBouncer passes
-    the server's version through but selects no ALPN: no. Read once per endpoint.
+    the server's version through but selects no ALPN: no. Read once per endpoint, and again
+    after a fallback (at most ``MAX_FALLBACKS`` times): one failed direct attempt may have been
+    a restart, not a peer that cannot do it.
     """
     key = decision.direct_key
-    if key is None or key in _DIRECT:
+    if key is None:
+        return
+    known = _DIRECT.get(key)
+    if known is True or (known is False and not 0 < _FALLBACKS.get(key, 0) < MAX_FALLBACKS):
         return
     if pgconn.server_version < DIRECT_SINCE:
         _DIRECT[key] = False
@@ -879,6 +891,7 @@ def learn_direct(decision: Decision, pgconn: Any) -> None:
 def forget_direct() -> None:
     """Forget what was learned (tests and the benchmark start from a new process's state)."""
     _DIRECT.clear()
+    _FALLBACKS.clear()
 
 
 def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation | None:

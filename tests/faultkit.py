@@ -62,8 +62,9 @@ class FaultProxy:
     (``reset()`` closes them, as a restarting server would):
 
     - ``"pass"``: relay both ways.
-    - ``"cut"``: answer the SSLRequest with ``S``, then close: the client sees
-      ``SSL error: unexpected eof while reading`` (what a restart or failover looks like).
+    - ``"cut"``: answer the SSLRequest with ``S`` (or read a direct ClientHello), then close:
+      the client sees ``SSL error: unexpected eof while reading`` (what a restart or failover
+      looks like).
     - ``"drop"``: close at once: ``server closed the connection unexpectedly``.
 
     One relay thread per connection, at most ``max_connections`` at a time (more are closed
@@ -76,6 +77,7 @@ class FaultProxy:
         self.target = ("127.0.0.1", target_port)
         self._deadline = time.monotonic() + lifetime  # every loop here ends by then
         self.mode = "pass"
+        self.cuts_left = 0  # the next N new connections are cut, whatever the mode
         self.max_connections = max_connections
         self.accepted = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -129,6 +131,9 @@ class FaultProxy:
                 return
             self.accepted += 1
             mode = self.mode
+            if self.cuts_left > 0:
+                self.cuts_left -= 1
+                mode = "cut"
             self._threads = [t for t in self._threads if t.is_alive()]
             if mode == "drop" or len(self._threads) >= self.max_connections:
                 client.close()
@@ -156,6 +161,10 @@ class FaultProxy:
                     continue
                 if code == SSL_REQUEST_CODE:
                     client.sendall(b"S")
+                else:  # a direct ClientHello: read it whole, so the close is an EOF, not a reset
+                    with contextlib.suppress(OSError):
+                        client.settimeout(0.2)
+                        client.recv(65536)
                 return
         except OSError:
             return

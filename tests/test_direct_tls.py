@@ -278,6 +278,28 @@ def test_an_endpoint_that_stops_doing_direct_falls_back_once(
 
 
 @pytest.mark.needs_server
+def test_a_server_that_hangs_up_once_goes_direct_again(
+    make_wrapper: Wrapper, pg18: TLSPostgres, proxy_to: Callable[[int], FaultProxy]
+) -> None:
+    """A restart looks like a peer that cannot do direct TLS for one attempt: the fallback's
+    connection shows a PostgreSQL 17+ server with ALPN, so the default comes back."""
+    if not LIBPQ_DIRECT:
+        return
+    proxy = proxy_to(pg18.port)
+    wrapper = make_wrapper(pg18.database_settings(PORT=str(proxy.port)))
+    assert _negotiations(wrapper, 2) == ["postgres", "direct"]
+    proxy.cuts_left = 1  # the next direct attempt is hung up on
+    assert _negotiations(wrapper, 1) == ["postgres"]
+    assert proxy.accepted == 4  # the cut direct attempt, then the SSLRequest
+    assert _negotiations(wrapper, 2) == ["direct", "direct"]
+    assert policy.MAX_FALLBACKS == 3
+    proxy.cuts_left = 1  # a second time: still taken for a restart
+    assert _negotiations(wrapper, 2) == ["postgres", "direct"]
+    proxy.cuts_left = 1  # a third: a peer that keeps doing it is believed, for the process
+    assert _negotiations(wrapper, 3) == ["postgres"] * 3
+
+
+@pytest.mark.needs_server
 def test_a_refusal_under_direct_stays_a_refusal(
     make_wrapper: Wrapper, pg18: TLSPostgres, proxy_to: Callable[[int], FaultProxy]
 ) -> None:
