@@ -313,10 +313,10 @@ class VerifiedTLSMixin(_WrapperBase):
     @property
     def pool(self) -> Any:
         pool_options = self.settings_dict["OPTIONS"].get("pool")
+        if not pool_options or self.alias == NO_DB_ALIAS:
+            return None  # Django's answer too, asked on every cursor: kept as cheap as Django's
         if (
-            pool_options
-            and self.alias != NO_DB_ALIAS
-            and self.alias not in self._connection_pools
+            self.alias not in self._connection_pools
             and self.settings_dict.get("CONN_MAX_AGE", 0) == 0
         ):
             self._connection_pools.setdefault(self.alias, self._verified_pool(pool_options))

@@ -22,13 +22,18 @@ PATH = {"base", "policy", "libpq", "errors", "handshake", "signals"}
 RECEIVERS = {"metrics"}
 
 
+calls: set[str] = set()  # module.function, of the last _modules_run
+
+
 def _modules_run(action: Callable[[], object]) -> set[str]:
     seen: set[str] = set()
+    calls.clear()
 
     def profile(frame: types.FrameType, event: str, arg: Any) -> None:
         name = frame.f_globals.get("__name__", "")
         if event == "call" and name.startswith("secure_pg_backend."):
             seen.add(name.removeprefix("secure_pg_backend."))
+            calls.add(f"{name.removeprefix('secure_pg_backend.')}.{frame.f_code.co_name}")
 
     sys.setprofile(profile)
     try:
@@ -62,3 +67,22 @@ def test_the_report_adds_only_tlsinfo(
     wrapper = make_wrapper(good_server.database_settings())
     wrapper.ensure_connection()
     assert _modules_run(lambda: wrapper.tls_info) - RECEIVERS <= PATH | {"tlsinfo"}
+
+
+def test_a_query_on_an_open_connection_runs_only_the_pool_property(db: None) -> None:
+    # The backend works once per physical connection: a query (cursor or ORM) is Django's own
+    # path, except the pool property Django asks on every cursor, which without a pool answers
+    # as Django's does, in one frame. The bench's query ratios can only be noise.
+    from django.contrib.contenttypes.models import ContentType
+    from django.db import connection
+
+    connection.ensure_connection()
+
+    def queries() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("select 1")
+            cursor.fetchone()
+        ContentType.objects.filter(app_label="auth").first()
+
+    assert _modules_run(queries) == {"base"}
+    assert calls == {"base.pool"}
