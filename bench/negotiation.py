@@ -40,7 +40,7 @@ from bench.common import (
     version_text,
 )
 from bench.delay_proxy import DelayProxyProcess
-from secure_pg_backend import policy
+from secure_pg_backend import handshake, policy
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
@@ -96,7 +96,7 @@ def _endpoint(wrapper: Any) -> policy.DirectKey | None:
 def _as_first_connection(key: policy.DirectKey | None) -> Callable[[], None]:
     def forget() -> None:
         if key is not None:
-            policy._DIRECT.pop(key, None)
+            handshake._DIRECT.pop(key, None)
 
     return forget
 
@@ -104,7 +104,7 @@ def _as_first_connection(key: policy.DirectKey | None) -> Callable[[], None]:
 def _as_misled(key: policy.DirectKey | None) -> Callable[[], None]:
     def believe() -> None:
         if key is not None:
-            policy._DIRECT[key] = True
+            handshake._DIRECT[key] = True
 
     return believe
 
@@ -179,11 +179,11 @@ def measure(root: Path, rounds: int, iters: int) -> dict[str, Any]:
             leaf = ca.issue("localhost", "127.0.0.1")
             with TLSPostgres(leaf, trust=ca, pg_bin=pg_bin) as server:
                 for rtt_ms in RTTS_MS:
-                    policy.forget_direct()
+                    handshake.forget_direct()
                     costs = major == OLD_SERVER and rtt_ms == max(RTTS_MS)
                     run = _through_proxy(server, major, rtt_ms, rounds, iters, costs)
                     runs.append({"major": major, **run})
     finally:
-        policy.forget_direct()
+        handshake.forget_direct()
         shutil.rmtree(ca_dir, ignore_errors=True)
     return {"runs": runs}

@@ -216,8 +216,8 @@ class VerifiedTLSMixin(_WrapperBase):
         params = policy.with_password(self.alias, self.settings_dict, conn_params)
         connect = super().get_new_connection
         try:
-            return policy.negotiate(
-                self._decision, lambda direct: connect(policy.with_negotiation(params, direct))
+            return handshake.negotiate(
+                self._decision, lambda direct: connect(handshake.with_negotiation(params, direct))
             )
         except self.Database.OperationalError as exc:
             self._recheck_files(exc)
@@ -278,7 +278,7 @@ class VerifiedTLSMixin(_WrapperBase):
             signals.connection_refused.send(type(self), alias=self.alias, error=error)
             raise error
         setattr(connection, _LINK_ATTR, (facts, decision))
-        policy.learn_direct(decision, connection.pgconn)
+        handshake.learn_direct(decision, connection.pgconn)
         track_connection(connection)  # a forked child must drop it unwritten
         not_after = handshake.not_after_once(connection.pgconn)
         client_validity = handshake.client_validity_once(connection.pgconn)
@@ -344,12 +344,12 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         negotiates = policy.pool_negotiates(decision)
         if negotiates:  # each new connection's parameters: direct TLS where known to work
-            kwargs = policy.negotiated_kwargs(decision, kwargs)
+            kwargs = handshake.negotiated_kwargs(decision, kwargs)
 
         def retry(connect: Callable[[], Any]) -> Any:
             if negotiates:  # one fallback to the SSLRequest, as for unpooled connections
                 return self._retrying(
-                    lambda: policy.negotiate(decision, lambda direct: connect()), connect_kwargs
+                    lambda: handshake.negotiate(decision, lambda direct: connect()), connect_kwargs
                 )
             return self._retrying(connect, connect_kwargs)
 

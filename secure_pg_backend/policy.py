@@ -26,20 +26,18 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 from django.utils.module_loading import import_string
 
 from . import libpq
 from .compat import NEWER_KEYWORDS, too_new_violation
 from .errors import (
-    REFUSAL,
     ROOT_FIX,
     CredentialProviderError,
     ProviderConfigurationError,
     SecurePolicyError,
     Violation,
-    classify,
     location,
 )
 
@@ -62,7 +60,6 @@ BACKEND_OPTIONS = frozenset(
 )
 OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS)
 
-T = TypeVar("T")
 
 KEYLOG = "sslkeylogfile"
 WEAKENING_KEYWORDS = {
@@ -741,40 +738,13 @@ def final_parameters(
     return params
 
 
-# -- direct TLS by default, where the server is known to do it -------------------------------
-# libpq's default negotiation sends an SSLRequest and waits for the server's answer before its
-# TLS ClientHello; ``sslnegotiation=direct`` (libpq 17+, ALPN 'postgresql' required) starts TLS
-# at once: one round trip less per new connection, which with CONN_MAX_AGE=0 is per request.
-# Only a PostgreSQL 17+ server can do it: an older one hangs up, PgBouncer answers in plaintext.
-# So when nothing sets sslnegotiation (an explicit 'postgres' or 'direct' always wins), a
-# connection goes direct only to an endpoint this process has seen do TLS the way PostgreSQL 17+
-# does, and a direct attempt refused the way such a peer refuses falls back once, in the same
-# connect, to the SSLRequest, which is then remembered. sslmode and every check stay as they
-# are: the fallback changes how TLS starts, never whether or how the server is verified.
+# -- direct TLS by default: whether it applies ------------------------------------------
+# When nothing sets sslnegotiation, new connections start TLS directly where the server is known
+# to do it (``handshake.negotiate``, which learns per endpoint). Here: the endpoint, or None where
+# the default does not apply.
 
 DirectKey = tuple[str, str, str]  # the host, hostaddr and port lists libpq resolved
 NEGOTIATION = "sslnegotiation"
-DIRECT = "direct"
-DIRECT_SINCE = 170000  # the first PostgreSQL server (and libpq) that negotiates TLS directly
-
-# Endpoint -> whether direct TLS works there, for the life of the process (a forked child
-# inherits it: the same endpoints). Absent: not known yet, so the SSLRequest is used and the
-# verified connection's facts decide (``learn_direct``). A dict write is atomic; two threads
-# learning at once learn the same thing.
-_DIRECT: dict[DirectKey, bool] = {}
-# Endpoint -> fallbacks so far. A PostgreSQL 17+ server that hangs up during a restart looks,
-# for one attempt, like one that cannot do direct TLS; the connection the fallback makes then
-# shows it can, and the default comes back. A peer that keeps failing direct attempts while
-# looking capable (a proxy passing ALPN through) stays on the SSLRequest after a few.
-_FALLBACKS: dict[DirectKey, int] = {}
-MAX_FALLBACKS = 3
-
-# How a peer that cannot negotiate TLS directly answers a ClientHello, in libpq's words:
-# PostgreSQL before 17 reads it as an oversized startup packet and hangs up ("SSL error:
-# unexpected eof while reading"; OpenSSL 1.1: "SSL SYSCALL error: EOF detected"), PgBouncer
-# answers with a plaintext error message ("SSL error: wrong version number"). A reset or a
-# refused connection is not among them: that is the path or the server, not the negotiation.
-NOT_DIRECT_MARKERS = ("unexpected eof while reading", "eof detected", "wrong version number")
 
 
 def direct_key(req: Request) -> DirectKey | None:
@@ -796,53 +766,6 @@ def direct_key(req: Request) -> DirectKey | None:
     return (get("host") or "", get("hostaddr") or "", get("port") or "")
 
 
-def goes_direct(decision: Decision | None) -> bool:
-    """Whether the next connection of this decision starts TLS directly by default."""
-    key = decision.direct_key if decision is not None else None
-    return key is not None and _DIRECT.get(key) is True
-
-
-def with_negotiation(params: Mapping[str, Any], direct: bool) -> dict[str, Any]:
-    """``params`` for one attempt, with ``sslnegotiation=direct`` when ``direct``."""
-    return {**params, NEGOTIATION: DIRECT} if direct else dict(params)
-
-
-def cannot_do_direct(exc: BaseException) -> bool:
-    """A direct attempt failed the way a peer that cannot negotiate TLS directly fails.
-
-    Never for a refusal libpq made on what it saw (an untrusted certificate, another host
-    name, no ALPN 'postgresql', a root file): that stays a refusal (``errors.classify``).
-    """
-    cause = classify(exc)
-    if cause is not None and cause.kind == REFUSAL and cause.name != "protocol":
-        return False
-    text = str(exc).lower()
-    return any(marker in text for marker in NOT_DIRECT_MARKERS)
-
-
-def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
-    """``connect(direct)``: direct where known to work, falling back once if refused as
-    a peer that cannot do it refuses (remembered); else the SSLRequest, as libpq does."""
-    if decision is None or not goes_direct(decision):
-        return connect(False)
-    key = decision.direct_key
-    assert key is not None  # goes_direct
-    try:
-        return connect(True)
-    except Exception as exc:
-        if not cannot_do_direct(exc):
-            raise
-    _DIRECT[key] = False  # before the fallback: a pool's parameters are read from here
-    _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
-    try:
-        return connect(False)
-    except BaseException:
-        # Refused both ways: perhaps down rather than unable. Unknown again, so the next
-        # connection uses the SSLRequest and what it shows is learned.
-        _DIRECT.pop(key, None)
-        raise
-
-
 def pool_negotiates(decision: Decision | None) -> bool:
     """Whether a pool's new connections follow the direct default: psycopg-pool 3.3+ asks
     for the parameters of each new connection; with an older one libpq's default stays."""
@@ -851,47 +774,6 @@ def pool_negotiates(decision: Decision | None) -> bool:
     import psycopg_pool
 
     return _version(psycopg_pool.__version__) >= (3, 3)
-
-
-def negotiated_kwargs(
-    decision: Decision | None, kwargs: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-) -> Callable[[], dict[str, Any]]:
-    """A pool's ``kwargs`` (``pool_negotiates``): each new connection's, direct where known."""
-
-    def fresh() -> dict[str, Any]:
-        params = kwargs() if callable(kwargs) else kwargs
-        return with_negotiation(params, goes_direct(decision))
-
-    return fresh
-
-
-def learn_direct(decision: Decision, pgconn: Any) -> None:
-    """Learn from a verified connection whether its endpoint can negotiate TLS directly.
-
-    Yes when the server reports PostgreSQL 17+ and the TLS peer selected ALPN 'postgresql'
-    (libpq 17+ offers it in either negotiation; PostgreSQL 17+ selects it). PgBouncer passes
-    the server's version through but selects no ALPN: no. Read once per endpoint, and again
-    after a fallback (at most ``MAX_FALLBACKS`` times): one failed direct attempt may have been
-    a restart, not a peer that cannot do it.
-    """
-    key = decision.direct_key
-    if key is None:
-        return
-    known = _DIRECT.get(key)
-    if known is True or (known is False and not 0 < _FALLBACKS.get(key, 0) < MAX_FALLBACKS):
-        return
-    if pgconn.server_version < DIRECT_SINCE:
-        _DIRECT[key] = False
-        return
-    from .handshake import ALPN, decode  # it imports this module
-
-    _DIRECT[key] = decode(libpq.functions().ssl_attribute(pgconn.pgconn_ptr, b"alpn")) == ALPN
-
-
-def forget_direct() -> None:
-    """Forget what was learned (tests and the benchmark start from a new process's state)."""
-    _DIRECT.clear()
-    _FALLBACKS.clear()
 
 
 def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation | None:

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import InsecureConnectionError, libpq, policy
+from secure_pg_backend import InsecureConnectionError, handshake, libpq, policy
 from secure_pg_backend.policy import Decision
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
@@ -34,7 +34,7 @@ from .test_server_versions import bin_dir
 Wrapper = Callable[..., Any]
 LIBPQ_DIRECT = "sslnegotiation" in libpq.keywords()  # libpq 17+ (the C/Python builds: 15)
 
-# What libpq 18 said, on this machine, to a direct ClientHello (see policy.NOT_DIRECT_MARKERS).
+# What libpq 18 said, on this machine, to a direct ClientHello (see handshake.NOT_DIRECT_MARKERS).
 PG15_HANGS_UP = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
     "SSL error: unexpected eof while reading"
@@ -60,9 +60,9 @@ REFUSED = (
 
 @pytest.fixture(autouse=True)
 def _fresh_memory() -> Iterator[None]:
-    policy.forget_direct()
+    handshake.forget_direct()
     yield
-    policy.forget_direct()
+    handshake.forget_direct()
 
 
 # -- which settings get the default (the gate, no server) --------------------------------
@@ -137,41 +137,41 @@ class Attempts:
 
 def test_unknown_endpoints_use_the_sslrequest() -> None:
     attempts = Attempts()
-    assert policy.negotiate(_decision(), attempts) == "connection"
+    assert handshake.negotiate(_decision(), attempts) == "connection"
     assert attempts.calls == [False]
-    assert policy.negotiate(Decision("d", (), "/ca.pem", "x"), attempts) == "connection"
+    assert handshake.negotiate(Decision("d", (), "/ca.pem", "x"), attempts) == "connection"
     assert attempts.calls == [False, False]
 
 
 @pytest.mark.parametrize("words", [PG15_HANGS_UP, PGBOUNCER_ANSWERS_IN_PLAINTEXT])
 def test_a_peer_that_cannot_do_direct_gets_one_fallback(words: str) -> None:
-    policy._DIRECT[KEY] = True
+    handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
-    assert policy.negotiate(_decision(), attempts) == "connection"
+    assert handshake.negotiate(_decision(), attempts) == "connection"
     assert attempts.calls == [True, False]
-    assert policy._DIRECT[KEY] is False  # remembered: no second failed attempt
-    assert policy.negotiate(_decision(), attempts) == "connection"
+    assert handshake._DIRECT[KEY] is False  # remembered: no second failed attempt
+    assert handshake.negotiate(_decision(), attempts) == "connection"
     assert attempts.calls == [True, False, False]
 
 
 @pytest.mark.parametrize("words", [UNTRUSTED, REFUSED, RESET])
 def test_a_refusal_or_another_fault_under_direct_is_not_a_fallback(words: str) -> None:
-    policy._DIRECT[KEY] = True
+    handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
     with pytest.raises(psycopg.OperationalError) as raised:
-        policy.negotiate(_decision(), attempts)
+        handshake.negotiate(_decision(), attempts)
     assert str(raised.value) == words
     assert attempts.calls == [True]
-    assert policy._DIRECT[KEY] is True
+    assert handshake._DIRECT[KEY] is True
 
 
 def test_refused_both_ways_forgets_and_raises_the_fallback_error() -> None:
-    policy._DIRECT[KEY] = True
+    handshake._DIRECT[KEY] = True
     attempts = Attempts(PG15_HANGS_UP, UNTRUSTED)
     with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
-        policy.negotiate(_decision(), attempts)
+        handshake.negotiate(_decision(), attempts)
     assert attempts.calls == [True, False]
-    assert KEY not in policy._DIRECT  # unknown: the next working connection teaches again
+    assert KEY not in handshake._DIRECT  # unknown: the next working connection teaches again
 
 
 # -- real servers -------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_postgresql_15_stays_on_the_sslrequest_without_a_failed_attempt(
     wrapper = make_wrapper(good_server.database_settings(PORT=str(proxy.port)))
     assert _negotiations(wrapper, 3) == ["postgres"] * 3
     assert proxy.accepted == 3  # one attempt per connection, the first one included
-    assert wrapper.pg_version < policy.DIRECT_SINCE
+    assert wrapper.pg_version < handshake.DIRECT_SINCE
 
 
 @pytest.mark.needs_server
@@ -248,7 +248,7 @@ def test_pgbouncer_in_front_of_postgresql_18_settles_on_the_sslrequest(
     wrapper = make_wrapper(bouncer18.database_settings(PORT=str(proxy.port)))
     assert _negotiations(wrapper, 3) == ["postgres"] * 3
     assert proxy.accepted == 3  # PgBouncer selects no ALPN: never tried direct
-    assert wrapper.pg_version >= policy.DIRECT_SINCE  # though it reports the server's version
+    assert wrapper.pg_version >= handshake.DIRECT_SINCE  # though it reports the server's version
 
 
 @pytest.mark.needs_server
@@ -292,7 +292,7 @@ def test_a_server_that_hangs_up_once_goes_direct_again(
     assert _negotiations(wrapper, 1) == ["postgres"]
     assert proxy.accepted == 4  # the cut direct attempt, then the SSLRequest
     assert _negotiations(wrapper, 2) == ["direct", "direct"]
-    assert policy.MAX_FALLBACKS == 3
+    assert handshake.MAX_FALLBACKS == 3
     proxy.cuts_left = 1  # a second time: still taken for a restart
     assert _negotiations(wrapper, 2) == ["postgres", "direct"]
     proxy.cuts_left = 1  # a third: a peer that keeps doing it is believed, for the process
@@ -312,7 +312,7 @@ def test_a_refusal_under_direct_stays_a_refusal(
     with pytest.raises(InsecureConnectionError, match="certificate verify failed"):
         make_wrapper(settings).ensure_connection()
     assert proxy.accepted == 2  # refused under direct (or the SSLRequest on libpq 15): no retry
-    assert policy._DIRECT.get(("127.0.0.1", "", str(proxy.port))) is (
+    assert handshake._DIRECT.get(("127.0.0.1", "", str(proxy.port))) is (
         True if LIBPQ_DIRECT else None
     )
 

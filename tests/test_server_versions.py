@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from django.db.utils import OperationalError
 
-from secure_pg_backend import InsecureConnectionError, libpq, policy
+from secure_pg_backend import InsecureConnectionError, handshake, libpq
 from secure_pg_backend.testing import TestCA, TLSPostgres, find_pg_bin
 
 from .conftest import refused_by_old_libpq
@@ -149,7 +149,7 @@ def test_direct_negotiation(make_wrapper: Wrapper, server: Server) -> None:
 def test_direct_tls_by_default_from_the_second_connection(
     make_wrapper: Wrapper, server: Server
 ) -> None:
-    policy.forget_direct()  # this module's other tests taught it this endpoint already
+    handshake.forget_direct()  # this module's other tests taught it this endpoint already
     wrapper = make_wrapper(server.pg.database_settings())
     used = []
     for _ in range(2):
