@@ -16,8 +16,8 @@ import functools
 import os
 import socket
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -25,6 +25,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # typeshed names no public type for a foreign function pointer
 _CFunc = Any
+
+T = TypeVar("T")
 
 _NOLOAD = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 0)
 
@@ -499,6 +501,12 @@ def certificate_not_after(der: bytes) -> dt.datetime | None:
     ``peer_not_after`` reads the certificate the TLS session already decoded.
     """
     fns = _time_functions()
+    return None if fns is None else _decoded(der, lambda x509: _not_after(fns, x509))
+
+
+def _decoded(der: bytes, read: Callable[[int], T]) -> T | None:
+    """``read(X509*)`` of a DER certificate decoded by libpq's OpenSSL; None if it cannot."""
+    fns = _time_functions()
     if fns is None:
         return None
     cursor = ctypes.c_char_p(der)  # d2i advances the pointer it gets; `der` stays alive
@@ -506,7 +514,7 @@ def certificate_not_after(der: bytes) -> dt.datetime | None:
     if not x509:
         return None
     try:
-        return _not_after(fns, x509)
+        return read(x509)
     finally:
         fns.x509_free(x509)
 
@@ -601,17 +609,8 @@ def _name_functions() -> _NameFunctions | None:
 def certificate_names(der: bytes) -> tuple[str, str] | None:
     """(subject, issuer) of a DER certificate as RFC 2253 strings; None if this OpenSSL cannot
     say (the report's ``peer_certificate`` then has them, parsed by ``cryptography``)."""
-    time_fns, fns = _time_functions(), _name_functions()
-    if time_fns is None or fns is None:
-        return None
-    cursor = ctypes.c_char_p(der)  # d2i advances the pointer it gets; `der` stays alive
-    x509 = time_fns.d2i_x509(None, ctypes.byref(cursor), len(der))
-    if not x509:
-        return None
-    try:
-        return _names(fns, x509)
-    finally:
-        time_fns.x509_free(x509)
+    fns = _name_functions()
+    return None if fns is None else _decoded(der, lambda x509: _names(fns, x509))
 
 
 def _names(fns: _NameFunctions, x509: int) -> tuple[str, str] | None:
