@@ -106,6 +106,7 @@ bench: $(VENV_DJ52)/.installed system-deps
 # from the strict count.
 docs: $(VENV_DJ52)/.installed
 	@$(STAGE) "docs: mkdocs build --strict" $(VENV_DJ52)/bin/mkdocs build --strict
+	@$(STAGE) "docs: nothing loaded from another host" $(VENV_DJ52)/bin/python scripts/check-docs build/docs
 
 # The sdist and wheel a release would upload: built in isolation, checked by twine (the README
 # must render on the package index) and for contents (LICENSE, CHANGELOG in; junk out).
@@ -115,6 +116,16 @@ dist-check: $(VENV_DJ52)/.installed
 		$(VENV_DJ52)/bin/python -m build --quiet --outdir build/dist .
 	$(VENV_DJ52)/bin/twine check --strict build/dist/*
 	$(VENV_DJ52)/bin/python scripts/check-dist build/dist
+	@PIP=$(VENV_DJ52)/bin/pip $(STAGE) "dist-check: the wheel resolves for Python 3.14 (untested)" \
+		scripts/resolves-for 3.14 build/dist
+
+# A virtualenv is rebuilt when pyproject.toml or its constraint file changes, not when a
+# dependency publishes a release. CI builds every one fresh (the newest releases pyproject allows);
+# `make refresh` makes a warm checkout do the same: it removes them, and the next target that
+# needs one builds it again with what the package index serves now.
+.PHONY: refresh
+refresh:
+	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(VENV_DEMO) $(MATRIX_VENVS)
 
 clean:
 	rm -rf $(VENV_DJ52) $(VENV_DJ61) $(VENV_DEMO) $(MATRIX_VENVS) build *.egg-info .mypy_cache .ruff_cache
@@ -164,9 +175,12 @@ test-python: $(VENV_C)/.installed system-deps
 	@PSYCOPG_IMPL=python $(STAGE) "test-python: psycopg pure-Python build, system libpq (core)" \
 		$(VENV_C)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
 
+# The client-certificate tests too: the testing API signs client leaves with cryptography itself,
+# which must work on the oldest release allowed (42) as on the newest.
 test-lowest: $(VENV_LOWEST)/.installed system-deps
-	@$(STAGE) "test-lowest: lowest allowed versions, ci/lowest.txt (core)" \
-		$(VENV_LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS)
+	@$(STAGE) "test-lowest: lowest allowed versions, ci/lowest.txt (core, client certificates)" \
+		$(VENV_LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS) $(CORE_TESTS) \
+		tests/test_client_certificates.py
 
 test-pairs: $(VENV_PAIRS:.venv-%=test-pair-%)
 

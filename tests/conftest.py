@@ -127,6 +127,50 @@ def examples(full: int) -> int:
     return max(full // 10, 1) if _state.get("no_servers") else full
 
 
+# Printed first by every run, so that a new release of a dependency that breaks the suite is
+# named in the run's first lines (CI installs the newest releases pyproject allows).
+KEY_PACKAGES = (
+    "Django",
+    "psycopg",
+    "psycopg-binary",
+    "psycopg-c",
+    "psycopg-pool",
+    "cryptography",
+    "trustme",
+    "dj-database-url",
+    "botocore",
+    "prometheus-client",
+)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Written even with -q (which hides pytest's report header); once, not per xdist worker.
+    if hasattr(session.config, "workerinput"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in dependency_versions():
+            reporter.write_line(line)
+
+
+def dependency_versions() -> list[str]:
+    from importlib import metadata
+
+    import psycopg
+
+    found = []
+    for name in KEY_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    libpq = psycopg.pq.version()
+    return [
+        "secure_pg_backend dependencies: " + ", ".join(found),
+        f"psycopg implementation: {psycopg.pq.__impl__}, libpq {libpq // 10000}.{libpq % 10000}",
+    ]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs_server: starts PostgreSQL (deselected by --no-servers / make test-fast)"

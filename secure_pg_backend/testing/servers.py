@@ -132,6 +132,11 @@ class TestCA:
         now = dt.datetime.now(dt.timezone.utc)
         not_before = not_before or now - dt.timedelta(days=1)  # clock skew
         not_after = not_after or not_before + LEAF_VALIDITY
+        if not hostnames:
+            if not common_name:
+                raise ValueError("issue() needs host names, or common_name= for a client")
+            rsa_key = key_type == self._trustme.KeyType.RSA
+            return self._issue_client(common_name, not_before, not_after, rsa=rsa_key)
         leaf = self.ca.issue_cert(
             *hostnames,
             common_name=common_name,
@@ -141,6 +146,90 @@ class TestCA:
         )
         chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
         return LeafPair(cert_chain_pem=chain, key_pem=leaf.private_key_pem.bytes())
+
+    @staticmethod
+    def _leaf_name(ca_cert: Any, common_name: str) -> Any:
+        """A subject laid out as trustme lays out its leaves: O, OU, then CN."""
+        import secrets
+
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        organization = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        return x509.Name(
+            [
+                *organization[:1],
+                x509.NameAttribute(
+                    NameOID.ORGANIZATIONAL_UNIT_NAME, "Testing cert #" + secrets.token_hex(8)
+                ),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
+
+    def _issue_client(
+        self, common_name: str, not_before: dt.datetime, not_after: dt.datetime, *, rsa: bool
+    ) -> LeafPair:
+        """A client certificate: the common name only, no SubjectAlternativeName.
+
+        trustme gives every leaf a SAN of its host names, and cryptography 51 refuses an empty
+        one, so a name-less client leaf is signed here with cryptography's public API by the
+        same CA key (the CA's PEM, as trustme exports it).
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
+        ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), None)
+        key: ec.EllipticCurvePrivateKey | rsa_keys.RSAPrivateKey
+        if rsa:
+            key = rsa_keys.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(self._leaf_name(ca_cert, common_name))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=rsa,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return LeafPair(
+            cert_chain_pem=cert.public_bytes(serialization.Encoding.PEM), key_pem=key_pem
+        )
 
 
 def _as_root() -> bool:
