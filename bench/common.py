@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Aliases. "secure" and "stock" differ only in ENGINE; "plain" is stock without TLS.
-SECURE, STOCK, PLAIN = "secure", "stock", "plain"
+# Aliases. "secure" and "stock" differ only in ENGINE; "stock_b" is a second, identical stock
+# alias (the A/A run: what two identical variants differ by is the noise); "plain" is stock
+# without TLS.
+SECURE, STOCK, STOCK_B, PLAIN = "secure", "stock", "stock_b", "plain"
 COUNT_SECURE, COUNT_STOCK = "count_secure", "count_stock"
 REQ_AGE0, REQ_AGE60, REQ_POOL = "req_age0", "req_age60", "req_pool"
 
@@ -29,6 +31,7 @@ TLS_OPTIONS = {
     "sslmode": "verify-full",
     "gssencmode": "disable",
     "ssl_min_protocol_version": "TLSv1.2",
+    "connect_timeout": "10",  # the secure default: stock gets it too (libpq's timer costs CPU)
 }
 
 
@@ -166,6 +169,20 @@ def ab(make: Callable[[str], Step], a: str, b: str, rounds: int, iters: int) -> 
     cpu: dict[str, list[float]] = {}
     per_round = interleaved({a: repeat(make(a)), b: repeat(make(b))}, rounds, iters, cpu)
     return compare(a, b, per_round, cpu)
+
+
+def paired_cpu(cpu: dict[str, list[float]], a: str, b: str) -> dict[str, Any]:
+    """Client CPU of ``a`` against ``b`` from the same rounds: the median of per-round ratios
+    and of per-round differences (µs), with their spread."""
+    ratios = [x / y for x, y in zip(cpu[a], cpu[b], strict=True)]
+    diffs = [(x - y) * 1e6 for x, y in zip(cpu[a], cpu[b], strict=True)]
+    return {
+        "median_ratio": statistics.median(ratios),
+        "median_diff_us": statistics.median(diffs),
+        "diff_us": summary(diffs),
+        "ratio": summary(ratios),
+        "rounds": len(ratios),
+    }
 
 
 def compare(

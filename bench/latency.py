@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import PLAIN, SECURE, STOCK, Plan, Step, ab
+from bench.common import (
+    PLAIN,
+    SECURE,
+    STOCK,
+    STOCK_B,
+    Plan,
+    Step,
+    ab,
+    compare,
+    interleaved,
+    paired_cpu,
+    repeat,
+)
 
 
 def connect_step(alias: str) -> Step:
@@ -54,8 +66,20 @@ def orm_step(alias: str) -> Step:
 
 
 def measure_connect(plan: Plan) -> dict[str, Any]:
-    """``connect``: ``ensure_connection()`` + ``close()``, secure against stock."""
-    return {"connect": ab(connect_step, SECURE, STOCK, plan.connect_rounds, plan.connect_iters)}
+    """``connect``: ``ensure_connection()`` + ``close()``, secure against stock; and
+    ``connect_cpu``: the client's CPU per new connection, secure against stock beside stock
+    against an identical stock alias (A/A: the noise), from the same rotating rounds."""
+    cpu: dict[str, list[float]] = {}
+    variants = {alias: repeat(connect_step(alias)) for alias in (SECURE, STOCK, STOCK_B)}
+    per_round = interleaved(variants, plan.connect_rounds, plan.connect_iters, cpu)
+    return {
+        "connect": compare(SECURE, STOCK, per_round, cpu),
+        "connect_aa": compare(STOCK_B, STOCK, per_round, cpu),
+        "connect_cpu": {
+            "secure_vs_stock": paired_cpu(cpu, SECURE, STOCK),
+            "stock_vs_stock": paired_cpu(cpu, STOCK_B, STOCK),
+        },
+    }
 
 
 def measure_queries(plan: Plan) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import SECURE, STOCK, Loop, Plan, in_us, interleaved
+from secure_pg_backend import pipeline
 
 
 def measure_tls_info(plan: Plan) -> dict[str, Any]:
@@ -46,7 +47,9 @@ def measure_own_work(plan: Plan) -> dict[str, Any]:
 
     def verify_loop(n: int) -> None:
         for _ in range(n):
-            secure._verify(secure.connection)  # the post-handshake check + log decision
+            pipeline.verify(
+                secure._plan(), secure.connection
+            )  # the post-handshake check + log decision
 
     per_round = interleaved(
         {SECURE: _params_loop(secure), STOCK: _params_loop(stock), "verify": verify_loop},
