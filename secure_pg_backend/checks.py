@@ -21,7 +21,15 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import load_backend
 
-from .errors import CHECKS, check_id, location, redact, secret_values
+from .errors import (
+    CHECKS,
+    InsecureConnectionError,
+    SecurePolicyError,
+    check_id,
+    location,
+    redact,
+    secret_values,
+)
 
 __all__ = ["check_databases", "check_deploy_aliases"]
 
@@ -40,9 +48,23 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
             continue
         if not isinstance(wrapper, VerifiedTLSMixin):
             continue
+        if wrapper.misassembled:  # Django's methods come first: the policy cannot run at all
+            error = SecurePolicyError.misassembled(alias, wrapper.misassembled)
+            (violation,) = error.violations
+            errors.append(
+                Error(
+                    f"{location(alias, None)}: {violation.problem}",
+                    hint=violation.fix,
+                    obj=f"DATABASES[{alias!r}]",
+                    id=check_id(violation.code),
+                )
+            )
+            continue
         verdict = wrapper.policy_verdict().now()  # the files libpq opens, as they are now
         where = location(alias, verdict.host)
         password = secret_values(wrapper.settings_dict)
+        if not verdict.violations:
+            errors.extend(_final_parameters(wrapper, alias))
         for violation in verdict.violations:
             errors.append(
                 Error(
@@ -53,6 +75,21 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
                 )
             )
     return errors
+
+
+def _final_parameters(wrapper: Any, alias: str) -> list[CheckMessage]:
+    """E009 for what a subclass's ``get_connection_params`` makes of the judged parameters:
+    the attempt pipeline's own judgment (``pipeline.judge``), without connecting."""
+    from . import pipeline
+
+    try:
+        params = wrapper.get_connection_params()
+        pipeline.judge(wrapper._plan(), params)
+    except InsecureConnectionError as exc:
+        return [Error(str(exc), obj=f"DATABASES[{alias!r}]", id=check_id("E009"))]
+    except SecurePolicyError:  # reported above, from the same verdict
+        return []
+    return []
 
 
 def check_deploy_aliases(

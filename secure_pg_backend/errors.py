@@ -12,7 +12,7 @@
 * ``explanation``: one id or refusal cause in words for a terminal (``python -m
   secure_pg_backend explain``, ``manage.py dbtls --explain``), from the same table.
 * Why an attempt to open a connection failed (``CAUSES``, ``classify``, ``explain``) and
-  whether trying again can help (``retrying``).
+  whether trying again can help (the retry itself is the attempt pipeline's: ``pipeline``).
 
 A failed attempt to open a connection is one of three things:
 
@@ -40,13 +40,8 @@ Plain strings and slotted classes: this module is imported by every process that
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import logging
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
@@ -248,6 +243,15 @@ _TABLE = (
         "terminal and the connection wait there. Checked before every new connection",
         "restrict the key file: chmod 600 (owned by the user that runs Django), or 640 if "
         "owned by root; for an encrypted key, set OPTIONS['sslpassword'] to its passphrase.",
+    ),
+    CheckId(
+        "E020",
+        "checks.check_databases",
+        "the alias's wrapper class lists Django's PostgreSQL wrapper before `VerifiedTLSMixin` "
+        "in its bases, so Django's `get_connection_params` and `get_new_connection` run instead "
+        "of the policy's. Such a class refuses every connection (`SecurePolicyError`)",
+        "put VerifiedTLSMixin first: class DatabaseWrapper(VerifiedTLSMixin, "
+        "<other>.DatabaseWrapper).",
     ),
     CheckId(
         "W001",
@@ -464,6 +468,12 @@ class SecurePolicyError(ImproperlyConfigured):
             message = head + ":\n" + "\n".join(f"  - {line}" for line in lines)
         super().__init__(redact(message, password))
 
+    @classmethod
+    def misassembled(cls, alias: str, why: str) -> SecurePolicyError:
+        """E020: the wrapper class never reaches the policy (``base.misassembly`` says why)."""
+        problem, _, fix = why.partition(" Fix: ")
+        return cls(alias, None, [Violation("E020", problem[:1].upper() + problem[1:], fix)])
+
 
 class InsecureConnectionError(OperationalError):
     """A connection was made but did not meet the policy (or TLS verification failed).
@@ -545,15 +555,9 @@ def link_message(alias: str, host: str | None, problem: str, fix: str) -> str:
     return f"secure_pg_backend refused the connection for {where}: {problem} Fix: {fix}"
 
 
-# -- why an attempt to open a connection failed, and retrying the transient ones -----------
-logger = logging.getLogger("secure_pg_backend")
-
-T = TypeVar("T")
+# -- why an attempt to open a connection failed -------------------------------------------
 
 REFUSAL, TRANSIENT = "refusal", "transient"
-RETRY_OPTION = "connect_retry"
-DEFAULT_RETRY_BUDGET = 5.0  # seconds: a fast restart or a failover takes one or two
-FIRST_DELAY, MAX_DELAY = 0.05, 0.5  # a fault that clears is noticed within half a second
 
 
 class Cause:
@@ -805,90 +809,4 @@ def explain(
     message = link_message(alias, host, f"{cause.problem} libpq said: {detail}.", cause.fix)
     return InsecureConnectionError(
         redact(message, secrets), alias=alias, host=host, cause=cause.name
-    )
-
-
-# -- retrying a transient failure ----------------------------------------------------------------
-def retry_budget(options: dict[str, Any] | Any, connect_timeout: object) -> float:
-    """Seconds to keep retrying: OPTIONS['connect_retry'] (validated by the gate), capped by
-    libpq's connect_timeout so that a caller who set a short timeout is not held longer."""
-    value = options.get(RETRY_OPTION, DEFAULT_RETRY_BUDGET) if options else DEFAULT_RETRY_BUDGET
-    budget = float(value)
-    try:
-        timeout = float(connect_timeout)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return budget
-    return min(budget, timeout) if timeout > 0 else budget
-
-
-_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "secure_pg_backend_once", default=False
-)
-
-
-@contextlib.contextmanager
-def attempt_once() -> Iterator[None]:
-    """No retries inside: a probe (``dbtls``) reports the state now; its caller retries."""
-    token = _ONCE.set(True)
-    try:
-        yield
-    finally:
-        _ONCE.reset(token)
-
-
-def retrying(
-    connect: Callable[[], T],
-    *,
-    alias: str,
-    budget: float,
-    sender: type,
-    secrets: Callable[[], object] = tuple,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """``connect()``, tried again after transient failures until ``budget`` seconds are spent.
-
-    Only opening the connection is retried (``connect`` returns before any query), never a
-    refusal nor an unknown failure; no attempt starts once the budget is spent, and the last
-    failure is raised unchanged.
-    """
-    if _ONCE.get():
-        budget = 0.0
-    deadline = clock() + budget
-    delay = FIRST_DELAY
-    attempt = 1
-    while True:
-        try:
-            return connect()
-        except Exception as exc:
-            cause = classify(exc) if budget > 0 else None
-            if cause is None or cause.kind != TRANSIENT:
-                raise
-            wait = random.uniform(delay / 2, delay)  # jitter: restarts hit many clients at once
-            if clock() + wait >= deadline:
-                raise
-            _announce(
-                sender, alias, attempt, cause, wait, redact(" ".join(str(exc).split()), secrets())
-            )
-            sleep(wait)
-            attempt += 1
-            delay = min(delay * 2, MAX_DELAY)
-
-
-def _announce(
-    sender: type, alias: str, attempt: int, cause: Cause, delay: float, words: str
-) -> None:
-    logger.warning(
-        "database alias %r: connection attempt %d failed (%s), retrying in %.2f s: %s",
-        alias,
-        attempt,
-        cause.name,
-        delay,
-        words,
-        extra={"db_alias": alias, "retry_attempt": attempt, "retry_cause": cause.name},
-    )
-    from . import signals  # only when a retry is announced: errors is on every cold start
-
-    signals.connection_retried.send(
-        sender, alias=alias, attempt=attempt, cause=cause.name, delay=delay, message=words
     )

@@ -432,18 +432,6 @@ def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
         raise
 
 
-def negotiated_kwargs(
-    decision: Decision | None, kwargs: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-) -> Callable[[], dict[str, Any]]:
-    """A pool's ``kwargs`` (``pool_negotiates``): each new connection's, direct where known."""
-
-    def fresh() -> dict[str, Any]:
-        params = kwargs() if callable(kwargs) else kwargs
-        return with_negotiation(params, goes_direct(decision))
-
-    return fresh
-
-
 def learn_direct(decision: Decision, pgconn: Any) -> None:
     """Learn from a verified connection whether its endpoint can negotiate TLS directly.
 

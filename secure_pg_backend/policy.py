@@ -53,7 +53,7 @@ ALLOW_UNIX_SOCKET = "allow_unix_socket"
 ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
 PASSWORD_PROVIDER = "password_provider"
 CONNECT_RETRY = (
-    "connect_retry"  # seconds of retries for transient connect failures (errors.retrying)
+    "connect_retry"  # seconds of retries for transient connect failures (pipeline.Retry)
 )
 BACKEND_OPTIONS = frozenset(
     {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER, CONNECT_RETRY}
@@ -766,16 +766,6 @@ def direct_key(req: Request) -> DirectKey | None:
     return (get("host") or "", get("hostaddr") or "", get("port") or "")
 
 
-def pool_negotiates(decision: Decision | None) -> bool:
-    """Whether a pool's new connections follow the direct default: psycopg-pool 3.3+ asks
-    for the parameters of each new connection; with an older one libpq's default stays."""
-    if decision is None or decision.direct_key is None:
-        return False
-    import psycopg_pool
-
-    return _version(psycopg_pool.__version__) >= (3, 3)
-
-
 def e009_assembled(decision: Decision, parsed: Mapping[str, str]) -> Violation | None:
     """The assembled connection string, read back by libpq's parser, carries the policy."""
     for key, value in decision.forced.items():
@@ -1102,34 +1092,6 @@ def with_password(
     out = {k: v for k, v in params.items() if k not in (PASSWORD_PROVIDER, "password")}
     out["password"] = password
     return out
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
-
-
-def pool_kwargs(
-    alias: str, settings_dict: Mapping[str, Any], params: dict[str, Any]
-) -> dict[str, Any] | Callable[[], dict[str, Any]]:
-    """``kwargs`` for psycopg_pool: a callable asking the provider for each new connection."""
-    if load_provider(alias, settings_dict) is None:  # configuration errors surface here
-        return params
-    import psycopg_pool
-
-    if _version(psycopg_pool.__version__) < (3, 3):  # the first to accept a callable kwargs
-        raise _configuration_error(
-            alias,
-            settings_dict.get("HOST") or None,
-            f"{FIELD} with OPTIONS['pool'] needs psycopg-pool 3.3 or newer (which asks for "
-            f"the connection parameters for each new connection); {psycopg_pool.__version__} "
-            "is installed.",
-            "pip install 'psycopg-pool>=3.3'.",
-        )
-
-    def fresh_kwargs() -> dict[str, Any]:
-        return with_password(alias, settings_dict, params)
-
-    return fresh_kwargs
 
 
 # -- the gate: one alias's settings to the keywords for psycopg.connect, or a refusal ----------

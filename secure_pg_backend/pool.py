@@ -1,5 +1,10 @@
 """Django's psycopg pool, but a refused connection reaches the caller at once.
 
+Every new connection is opened by the attempt pipeline (``pipeline``): the pool's
+``connection_class`` is the pipeline's, so the files, the credentials, how TLS starts, the
+final parameters, the link check and the retries are the very steps plain connections take.
+This module is the one adapter of psycopg_pool's privates (``tests/test_pool.py`` pins them).
+
 psycopg_pool retries failed connections in the background and lets ``getconn()`` wait;
 with a certificate problem every request then ends in a bare ``PoolTimeout`` after 30 s,
 hiding the reason. Here a *refusal* (``errors.classify``: TLS verification failed, a file libpq
@@ -11,24 +16,26 @@ heals the pool. A *transient* failure (a restart, a reset, EOF) is retried withi
 wait for the reconnect. Idle connections, verified when they were made, are served
 whatever the state of files only new connections need.
 
-Fork and exit (``base``, its last section): at interpreter exit no worker thread is left
-running Python code (this backend's check, its log line, ``connection_verified`` receivers)
-while the interpreter finalizes; in a forked child the pool is abandoned untouched (its threads and
+Fork and exit (``lifecycle``): at interpreter exit no worker thread is left running Python
+code (this backend's check, its log line, ``connection_verified`` receivers) while the
+interpreter finalizes; in a forked child the pool is abandoned untouched (its threads and
 sessions belong to the parent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgresWrapper
 from psycopg import Connection
 from psycopg_pool import ConnectionPool, PoolClosed
 
+from . import lifecycle, pipeline
 from .errors import InsecureConnectionError
 
 
@@ -40,17 +47,12 @@ def _park_forever() -> NoReturn:
 class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
     def __init__(
         self,
+        plan: pipeline.Plan,
         *args: Any,
         explain: Callable[[Exception], InsecureConnectionError | None],
-        prepare: Callable[[], None],
-        recheck: Callable[[Exception], None],
-        retry: Callable[[Callable[[], Connection[Any]]], Connection[Any]],
         **kwargs: Any,
     ) -> None:
         self._explain = explain
-        self._prepare = prepare  # per new connection: the files libpq opens (never cached)
-        self._recheck = recheck  # libpq failed on one of them anyway: say which
-        self._retry = retry  # errors.retrying, with the alias's budget
         self._refusal: InsecureConnectionError | None = None
         self._probe = threading.Condition()
         self._probing = False
@@ -63,10 +65,10 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         configure = kwargs.get("configure")
         if configure is not None:
             kwargs["configure"] = lambda conn: self._configure_unless_exiting(configure, conn)
+        base = kwargs.pop("connection_class", Connection)
+        kwargs["connection_class"] = pipeline.connection_class(plan.with_hooks(_Hooks(self)), base)
         super().__init__(*args, **kwargs)
-        from .base import track_pool  # base imports this module when a pool is first built
-
-        track_pool(self)
+        lifecycle.track_pool(self)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         with self._state:
@@ -79,7 +81,7 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
 
     def _connect_or_explain(self, timeout: float | None) -> Connection[Any]:
         try:
-            conn = self._retry(lambda: self._attempt(timeout))
+            conn = super()._connect(timeout)  # the connection class runs the pipeline
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:
@@ -94,17 +96,11 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         self._refusal = None
         return conn
 
-    def _attempt(self, timeout: float | None) -> Connection[Any]:
+    def _before_attempt(self) -> None:
         if self._exiting:  # a retry that woke up while the interpreter exits: go no further
             _park_forever()
         if self.closed:  # a retry that woke up after close(): closing must not wait for it
             raise PoolClosed(f"the pool {self.name!r} is closed")
-        self._prepare()
-        try:
-            return super()._connect(timeout)
-        except Exception as exc:
-            self._recheck(exc)
-            raise
 
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
         if self._refusal is not None and not self._has_idle():
@@ -166,8 +162,10 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
             conn.close()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _configure_unless_exiting(self, configure: Callable[[Any], Any], conn: Any) -> Any:
-        """Run the pool's configure (the check, the log line, the receivers), except at exit.
+    @contextlib.contextmanager
+    def _running_python(self) -> Iterator[None]:
+        """Around Python work on a pool thread after libpq returns (the link check, the log
+        line, the receivers, Django's configure), except at exit.
 
         A handshake that completes once the process is exiting parks its worker thread
         here, blocked without the GIL, until the process is gone: running that Python code
@@ -180,11 +178,15 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         if exiting:
             _park_forever()
         try:
-            return configure(conn)
+            yield
         finally:
             with self._state:
                 self._configuring -= 1
                 self._state.notify_all()
+
+    def _configure_unless_exiting(self, configure: Callable[[Any], Any], conn: Any) -> Any:
+        with self._running_python():
+            return configure(conn)
 
     def close_at_exit(self, deadline: float) -> None:
         """Called at interpreter exit, before finalization: leave no worker running Python.
@@ -208,7 +210,7 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
     def abandon_after_fork(self) -> None:
         """In a forked child: never use or close this pool (its threads are the parent's).
 
-        Its connections were already dropped without a write (``base.after_fork_in_child``);
+        Its connections were already dropped without a write (``lifecycle.after_fork_in_child``);
         marked closed, it refuses clients and its finalizer does nothing, and the next query in
         the child builds a new pool.
         """
@@ -217,3 +219,18 @@ class VerifiedConnectionPool(ConnectionPool[Connection[Any]]):
         for alias, pool in list(registry.items()):
             if pool is self:
                 del registry[alias]
+
+
+class _Hooks(pipeline.Hooks):
+    """The pipeline's hooks for one pool: stop at exit or once closed."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: VerifiedConnectionPool) -> None:
+        self._pool = pool
+
+    def before_attempt(self) -> None:
+        self._pool._before_attempt()
+
+    def verifying(self) -> contextlib.AbstractContextManager[None]:
+        return self._pool._running_python()

@@ -15,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.utils import OperationalError
 
-from secure_pg_backend import ConnectionFileError, InsecureConnectionError, TLSInfo, libpq
+from secure_pg_backend import ConnectionFileError, InsecureConnectionError, TLSInfo, libpq, pipeline
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
 
 from .conftest import TCPRecorder, assert_no_secret
@@ -255,7 +255,7 @@ def test_post_handshake_check_refuses_a_socket_link(
         gssencmode="disable",
     )
     with pytest.raises(InsecureConnectionError, match=r"DATABASES\['slipped'\].*Unix-domain"):
-        wrapper._verify(raw)
+        pipeline.verify(wrapper._plan(), raw)
     assert raw.closed
 
 

@@ -269,16 +269,3 @@ def test_aws_provider_errors_name_the_alias_and_provider(
     assert needle in str(e.value)
     assert "DATABASES['reporting']" in str(e.value)
     assert "'secure_pg_backend.credentials.aws_rds_iam'" in str(e.value)
-
-
-def test_pool_kwargs_is_a_callable_only_with_a_provider(monkeypatch: pytest.MonkeyPatch) -> None:
-    import psycopg_pool
-
-    params = {"dbname": "app"}
-    assert policy.pool_kwargs("main", {"OPTIONS": {}}, params) is params
-    fresh = policy.pool_kwargs("main", entry(fixed), params)
-    assert callable(fresh) and fresh() == {"dbname": "app", "password": SECRET}
-    assert SECRET not in repr(fresh)
-    monkeypatch.setattr(psycopg_pool, "__version__", "3.2.6")
-    with pytest.raises(ImproperlyConfigured, match=r"needs psycopg-pool 3\.3 or newer.*3\.2\.6"):
-        policy.pool_kwargs("main", entry(fixed), params)

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import InsecureConnectionError, handshake, libpq, policy
+from secure_pg_backend import InsecureConnectionError, handshake, libpq
 from secure_pg_backend.policy import Decision
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
@@ -343,7 +343,7 @@ def test_the_pool_goes_direct_and_falls_back_too(
             PORT=str(proxy.port), options={"pool": {"min_size": 0, "max_size": 1}}
         )
     )
-    direct = LIBPQ_DIRECT and policy.pool_negotiates(wrapper.policy_verdict().decision)
+    direct = LIBPQ_DIRECT  # the pool runs the same attempt pipeline
     first = _negotiations(wrapper, 1)  # a new pool: one new connection
     wrapper.close_pool()
     second = _negotiations(wrapper, 1)

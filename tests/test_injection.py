@@ -622,12 +622,11 @@ def test_provider_values_are_refused_or_reach_the_judged_server_only(
     assert _MARK not in message
 
 
-def test_pool_asks_for_a_screened_value_per_connection() -> None:
+def test_every_attempt_asks_for_a_screened_value() -> None:
+    # The attempt pipeline's credentials step, the same for pooled and plain connections.
     entry = {"HOST": "db.test", "OPTIONS": {"password_provider": lambda a, s: "tok\x00x"}}
-    fresh = policy.pool_kwargs("pooled", entry, {"host": "db.test", "password": "env"})
-    assert callable(fresh)
     with pytest.raises(CredentialProviderError, match=r"DATABASES\['pooled'\]") as caught:
-        fresh()
+        policy.with_password("pooled", entry, {"host": "db.test", "password": "env"})
     assert "tok" not in str(caught.value).replace("token", "")
 
 

@@ -1,13 +1,15 @@
-"""The layout's promise (docs/development.md): one connection's path crosses six modules.
+"""The layout's promises (docs/development.md), measured rather than read off the imports.
 
-Measured, not read off the imports: the package modules whose functions run while a wrapper
-opens, verifies and announces one connection with default settings.
+One connection's path crosses seven modules: the package modules whose functions run while a
+wrapper opens, verifies and announces one connection with default settings. Plain and pooled
+connections run the same attempt pipeline functions.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +18,21 @@ import pytest
 
 from secure_pg_backend.testing import TLSPostgres
 
-PATH = {"base", "policy", "libpq", "errors", "handshake", "signals"}
+PATH = {"base", "pipeline", "policy", "libpq", "handshake", "signals", "lifecycle"}
+# Every step of one attempt (docs/development.md): what plain and pooled connections share.
+ATTEMPT = {
+    "pipeline.connect",
+    "pipeline.retrying",
+    "pipeline.attempt",
+    "pipeline.check_files",
+    "pipeline._opened",
+    "pipeline.judge",
+    "pipeline.verify",
+    "policy.with_password",
+    "handshake.negotiate",
+    "handshake.read_facts",
+    "handshake.check_link",
+}
 # Receivers of connection_verified (the app installs the metrics when prometheus_client is
 # importable): observers of the path, not steps of it.
 RECEIVERS = {"metrics"}
@@ -36,9 +52,11 @@ def _modules_run(action: Callable[[], object]) -> set[str]:
             calls.add(f"{name.removeprefix('secure_pg_backend.')}.{frame.f_code.co_name}")
 
     sys.setprofile(profile)
+    threading.setprofile(profile)  # the pool's worker threads open its connections
     try:
         action()
     finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
         sys.setprofile(None)
     return {name for name in seen if not name.startswith("testing")}
 
@@ -53,12 +71,27 @@ def quiet_start_up_line() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def test_one_connection_crosses_six_modules(
+def test_one_connection_crosses_seven_modules(
     make_wrapper: Callable[..., Any], good_server: TLSPostgres, quiet_start_up_line: None
 ) -> None:
     wrapper = make_wrapper(good_server.database_settings())
     assert _modules_run(wrapper.ensure_connection) - RECEIVERS == PATH
     assert wrapper.connection is not None
+
+
+def test_plain_and_pooled_connections_run_the_same_attempt(
+    make_wrapper: Callable[..., Any], good_server: TLSPostgres, quiet_start_up_line: None
+) -> None:
+    plain = make_wrapper(good_server.database_settings(), alias="plain")
+    _modules_run(plain.ensure_connection)
+    assert calls >= ATTEMPT, ATTEMPT - calls
+    pooled_settings = good_server.database_settings()
+    pooled_settings["OPTIONS"] = {**pooled_settings["OPTIONS"], "pool": {"min_size": 1}}
+    pooled = make_wrapper(pooled_settings, alias="pooled")
+
+    _modules_run(pooled.ensure_connection)  # made on a pool worker thread
+    assert calls >= ATTEMPT, ATTEMPT - calls
+    assert "pool._connect" in calls  # through the pool's adapter, not around it
 
 
 def test_the_report_adds_only_tlsinfo(

@@ -25,7 +25,7 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import ConnectionFileError, libpq, policy
+from secure_pg_backend import ConnectionFileError, libpq, pipeline, policy
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 from .conftest import examples
@@ -218,7 +218,7 @@ def test_policy_refuses_or_forces_verified_tls(
         assert wrapper._decision is not None
         assert params["password"] == PASSWORD  # for libpq only: never in a message
         try:  # what every physical connection checks before libpq opens anything
-            wrapper._check_files()
+            pipeline.check_files(wrapper._plan())
         except ConnectionFileError as exc:
             assert PASSWORD not in str(exc) and "Fix:" in str(exc)
             return

@@ -14,7 +14,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
-from ...errors import attempt_once, explanation, explanation_index, redact, secret_values
+from ...errors import explanation, explanation_index, redact, secret_values
+from ...pipeline import attempt_once
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 

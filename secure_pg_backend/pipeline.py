@@ -1,0 +1,475 @@
+"""One connection attempt, the same on every path: the choke point of the policy.
+
+Plain and persistent connections (``base``), Django's pool (``pool``, through psycopg_pool's
+``connection_class``), the test database and the no-database alias all open their physical
+connections here and nowhere else, in these steps::
+
+    files -> credentials -> how TLS starts -> the parameters judged -> libpq -> the link checked
+
+and retry the whole attempt while it fails for a transient cause (``Retry``).
+
+*The parameters judged* is the guarantee: immediately before psycopg hands them to libpq, the
+exact parameters (whatever a subclass's ``get_connection_params``/``get_new_connection``, a
+receiver or a ``DATABASES`` edit made of them) are turned into the connection string psycopg
+builds and read back by libpq's own parser; every value the policy forces must be there, or the
+attempt is refused before a byte is sent. For plain connections the check sits in
+``Database.connect`` (``JudgingDatabase``), the call Django's ``get_new_connection`` makes; for
+the pool in the pool's connection class. Both refuse a connect made outside an attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import random
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import psycopg
+
+from . import handshake, libpq, lifecycle, policy, signals
+from .errors import (
+    TRANSIENT,
+    Cause,
+    ConnectionFileError,
+    InsecureConnectionError,
+    classify,
+    link_message,
+    redact,
+    secret_values,
+)
+
+__all__ = [
+    "DEFAULT_RETRY_BUDGET",
+    "JudgingDatabase",
+    "Plan",
+    "Retry",
+    "attempt_once",
+    "connect",
+    "connection_class",
+    "judge",
+    "retry_budget",
+    "retrying",
+    "tls_info_of",
+]
+
+logger = logging.getLogger("secure_pg_backend")
+
+T = TypeVar("T")
+
+# Stored on each psycopg connection: what the link check saw, then the TLSInfo built from it.
+LINK_ATTR = "_secure_pg_backend_link"
+TLS_INFO_ATTR = "_secure_pg_backend_tls_info"
+
+
+class Hooks:
+    """What a caller adds around each attempt; the pool's stop it at exit or once closed."""
+
+    def before_attempt(self) -> None:
+        """Called before each attempt (a retry included); may raise to stop retrying."""
+
+    def verifying(self) -> contextlib.AbstractContextManager[None]:
+        """Around the Python work after libpq returns (the check, the log line, receivers)."""
+        return contextlib.nullcontext()
+
+
+NO_HOOKS = Hooks()
+
+
+class Plan:
+    """What every attempt of one alias (or one pool) shares, for one policy decision.
+
+    ``changers``: the methods below ``VerifiedTLSMixin`` that can change the parameters
+    (a subclass's ``get_connection_params``/``get_new_connection``), named in a refusal.
+    """
+
+    __slots__ = ("alias", "changers", "decision", "hooks", "judged", "sender", "settings_dict")
+
+    def __init__(
+        self,
+        alias: str,
+        decision: policy.Decision,
+        settings_dict: Mapping[str, Any],
+        sender: type,
+        changers: tuple[str, ...] = (),
+        hooks: Hooks = NO_HOOKS,
+    ) -> None:
+        self.alias = alias
+        self.decision = decision
+        self.settings_dict = settings_dict
+        self.sender = sender
+        self.changers = changers
+        self.hooks = hooks
+        # Parameter sets already read back by libpq and found to carry the policy (the
+        # password aside, see ``judge``): a new connection with the same parameters costs a
+        # dict lookup, not a second parse of what psycopg parses anyway.
+        self.judged: dict[tuple[Any, ...], None] = {}
+
+    def with_hooks(self, hooks: Hooks) -> Plan:
+        return Plan(
+            self.alias, self.decision, self.settings_dict, self.sender, self.changers, hooks
+        )
+
+    @property
+    def host(self) -> str | None:
+        return self.decision.host_display
+
+
+# -- the retry state of one connect ----------------------------------------------------------
+DEFAULT_RETRY_BUDGET = 5.0  # seconds: a fast restart or a failover takes one or two
+FIRST_DELAY, MAX_DELAY = 0.05, 0.5  # a fault that clears is noticed within half a second
+
+
+def retry_budget(options: Mapping[str, Any] | None, connect_timeout: object) -> float:
+    """Seconds to keep retrying: OPTIONS['connect_retry'] (validated by the gate), capped by
+    libpq's connect_timeout so that a caller who set a short timeout is not held longer."""
+    value = options.get(policy.CONNECT_RETRY, DEFAULT_RETRY_BUDGET) if options else None
+    budget = float(DEFAULT_RETRY_BUDGET if value is None else value)
+    try:
+        timeout = float(connect_timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return budget
+    return min(budget, timeout) if timeout > 0 else budget
+
+
+class Retry:
+    """The retry state of one connect (as psycopg_pool's ``AttemptWithBackoff``): when the
+    budget ends, the next delay (jittered exponential backoff), the attempt number.
+
+    Only opening the connection is retried, never a refusal nor an unknown failure; no
+    attempt starts once the budget is spent.
+    """
+
+    __slots__ = ("attempt", "budget", "clock", "deadline", "delay")
+
+    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = 0.0 if _ONCE.get() else budget
+        self.clock = clock
+        self.deadline = clock() + self.budget
+        self.delay = FIRST_DELAY
+        self.attempt = 1
+
+    def cause(self, exc: BaseException) -> Cause | None:
+        """The transient cause worth another attempt, or None."""
+        if self.budget <= 0:
+            return None
+        cause = classify(exc)
+        return cause if cause is not None and cause.kind == TRANSIENT else None
+
+    def wait(self) -> float | None:
+        """The delay before the next attempt, or None when it would start past the budget."""
+        wait = random.uniform(self.delay / 2, self.delay)  # jitter: restarts hit many clients
+        if self.clock() + wait >= self.deadline:
+            return None
+        return wait
+
+    def advance(self) -> None:
+        self.attempt += 1
+        self.delay = min(self.delay * 2, MAX_DELAY)
+
+
+_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "secure_pg_backend_once", default=False
+)
+
+
+@contextlib.contextmanager
+def attempt_once() -> Iterator[None]:
+    """No retries inside: a probe (``dbtls``) reports the state now; its caller retries."""
+    token = _ONCE.set(True)
+    try:
+        yield
+    finally:
+        _ONCE.reset(token)
+
+
+def retrying(
+    connect: Callable[[], T],
+    *,
+    alias: str,
+    budget: float,
+    sender: type,
+    secrets: Callable[[], object] = tuple,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    before_attempt: Callable[[], None] = NO_HOOKS.before_attempt,
+) -> T:
+    """``connect()``, tried again after transient failures until ``budget`` seconds are spent;
+    the last failure is raised unchanged."""
+    retry = Retry(budget, clock)
+    while True:
+        before_attempt()
+        try:
+            return connect()
+        except Exception as exc:
+            cause = retry.cause(exc)
+            wait = retry.wait() if cause is not None else None
+            if cause is None or wait is None:
+                raise
+            _announce(sender, alias, retry.attempt, cause, wait, exc, secrets)
+            sleep(wait)
+            retry.advance()
+
+
+def _announce(
+    sender: type,
+    alias: str,
+    attempt: int,
+    cause: Cause,
+    delay: float,
+    exc: Exception,
+    secrets: Callable[[], object],
+) -> None:
+    words = redact(" ".join(str(exc).split()), secrets())  # secrets gathered only when logged
+    logger.warning(
+        "database alias %r: connection attempt %d failed (%s), retrying in %.2f s: %s",
+        alias,
+        attempt,
+        cause.name,
+        delay,
+        words,
+        extra={"db_alias": alias, "retry_attempt": attempt, "retry_cause": cause.name},
+    )
+    signals.connection_retried.send(
+        sender, alias=alias, attempt=attempt, cause=cause.name, delay=delay, message=words
+    )
+
+
+# -- the attempt ---------------------------------------------------------------------------
+# Paths of the files libpq opens that this process has seen usable: one missing now is being
+# replaced (retried as transient), not a path that never existed (reported at once).
+_SEEN_FILES: set[str] = set()
+
+# The plan of the attempt in progress on this thread (or task): what ``JudgingDatabase`` and
+# the pool's connection class judge the final parameters against.
+_CURRENT: contextvars.ContextVar[Plan | None] = contextvars.ContextVar(
+    "secure_pg_backend_attempt", default=None
+)
+
+
+def connect(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
+    """Open one verified connection with ``open_`` (Django's ``get_new_connection``, or
+    psycopg's ``Connection.connect`` for the pool), retried within the alias's budget."""
+    options = plan.settings_dict.get("OPTIONS")
+    return retrying(
+        lambda: attempt(plan, params, open_),
+        alias=plan.alias,
+        budget=retry_budget(options, params.get("connect_timeout")),
+        sender=plan.sender,
+        secrets=lambda: secret_values(plan.settings_dict),
+        before_attempt=plan.hooks.before_attempt,
+    )
+
+
+def attempt(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
+    """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link."""
+    check_files(plan)
+    with_credentials = policy.with_password(plan.alias, plan.settings_dict, params)
+    return handshake.negotiate(
+        plan.decision,
+        lambda direct: _opened(plan, handshake.with_negotiation(with_credentials, direct), open_),
+    )
+
+
+def _opened(plan: Plan, params: dict[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
+    token = _CURRENT.set(plan)
+    try:
+        connection = open_(params)
+    except psycopg.OperationalError as exc:
+        recheck_files(plan, exc)
+        raise
+    finally:
+        _CURRENT.reset(token)
+    with plan.hooks.verifying():
+        verify(plan, connection)
+    return connection
+
+
+def check_files(plan: Plan) -> None:
+    """The files libpq will open, as they are now (``stat`` only, a few microseconds)."""
+    needs = plan.decision.files
+    problems = policy.file_problems(needs)
+    if not problems:
+        _SEEN_FILES.update(need.path for need in needs)
+        return
+    raise ConnectionFileError.from_violations(
+        plan.alias,
+        plan.host,
+        [policy.file_violation(need, problem) for need, problem in problems],
+        replaced=all(
+            problem == policy.MISSING and need.path in _SEEN_FILES for need, problem in problems
+        ),
+    )
+
+
+def recheck_files(plan: Plan, exc: Exception) -> None:
+    """libpq could not open a file checked a moment ago: report it as the file it is."""
+    if " file " in str(exc):  # libpq: 'root certificate file "..." does not exist', ...
+        check_files(plan)
+
+
+# -- the parameters judged, immediately before libpq sees them -----------------------------
+def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
+    """Refuse unless the exact parameters psycopg will hand libpq carry the policy.
+
+    ``params`` are ``psycopg.connect``'s keyword arguments. The libpq keywords among them
+    become the connection string psycopg builds, read back by libpq's parser (which skips
+    spaces around a key, lets a later duplicate win and stops at a NUL byte, as when it
+    connects), and every forced value must be what libpq reads. A set already judged is
+    remembered without its password: psycopg quotes every value, so a password cannot add or
+    change a keyword, except by a NUL byte, which is never remembered.
+    """
+    if plan is None:
+        raise InsecureConnectionError(
+            "secure_pg_backend refused a connection opened outside its attempt pipeline: "
+            "Database.connect was called directly. Fix: open connections through the "
+            "DatabaseWrapper (ensure_connection, or Django's pool).",
+            cause="policy",
+        )
+    password = params.get("password")
+    key: tuple[Any, ...] | None = tuple(
+        (k, v) for k, v in params.items() if k != "password" and k not in policy.PSYCOPG_ARGUMENTS
+    )
+    try:
+        if key in plan.judged and not (isinstance(password, str) and "\x00" in password):
+            return
+    except TypeError:  # a value that cannot be hashed: judged every time
+        key = None
+    keywords = {k: v for k, v in params.items() if k not in policy.PSYCOPG_ARGUMENTS}
+    try:
+        parsed = libpq.parse(libpq.conninfo(keywords))
+    except psycopg.ProgrammingError as exc:  # libpq cannot parse it: it would not connect
+        parsed = {}
+        detail = f" (libpq: {' '.join(str(exc).split())})"
+    else:
+        detail = ""
+    for forced_key, forced in plan.decision.forced.items():
+        if parsed.get(forced_key, "") != forced:
+            raise _weakened(plan, forced_key, forced, parsed.get(forced_key), detail)
+    if key is not None:
+        if len(plan.judged) >= 16:  # parameters that keep changing: keep the last few
+            plan.judged.clear()
+        plan.judged[key] = None
+
+
+def _weakened(
+    plan: Plan, key: str, forced: str, actual: str | None, detail: str
+) -> InsecureConnectionError:
+    if len(plan.changers) == 1:
+        by = f"changed by {plan.changers[0]}"
+    elif plan.changers:
+        by = "changed by one of " + ", ".join(plan.changers)
+    else:
+        by = "changed after the policy judged the settings"
+    problem = (
+        f"the parameters handed to libpq carry {key}={actual!r}, not the policy's "
+        f"{forced!r}{detail}: {by}. Nothing was sent to the server."
+    )
+    fix = (
+        f"leave {key} as the policy sets it: a subclass may add to the parameters "
+        "get_connection_params returns, not change or remove what the policy forces."
+    )
+    message = link_message(plan.alias, plan.host, problem, fix)
+    return InsecureConnectionError(
+        redact(message, secret_values(plan.settings_dict)),
+        alias=plan.alias,
+        host=plan.host,
+        cause="policy",
+    )
+
+
+class JudgingDatabase(types.ModuleType):
+    """psycopg, as Django's ``get_new_connection`` calls it (``self.Database.connect``), with
+    the final parameters judged first. Every other attribute is psycopg's own."""
+
+    def __init__(self) -> None:
+        super().__init__("psycopg", psycopg.__doc__)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(psycopg, name)
+        setattr(self, name, value)  # looked up once (Django reads exception classes here)
+        return value
+
+    def connect(self, conninfo: str = "", **kwargs: Any) -> Any:
+        judge(_current(conninfo), kwargs)
+        return psycopg.connect(conninfo, **kwargs)
+
+
+def _current(conninfo: str) -> Plan | None:
+    if conninfo:  # Django passes keyword parameters only; a string would escape the judgment
+        return None
+    return _CURRENT.get()
+
+
+def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[Any]:
+    """A psycopg connection class for a pool: its ``connect`` is this pipeline."""
+
+    class VerifiedConnection(base):  # type: ignore[misc]
+        @classmethod
+        def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+            if conninfo:
+                judge(None, kwargs)  # refused: the pool is built with keyword parameters only
+            opener = super().connect
+
+            def open_(params: dict[str, Any]) -> Any:
+                judge(_CURRENT.get(), params)
+                return opener("", **params)
+
+            return connect(plan, kwargs, open_)
+
+    VerifiedConnection.__qualname__ = VerifiedConnection.__name__ = f"Verified{base.__name__}"
+    return VerifiedConnection
+
+
+# -- the link, checked after the handshake -------------------------------------------------
+def verify(plan: Plan, connection: Any) -> None:
+    """The post-handshake check: libpq state only, no SQL, no round trip."""
+    decision = plan.decision
+    facts = handshake.read_facts(connection.pgconn)
+    problem = handshake.check_link(decision, facts)
+    if problem is not None:
+        connection.close()
+        message = link_message(plan.alias, facts.host, *problem)
+        raise InsecureConnectionError(message, alias=plan.alias, host=facts.host)
+    setattr(connection, LINK_ATTR, (facts, decision))
+    handshake.learn_direct(decision, connection.pgconn)
+    lifecycle.track_connection(connection)  # a forked child must drop it unwritten
+    not_after = handshake.not_after_once(connection.pgconn)
+    client_validity = handshake.client_validity_once(connection.pgconn)
+    alias = plan.alias
+    signals.announce(alias, not_after, lambda: tls_info_of(connection), client_validity)
+    signals.connection_verified.send(
+        plan.sender,
+        alias=alias,
+        tls_info=lambda: tls_info_of(connection),
+        facts=facts,
+        not_after=not_after,
+        client_validity=client_validity,
+    )
+
+
+def verified(connection: Any) -> bool:
+    return getattr(connection, LINK_ATTR, None) is not None
+
+
+def tls_info_of(connection: Any) -> Any:
+    """The TLSInfo of a verified connection, built once while its TLS session is live.
+
+    Built on first use rather than at connect time: a connection nobody inspects and
+    nobody logs costs only the two libpq calls the policy check needs.
+    """
+    info = getattr(connection, TLS_INFO_ATTR, None)
+    if info is None:
+        from .tlsinfo import inspect_connection  # the report: only when something asks
+
+        checked = getattr(connection, LINK_ATTR, None)
+        if checked is None:
+            raise InsecureConnectionError(
+                "this connection was not opened by secure_pg_backend's attempt pipeline"
+            )
+        info = inspect_connection(connection.pgconn, *checked)
+        setattr(connection, TLS_INFO_ATTR, info)
+    return info
