@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -365,24 +366,33 @@ def _once(read: Callable[[], T]) -> Callable[[], T]:
 DIRECT = "direct"
 DIRECT_SINCE = 170000  # the first PostgreSQL server (and libpq) that negotiates TLS directly
 
-# Endpoint -> whether direct TLS works there, for the life of the process (a forked child
-# inherits it: the same endpoints). Absent: not known yet, so the SSLRequest is used and the
-# verified connection's facts decide (``learn_direct``). A dict write is atomic; two threads
-# learning at once learn the same thing.
+# Endpoint -> whether direct TLS works there (a forked child inherits it: the same endpoints).
+# Absent: not known yet, so the SSLRequest is used and the verified connection's facts decide
+# (``learn_direct``). A dict write is atomic; two threads learning at once learn the same thing.
 _DIRECT: dict[DirectKey, bool] = {}
-# Endpoint -> fallbacks so far. A PostgreSQL 17+ server that hangs up during a restart looks,
-# for one attempt, like one that cannot do direct TLS; the connection the fallback makes then
-# shows it can, and the default comes back. A peer that keeps failing direct attempts while
-# looking capable (a proxy passing ALPN through) stays on the SSLRequest after a few.
-_FALLBACKS: dict[DirectKey, int] = {}
-MAX_FALLBACKS = 3
+# Endpoint -> when a direct attempt there last fell back to the SSLRequest. Until
+# ``REPROBE_AFTER`` seconds have passed the endpoint stays on the SSLRequest (so a path that
+# keeps refusing direct TLS costs one failed attempt per interval, not one per connect); then
+# the next verified connection's facts decide again. A PostgreSQL 17+ server that hung up
+# during a restart, or a middlebox that stopped resetting, goes direct again.
+_FELL_BACK: dict[DirectKey, float] = {}
+REPROBE_AFTER = 60.0
 
-# How a peer that cannot negotiate TLS directly answers a ClientHello, in libpq's words:
-# PostgreSQL before 17 reads it as an oversized startup packet and hangs up ("SSL error:
-# unexpected eof while reading"; OpenSSL 1.1: "SSL SYSCALL error: EOF detected"), PgBouncer
-# answers with a plaintext error message ("SSL error: wrong version number"). A reset or a
-# refused connection is not among them: that is the path or the server, not the negotiation.
-NOT_DIRECT_MARKERS = ("unexpected eof while reading", "eof detected", "wrong version number")
+# How a direct attempt fails when what answers cannot (or may not) negotiate TLS directly, in
+# libpq's words: PostgreSQL before 17 reads the ClientHello as an oversized startup packet and
+# hangs up ("SSL error: unexpected eof while reading"; OpenSSL 1.1: "SSL SYSCALL error: EOF
+# detected"), PgBouncer answers with a plaintext error ("SSL error: wrong version number"), and
+# a firewall that only knows the PostgreSQL protocol resets the connection after TCP connected,
+# during the TLS handshake ("SSL SYSCALL error: Connection reset by peer"). Each says nothing
+# about the SSLRequest, which is then tried once. A refused TCP connection, a timeout or the
+# server's own error answer is not among them: that is the path or the server, not how TLS
+# starts, and the SSLRequest would meet it too.
+NOT_DIRECT_MARKERS = (
+    "unexpected eof while reading",
+    "eof detected",
+    "wrong version number",
+    "ssl syscall error: connection reset by peer",
+)
 
 
 def goes_direct(decision: Decision | None) -> bool:
@@ -410,8 +420,9 @@ def cannot_do_direct(exc: BaseException) -> bool:
 
 
 def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
-    """``connect(direct)``: direct where known to work, falling back once if refused as
-    a peer that cannot do it refuses (remembered); else the SSLRequest, as libpq does."""
+    """``connect(direct)``: direct where known to work, falling back once, in the same connect,
+    if refused the way a peer or path that cannot do it refuses; else the SSLRequest, as
+    libpq does. sslmode and every check stay as they are either way."""
     if decision is None or not goes_direct(decision):
         return connect(False)
     key = decision.direct_key
@@ -421,14 +432,15 @@ def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
     except Exception as exc:
         if not cannot_do_direct(exc):
             raise
-    _DIRECT[key] = False  # before the fallback: a pool's parameters are read from here
-    _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
+    _DIRECT[key] = False  # before the fallback: concurrent connects take the SSLRequest too
+    _FELL_BACK[key] = time.monotonic()
     try:
         return connect(False)
     except BaseException:
         # Refused both ways: perhaps down rather than unable. Unknown again, so the next
         # connection uses the SSLRequest and what it shows is learned.
         _DIRECT.pop(key, None)
+        _FELL_BACK.pop(key, None)
         raise
 
 
@@ -438,15 +450,19 @@ def learn_direct(decision: Decision, pgconn: Any) -> None:
     Yes when the server reports PostgreSQL 17+ and the TLS peer selected ALPN 'postgresql'
     (libpq 17+ offers it in either negotiation; PostgreSQL 17+ selects it). PgBouncer passes
     the server's version through but selects no ALPN: no. Read once per endpoint, and again
-    after a fallback (at most ``MAX_FALLBACKS`` times): one failed direct attempt may have been
-    a restart, not a peer that cannot do it.
+    ``REPROBE_AFTER`` seconds after a fallback.
     """
     key = decision.direct_key
     if key is None:
         return
     known = _DIRECT.get(key)
-    if known is True or (known is False and not 0 < _FALLBACKS.get(key, 0) < MAX_FALLBACKS):
+    if known is True:
         return
+    if known is False:
+        fell_back = _FELL_BACK.get(key)
+        if fell_back is None or time.monotonic() - fell_back < REPROBE_AFTER:
+            return
+        del _FELL_BACK[key]
     if pgconn.server_version < DIRECT_SINCE:
         _DIRECT[key] = False
         return
@@ -456,4 +472,4 @@ def learn_direct(decision: Decision, pgconn: Any) -> None:
 def forget_direct() -> None:
     """Forget what was learned (tests and the benchmark start from a new process's state)."""
     _DIRECT.clear()
-    _FALLBACKS.clear()
+    _FELL_BACK.clear()

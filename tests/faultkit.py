@@ -66,6 +66,8 @@ class FaultProxy:
       the client sees ``SSL error: unexpected eof while reading`` (what a restart or failover
       looks like).
     - ``"drop"``: close at once: ``server closed the connection unexpectedly``.
+    - ``"reset-direct"``: reset (RST) a connection that opens with a TLS ClientHello (direct
+      TLS), as a firewall that only knows the PostgreSQL protocol does; relay the others.
 
     One relay thread per connection, at most ``max_connections`` at a time (more are closed
     at once, like a full listen queue); ``close()`` stops every thread.
@@ -96,7 +98,7 @@ class FaultProxy:
         self.close()
 
     def set_mode(self, mode: str) -> None:
-        assert mode in ("pass", "cut", "drop"), mode
+        assert mode in ("pass", "cut", "drop", "reset-direct"), mode
         self.mode = mode
 
     def reset(self) -> int:
@@ -172,6 +174,11 @@ class FaultProxy:
             client.close()
 
     def _relay(self, serial: int, client: socket.socket) -> None:
+        if self.mode == "reset-direct" and _opens_with_tls(client):
+            # SO_LINGER 0: close() sends RST instead of FIN.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.target, timeout=5)
         except OSError:
@@ -209,6 +216,18 @@ class FaultProxy:
                 self._live.pop(serial, None)
             for sock in peer:
                 sock.close()
+
+
+def _opens_with_tls(client: socket.socket) -> bool:
+    """Whether the client's first byte is a TLS handshake record (peeked, left unread)."""
+    client.settimeout(2.0)
+    try:
+        first = client.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return False
+    finally:
+        client.settimeout(None)
+    return first == b"\x16"
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

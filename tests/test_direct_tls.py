@@ -48,9 +48,17 @@ UNTRUSTED = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
     "SSL error: certificate verify failed"
 )
+# A middlebox that resets a direct ClientHello after TCP connected (issue 28): a fallback.
 RESET = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
     "SSL SYSCALL error: Connection reset by peer"
+)
+TIMEOUT = (
+    'connection failed: connection to server at "127.0.0.1", port 5432 failed: timeout expired'
+)
+SERVER_ANSWER = (
+    'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+    "FATAL:  the database system is starting up"
 )
 REFUSED = (
     'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
@@ -143,7 +151,7 @@ def test_unknown_endpoints_use_the_sslrequest() -> None:
     assert attempts.calls == [False, False]
 
 
-@pytest.mark.parametrize("words", [PG15_HANGS_UP, PGBOUNCER_ANSWERS_IN_PLAINTEXT])
+@pytest.mark.parametrize("words", [PG15_HANGS_UP, PGBOUNCER_ANSWERS_IN_PLAINTEXT, RESET])
 def test_a_peer_that_cannot_do_direct_gets_one_fallback(words: str) -> None:
     handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
@@ -154,7 +162,7 @@ def test_a_peer_that_cannot_do_direct_gets_one_fallback(words: str) -> None:
     assert attempts.calls == [True, False, False]
 
 
-@pytest.mark.parametrize("words", [UNTRUSTED, REFUSED, RESET])
+@pytest.mark.parametrize("words", [UNTRUSTED, REFUSED, TIMEOUT, SERVER_ANSWER])
 def test_a_refusal_or_another_fault_under_direct_is_not_a_fallback(words: str) -> None:
     handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
@@ -278,25 +286,53 @@ def test_an_endpoint_that_stops_doing_direct_falls_back_once(
 
 
 @pytest.mark.needs_server
-def test_a_server_that_hangs_up_once_goes_direct_again(
-    make_wrapper: Wrapper, pg18: TLSPostgres, proxy_to: Callable[[int], FaultProxy]
+def test_a_server_that_hangs_up_once_goes_direct_again_after_a_while(
+    make_wrapper: Wrapper,
+    pg18: TLSPostgres,
+    proxy_to: Callable[[int], FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A restart looks like a peer that cannot do direct TLS for one attempt: the fallback's
-    connection shows a PostgreSQL 17+ server with ALPN, so the default comes back."""
+    """A restart looks like a peer that cannot do direct TLS for one attempt: the endpoint
+    takes the SSLRequest for ``REPROBE_AFTER`` seconds, then the next connection's facts (a
+    PostgreSQL 17+ server with ALPN) bring the default back."""
     if not LIBPQ_DIRECT:
         return
     proxy = proxy_to(pg18.port)
     wrapper = make_wrapper(pg18.database_settings(PORT=str(proxy.port)))
     assert _negotiations(wrapper, 2) == ["postgres", "direct"]
     proxy.cuts_left = 1  # the next direct attempt is hung up on
-    assert _negotiations(wrapper, 1) == ["postgres"]
-    assert proxy.accepted == 4  # the cut direct attempt, then the SSLRequest
-    assert _negotiations(wrapper, 2) == ["direct", "direct"]
-    assert handshake.MAX_FALLBACKS == 3
-    proxy.cuts_left = 1  # a second time: still taken for a restart
+    assert _negotiations(wrapper, 2) == ["postgres", "postgres"]
+    assert proxy.accepted == 5  # the cut direct attempt, then the SSLRequest twice
+    monkeypatch.setattr(handshake, "REPROBE_AFTER", 0.0)  # "a while" has passed
     assert _negotiations(wrapper, 2) == ["postgres", "direct"]
-    proxy.cuts_left = 1  # a third: a peer that keeps doing it is believed, for the process
-    assert _negotiations(wrapper, 3) == ["postgres"] * 3
+    assert proxy.accepted == 7
+
+
+@pytest.mark.needs_server
+def test_a_middlebox_that_resets_direct_tls_never_strands_the_endpoint(
+    make_wrapper: Wrapper,
+    pg18: TLSPostgres,
+    proxy_to: Callable[[int], FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 28: a firewall that resets a direct ClientHello to an endpoint learned as
+    PostgreSQL 18. The connect falls back to the SSLRequest (verified, in the same connect),
+    later connects take the SSLRequest without a failed attempt, and once the path stops
+    resetting the endpoint goes direct again."""
+    if not LIBPQ_DIRECT:
+        return
+    proxy = proxy_to(pg18.port)
+    wrapper = make_wrapper(
+        pg18.database_settings(PORT=str(proxy.port), options={"connect_retry": 0})
+    )
+    assert _negotiations(wrapper, 2) == ["postgres", "direct"]
+    proxy.set_mode("reset-direct")
+    before = proxy.accepted
+    assert _negotiations(wrapper, 3) == ["postgres"] * 3  # connect_retry 0: no retry hides it
+    assert proxy.accepted - before == 4  # one reset direct attempt, then three SSLRequests
+    proxy.set_mode("pass")
+    monkeypatch.setattr(handshake, "REPROBE_AFTER", 0.0)
+    assert _negotiations(wrapper, 2) == ["postgres", "direct"]
 
 
 @pytest.mark.needs_server
