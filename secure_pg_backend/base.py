@@ -41,7 +41,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import errors, handshake, libpq, policy, signals
+from . import errors, handshake, libpq, policy, provider, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -196,7 +196,8 @@ class VerifiedTLSMixin(_WrapperBase):
             if self.pool is not None:  # the pool opens, retries and verifies (see pool)
                 connection = super().get_new_connection(conn_params)
             else:
-                connection = self._retrying(lambda: self._open(conn_params), conn_params)
+                with provider.one_connect():  # at most one second chance per connect
+                    connection = self._retrying(lambda: self._open(conn_params), conn_params)
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:
@@ -213,15 +214,29 @@ class VerifiedTLSMixin(_WrapperBase):
     def _open(self, conn_params: dict[str, Any]) -> Any:
         """One attempt: the files checked now, a fresh password, libpq's handshake."""
         self._check_files()
-        params = policy.with_password(self.alias, self.settings_dict, conn_params)
         connect = super().get_new_connection
-        try:
+
+        def handshake_with_credentials() -> Any:
+            params = provider.with_credentials(self.alias, self.settings_dict, conn_params)
             return handshake.negotiate(
                 self._decision, lambda direct: connect(handshake.with_negotiation(params, direct))
             )
+
+        try:
+            return self._second_chance(handshake_with_credentials)
         except self.Database.OperationalError as exc:
             self._recheck_files(exc)
             raise
+
+    def _second_chance(self, connect: Callable[[], Any]) -> Any:
+        """``connect``, once more with the provider's fresh answer if the server refused the
+        one it was given as rotated (SQLSTATE 28P01; ``provider.second_chance``)."""
+        return provider.second_chance(
+            connect,
+            alias=self.alias,
+            sender=type(self),
+            secrets=lambda: secret_values(self.settings_dict),
+        )
 
     def _retrying(self, connect: Callable[[], Any], conn_params: Mapping[str, Any]) -> Any:
         """``connect`` with transient failures retried within OPTIONS['connect_retry']."""
@@ -268,7 +283,7 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         if decision is None:  # pragma: no cover - get_connection_params always runs first
             raise ImproperlyConfigured("connection opened without the policy's decision")
-        facts = handshake.read_facts(connection.pgconn)
+        facts = handshake.read_facts(connection.pgconn, peer=decision.allow_local_proxy)
         problem = handshake.check_link(decision, facts)
         if problem is not None:
             connection.close()
@@ -347,11 +362,15 @@ class VerifiedTLSMixin(_WrapperBase):
             kwargs = handshake.negotiated_kwargs(decision, kwargs)
 
         def retry(connect: Callable[[], Any]) -> Any:
-            if negotiates:  # one fallback to the SSLRequest, as for unpooled connections
-                return self._retrying(
-                    lambda: handshake.negotiate(decision, lambda direct: connect()), connect_kwargs
-                )
-            return self._retrying(connect, connect_kwargs)
+            def attempt() -> Any:  # the kwargs callable asks the provider, on this thread
+                if negotiates:  # one fallback to the SSLRequest, as for unpooled connections
+                    return self._second_chance(
+                        lambda: handshake.negotiate(decision, lambda direct: connect())
+                    )
+                return self._second_chance(connect)
+
+            with provider.one_connect():  # at most one second chance per connect
+                return self._retrying(attempt, connect_kwargs)
 
         return VerifiedConnectionPool(
             kwargs=kwargs,
