@@ -35,8 +35,7 @@ class Role:
         self.name = f"rot_{uuid.uuid4().hex[:10]}"
         self.password = f"role-Pw-{uuid.uuid4().hex}"
         server.admin_sql(
-            f"CREATE ROLE {self.name} {'LOGIN' if login else 'NOLOGIN'} "
-            f"PASSWORD '{self.password}'",
+            f"CREATE ROLE {self.name} {'LOGIN' if login else 'NOLOGIN'} PASSWORD '{self.password}'",
             f"GRANT ALL ON DATABASE app TO {self.name}",
         )
 
@@ -47,8 +46,7 @@ class Role:
 
     def drop(self) -> None:
         self.server.admin_sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE usename = '{self.name}'",
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{self.name}'",
             f"REVOKE ALL ON DATABASE app FROM {self.name}",
             f"DROP ROLE {self.name}",
         )
