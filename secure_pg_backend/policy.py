@@ -413,10 +413,12 @@ def local_proxy(req: Request) -> bool:
 
 def loopback_address(text: str) -> bool:
     """A literal IPv4 address in 127.0.0.0/8 or the IPv6 loopback ``::1`` (never a name:
-    DNS or /etc/hosts could point a name anywhere)."""
+    DNS or /etc/hosts could point a name anywhere; nor a scoped ``::1%eth0``)."""
+    if "%" in text:
+        return False
     try:
         address = ipaddress.ip_address(text)
-    except ValueError:  # a name, a scoped address ("::1%lo"), anything else
+    except ValueError:  # a name, anything else
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return bool((mapped or address).is_loopback)
