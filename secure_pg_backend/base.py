@@ -28,6 +28,7 @@ progress (closing would wait for it; its thread is blocked in libpq, which is sa
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import time
@@ -41,7 +42,7 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler
 
-from . import errors, handshake, libpq, policy, provider, signals
+from . import errors, handshake, libpq, policy, signals
 from .client import DatabaseClient
 from .errors import (
     ConnectionFileError,
@@ -196,7 +197,7 @@ class VerifiedTLSMixin(_WrapperBase):
             if self.pool is not None:  # the pool opens, retries and verifies (see pool)
                 connection = super().get_new_connection(conn_params)
             else:
-                with provider.one_connect():  # at most one second chance per connect
+                with self._one_connect():  # at most one second chance per connect
                     connection = self._retrying(lambda: self._open(conn_params), conn_params)
         except Exception as exc:
             refusal = self._explain(exc)
@@ -217,7 +218,7 @@ class VerifiedTLSMixin(_WrapperBase):
         connect = super().get_new_connection
 
         def handshake_with_credentials() -> Any:
-            params = provider.with_credentials(self.alias, self.settings_dict, conn_params)
+            params = policy.with_password(self.alias, self.settings_dict, conn_params)
             return handshake.negotiate(
                 self._decision, lambda direct: connect(handshake.with_negotiation(params, direct))
             )
@@ -231,12 +232,24 @@ class VerifiedTLSMixin(_WrapperBase):
     def _second_chance(self, connect: Callable[[], Any]) -> Any:
         """``connect``, once more with the provider's fresh answer if the server refused the
         one it was given as rotated (SQLSTATE 28P01; ``provider.second_chance``)."""
+        if not policy.has_provider(self.settings_dict):  # a static PASSWORD: nothing to ask
+            return connect()
+        from . import provider  # only with a provider: not on every connection's path
+
         return provider.second_chance(
             connect,
             alias=self.alias,
             sender=type(self),
             secrets=lambda: secret_values(self.settings_dict),
         )
+
+    def _one_connect(self) -> contextlib.AbstractContextManager[None]:
+        """The scope of one connect's second chance (``provider.one_connect``), if any."""
+        if not policy.has_provider(self.settings_dict):
+            return contextlib.nullcontext()
+        from . import provider
+
+        return provider.one_connect()
 
     def _retrying(self, connect: Callable[[], Any], conn_params: Mapping[str, Any]) -> Any:
         """``connect`` with transient failures retried within OPTIONS['connect_retry']."""
@@ -369,7 +382,7 @@ class VerifiedTLSMixin(_WrapperBase):
                     )
                 return self._second_chance(connect)
 
-            with provider.one_connect():  # at most one second chance per connect
+            with self._one_connect():  # at most one second chance per connect
                 return self._retrying(attempt, connect_kwargs)
 
         return VerifiedConnectionPool(

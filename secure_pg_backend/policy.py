@@ -1125,6 +1125,13 @@ def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provide
     return provider, provider_name(value)
 
 
+def has_provider(settings_dict: Mapping[str, Any]) -> bool:
+    """Whether a provider is configured (cheap: a connection without one never imports
+    ``provider``)."""
+    options = settings_dict.get("OPTIONS") or {}
+    return options.get(PASSWORD_PROVIDER) is not None
+
+
 def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
     """The provider's password for one new physical connection; None when none is configured.
 
@@ -1139,7 +1146,10 @@ def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
 def with_password(
     alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Connection parameters with the provider's user and password (``provider``)."""
+    """Connection parameters with the provider's user and password (``provider``); without
+    a provider, the parameters as they are (no copy on every new connection)."""
+    if not has_provider(settings_dict):
+        return params if isinstance(params, dict) else dict(params)
     from .provider import with_credentials  # it imports this module
 
     return with_credentials(alias, settings_dict, params)
