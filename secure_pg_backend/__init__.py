@@ -19,11 +19,13 @@ require_libpq()
 from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError  # noqa: E402
 
 if TYPE_CHECKING:
+    from .provider import Credentials
     from .tlsinfo import PeerCertificate, TLSInfo
 
 __version__ = "0.1.0"
 __all__ = [
     "ConnectionFileError",
+    "Credentials",
     "InsecureConnectionError",
     "PeerCertificate",
     "SecurePolicyError",
@@ -39,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from . import tlsinfo
 
         return getattr(tlsinfo, name)
+    if name == "Credentials":  # what a password provider may return (with the user)
+        from .provider import Credentials
+
+        return Credentials
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,8 @@ class SecurePgBackendConfig(AppConfig):
         # A PostgreSQL alias this policy does not cover: with `check --deploy` only, since
         # a stock alias can be deliberate in development (W003).
         checks.register(_check_deploy_aliases, checks.Tags.security, deploy=True)
+        # Aliases whose own link goes without TLS by an opt-in (W004): a decision to review.
+        checks.register(_check_deploy_plaintext, checks.Tags.security, deploy=True)
         # Prometheus metrics when prometheus_client is installed (extra [metrics]).
         metrics.install(verified_aliases)
 
@@ -38,3 +40,11 @@ def _check_deploy_aliases(
     from .checks import check_deploy_aliases
 
     return check_deploy_aliases(app_configs, **kwargs)
+
+
+def _check_deploy_plaintext(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    from .checks import check_deploy_plaintext
+
+    return check_deploy_plaintext(app_configs, **kwargs)

@@ -6,7 +6,8 @@ each ``Violation`` becomes one ``Error`` with id ``secure_pg_backend.<code>``.
 
 With ``--deploy``, also every alias the policy does not reach although it speaks
 PostgreSQL (W003): a stock ``postgresql``/``postgis`` ENGINE left over next to this one,
-or a third-party wrapper without the mixin.
+or a third-party wrapper without the mixin; and every alias whose own link goes without TLS
+by an opt-in (W004: ``allow_local_proxy``, ``allow_unix_socket``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import (
     secret_values,
 )
 
-__all__ = ["check_databases", "check_deploy_aliases"]
+__all__ = ["check_databases", "check_deploy_aliases", "check_deploy_plaintext"]
 
 _POSTGIS_MODULE = "django.contrib.gis.db.backends.postgis.base"
 
@@ -141,6 +142,62 @@ def check_deploy_aliases(
             )
         )
     return warnings
+
+
+_PLAINTEXT_OPT_INS = {
+    "allow_local_proxy": "plaintext TCP to a local proxy that does the TLS to the server",
+    "allow_unix_socket": "a Unix-domain socket without TLS",
+}
+
+
+def check_deploy_plaintext(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W004: each alias of this backend that relies on an opt-in without TLS on its own link.
+
+    Read from the settings as written (no wrapper, no connection): an opt-in that the policy
+    refuses anyway is reported by its own error too.
+    """
+    entry = CHECKS["W004"]
+    warnings: list[CheckMessage] = []
+    databases: dict[str, dict[str, Any]] = getattr(settings, "DATABASES", {})
+    for alias, settings_dict in databases.items():
+        options = settings_dict.get("OPTIONS") or {}
+        if not isinstance(options, dict) or not _ours(settings_dict):
+            continue
+        used = [key for key in _PLAINTEXT_OPT_INS if options.get(key) is True]
+        if not used:
+            continue
+        what = "; ".join(f"OPTIONS[{key!r}] = True ({_PLAINTEXT_OPT_INS[key]})" for key in used)
+        where = location(alias, settings_dict.get("HOST") or None)
+        warnings.append(
+            Warning(
+                redact(
+                    f"{where} relies on {what}: the password and the data cross this "
+                    "machine without TLS, protected only by who else can reach that port or "
+                    "socket.",
+                    secret_values(settings_dict),
+                ),
+                hint=entry.fix,
+                obj=f"DATABASES[{alias!r}]",
+                id=entry.id,
+            )
+        )
+    return warnings
+
+
+def _ours(settings_dict: dict[str, Any]) -> bool:
+    """Whether the ENGINE's wrapper carries this policy (by class, as W003 judges)."""
+    from .base import VerifiedTLSMixin
+
+    engine = settings_dict.get("ENGINE")
+    if not isinstance(engine, str) or not engine:
+        return False
+    try:
+        wrapper = load_backend(engine).DatabaseWrapper
+    except (ImproperlyConfigured, AttributeError):
+        return False
+    return isinstance(wrapper, type) and issubclass(wrapper, VerifiedTLSMixin)
 
 
 def _class_name(cls: type) -> str:

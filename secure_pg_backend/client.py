@@ -32,7 +32,8 @@ from django.db.backends.postgresql import client as postgresql
 from . import libpq
 from .compat import NEWER_KEYWORDS
 from .errors import location, redact, secret_values
-from .policy import control_character, password_for
+from .policy import control_character
+from .provider import credentials_for
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -258,8 +259,13 @@ def psql_command(
     params = {k: str(v) for k, v in verdict.params.items() if k in keywords}
     secrets = {k: params.pop(k) for k in sorted(hidden) if k in params}
     password = secrets.pop("password", None)
-    # OPTIONS['password_provider'], asked only now that the policy has passed.
-    password = password_for(wrapper.alias, wrapper.settings_dict) or password
+    # OPTIONS['password_provider'], asked only now that the policy has passed. The user it
+    # returns, if any, is psql's and the passfile entry's (bound to it below).
+    answer = credentials_for(wrapper.alias, wrapper.settings_dict)
+    if answer is not None:
+        password = answer.password
+        if answer.user is not None:
+            params["user"] = answer.user
     if password is not None:  # our passfile (PGPASSFILE) holds it; libpq's resolved
         params.pop("passfile", None)  # default path would outrank the variable
     if secrets:  # they travel in our private service file, named here

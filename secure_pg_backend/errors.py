@@ -148,7 +148,8 @@ _TABLE = (
     CheckId(
         "E008",
         "policy.e008_opt_ins",
-        "`allow_unix_socket` or `allow_legacy_ciphers` is not exactly `True`/`False`",
+        "`allow_unix_socket`, `allow_legacy_ciphers` or `allow_local_proxy` is not exactly "
+        "`True`/`False`",
         "set it to True to opt in, or remove it.",
     ),
     CheckId(
@@ -245,6 +246,18 @@ _TABLE = (
         "owned by root; for an encrypted key, set OPTIONS['sslpassword'] to its passphrase.",
     ),
     CheckId(
+        "E019",
+        "policy.e019_local_proxy",
+        '`OPTIONS["allow_local_proxy"]` is set but the connection would not go to one loopback '
+        "TCP address: more than one host, a host name other than `localhost` pinned by "
+        "`hostaddr`, a `hostaddr` or literal address outside 127.0.0.0/8 and ::1, or a Unix "
+        "socket. Judged before any I/O: the password and the traffic, without TLS, must never "
+        "leave the machine",
+        "set HOST to the sidecar's loopback address ('127.0.0.1' or '::1'), or to 'localhost' "
+        "with OPTIONS['hostaddr'] = '127.0.0.1'; for a server elsewhere, remove "
+        "OPTIONS['allow_local_proxy'] and connect with verified TLS.",
+    ),
+    CheckId(
         "E020",
         "checks.check_databases",
         "the alias's wrapper class lists Django's PostgreSQL wrapper before `VerifiedTLSMixin` "
@@ -286,6 +299,20 @@ _TABLE = (
         "set its ENGINE to 'secure_pg_backend' ('secure_pg_backend.postgis' for PostGIS); for a "
         "third-party wrapper, compose it: class DatabaseWrapper(VerifiedTLSMixin, "
         "theirs.DatabaseWrapper) with VerifiedTLSMixin from secure_pg_backend.base, first.",
+        level=WARNING,
+        deploy=True,
+    ),
+    CheckId(
+        "W004",
+        "checks.check_deploy_plaintext",
+        '`OPTIONS["allow_local_proxy"]` or `OPTIONS["allow_unix_socket"]` is set: this '
+        "alias's own link carries the password and the data without TLS, and its safety rests "
+        "on the machine (who may bind the loopback port first, who may open the socket). Named "
+        "by `check --deploy` so the opt-in is a decision someone reviewed",
+        "keep it only where the sidecar (Cloud SQL Auth Proxy, AlloyDB Auth Proxy, pgproxy) or "
+        "the local server is yours; prefer the sidecar's own IAM authentication (no password "
+        "on the loopback leg) or a Unix socket whose directory permissions admit only this "
+        "user, and remove the opt-in where verified TLS to the server is possible.",
         level=WARNING,
         deploy=True,
     ),

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from . import libpq
 from .errors import CHECKS, REFUSAL, classify
-from .policy import _EMPTY, NEGOTIATION, PROTOCOL_RANK, Decision, DirectKey
+from .policy import _EMPTY, NEGOTIATION, PROTOCOL_RANK, Decision, DirectKey, loopback_address
 
 __all__ = [
     "CLIENT_WARNING_FRACTION",
@@ -69,6 +69,7 @@ class LinkFacts:
         "cipher",
         "effective",
         "host",
+        "peer",
         "protocol",
         "ssl_in_use",
         "unix_socket",
@@ -85,8 +86,10 @@ class LinkFacts:
         unix_socket: bool = False,  # the socket's address family, not the host string
         effective: Mapping[str, str] = _EMPTY,  # PQconninfo of the link
         alpn: str | None = None,
+        peer: str | None = None,  # the socket's peer address: read for a local proxy only
     ) -> None:
         self.host = host
+        self.peer = peer
         self.ssl_in_use = ssl_in_use
         self.protocol = protocol
         self.cipher = cipher
@@ -133,6 +136,8 @@ def link_gssapi(decision: Decision, facts: LinkFacts) -> Problem | None:
 
 
 def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
+    if decision.allow_local_proxy:
+        return _local_proxy_transport(facts)
     if facts.unix_socket:
         if decision.allow_unix_socket:
             return None
@@ -144,6 +149,23 @@ def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
         return (
             "the connection is not using TLS.",
             "enable ssl on the server and check that nothing rewrites sslmode.",
+        )
+    return None
+
+
+def _local_proxy_transport(facts: LinkFacts) -> Problem | None:
+    """The settings named a loopback address (E019); the socket must really end there."""
+    if facts.unix_socket:
+        return (
+            f"libpq connected over a Unix-domain socket ({facts.host!r}), not to the local "
+            "proxy's loopback TCP address.",
+            CHECKS["E019"].fix,
+        )
+    if facts.peer is None or not loopback_address(facts.peer):
+        return (
+            f"the connection's peer is {facts.peer or 'unknown'}, not a loopback address, "
+            "although OPTIONS['allow_local_proxy'] permits plaintext to a local proxy only.",
+            CHECKS["E019"].fix,
         )
     return None
 
@@ -205,8 +227,11 @@ def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:
     return None
 
 
-def read_facts(pgconn: Any) -> LinkFacts:
-    """The facts the post-handshake check needs, from libpq and the socket (no SQL)."""
+def read_facts(pgconn: Any, peer: bool = False) -> LinkFacts:
+    """The facts the post-handshake check needs, from libpq and the socket (no SQL).
+
+    ``peer``: also the socket's peer address (one ``getpeername``), for a local proxy.
+    """
     ssl_in_use = bool(pgconn.ssl_in_use)
     protocol = cipher = alpn = None
     effective = libpq.effective_settings(pgconn)
@@ -226,6 +251,7 @@ def read_facts(pgconn: Any) -> LinkFacts:
         unix_socket=libpq.socket_family(pgconn) == socket.AF_UNIX,
         effective=effective,
         alpn=alpn,
+        peer=libpq.peer_address(pgconn) if peer else None,
     )
 
 

@@ -430,6 +430,20 @@ def socket_family(pgconn: Any) -> int:
         sock.detach()  # the descriptor stays libpq's
 
 
+def peer_address(pgconn: Any) -> str | None:
+    """The IP address at the other end of the connection's TCP socket (getpeername on
+    libpq's descriptor); None for a Unix-domain socket or a socket without a peer."""
+    sock = socket.socket(fileno=pgconn.socket)
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return str(sock.getpeername()[0])
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # the descriptor stays libpq's
+
+
 # -- the server certificate's notAfter, decoded by the session's own OpenSSL -----------------
 # The start-up log line and the expiry warning need one date; parsing the whole certificate with
 # `cryptography` costs an import of tens of milliseconds on the first connection (and, on a pool's

@@ -8,7 +8,8 @@ already export::
     secure_pg_backend_server_certificate_expiry_timestamp_seconds{alias,host}
     secure_pg_backend_client_certificate_expiry_timestamp_seconds{alias}   with mTLS only
     secure_pg_backend_tls_info{alias,protocol,cipher}       1 for what was last negotiated
-    secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried
+    secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried, and
+        provider credentials asked for again after a 28P01 (cause "rotated")
 
 Driven by the ``connection_verified``, ``connection_refused`` and ``connection_retried``
 signals. A verified connection is recorded from what the post-handshake check already read

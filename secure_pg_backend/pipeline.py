@@ -254,24 +254,46 @@ def connect(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, An
     """Open one verified connection with ``open_`` (Django's ``get_new_connection``, or
     psycopg's ``Connection.connect`` for the pool), retried within the alias's budget."""
     options = plan.settings_dict.get("OPTIONS")
-    return retrying(
-        lambda: attempt(plan, params, open_),
-        alias=plan.alias,
-        budget=retry_budget(options, params.get("connect_timeout")),
-        sender=plan.sender,
-        secrets=lambda: secret_values(plan.settings_dict),
-        before_attempt=plan.hooks.before_attempt,
-    )
+    with _one_connect(plan):  # a provider's second chance: at most once per connect
+        return retrying(
+            lambda: attempt(plan, params, open_),
+            alias=plan.alias,
+            budget=retry_budget(options, params.get("connect_timeout")),
+            sender=plan.sender,
+            secrets=lambda: secret_values(plan.settings_dict),
+            before_attempt=plan.hooks.before_attempt,
+        )
 
 
 def attempt(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
     """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link."""
     check_files(plan)
-    with_credentials = policy.with_password(plan.alias, plan.settings_dict, params)
-    return handshake.negotiate(
-        plan.decision,
-        lambda direct: _opened(plan, handshake.with_negotiation(with_credentials, direct), open_),
+
+    def with_credentials() -> T:
+        fresh = policy.with_password(plan.alias, plan.settings_dict, params)
+        return handshake.negotiate(
+            plan.decision,
+            lambda direct: _opened(plan, handshake.with_negotiation(fresh, direct), open_),
+        )
+
+    if not policy.has_provider(plan.settings_dict):  # a static PASSWORD: nothing to ask again
+        return with_credentials()
+    from . import provider  # only with a provider: not on every connection's path
+
+    return provider.second_chance(
+        with_credentials,
+        alias=plan.alias,
+        sender=plan.sender,
+        secrets=lambda: secret_values(plan.settings_dict),
     )
+
+
+def _one_connect(plan: Plan) -> contextlib.AbstractContextManager[None]:
+    if not policy.has_provider(plan.settings_dict):
+        return contextlib.nullcontext()
+    from . import provider
+
+    return provider.one_connect()
 
 
 def _opened(plan: Plan, params: dict[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
@@ -428,7 +450,7 @@ def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[A
 def verify(plan: Plan, connection: Any) -> None:
     """The post-handshake check: libpq state only, no SQL, no round trip."""
     decision = plan.decision
-    facts = handshake.read_facts(connection.pgconn)
+    facts = handshake.read_facts(connection.pgconn, peer=decision.allow_local_proxy)
     problem = handshake.check_link(decision, facts)
     if problem is not None:
         connection.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import stat
@@ -34,11 +35,9 @@ from . import libpq
 from .compat import NEWER_KEYWORDS, too_new_violation
 from .errors import (
     ROOT_FIX,
-    CredentialProviderError,
     ProviderConfigurationError,
     SecurePolicyError,
     Violation,
-    location,
 )
 
 SSLMODE = "verify-full"
@@ -51,14 +50,20 @@ DEFAULT_CONNECT_TIMEOUT = "10"  # seconds, when neither the settings nor PGCONNE
 # OPTIONS keys this backend reads itself; libpq never sees them.
 ALLOW_UNIX_SOCKET = "allow_unix_socket"
 ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
+# A sidecar on this machine (Cloud SQL Auth Proxy, AlloyDB Auth Proxy, pgproxy) does the
+# verified TLS to the server; this process talks plaintext TCP to it over loopback (E019).
+ALLOW_LOCAL_PROXY = "allow_local_proxy"
 PASSWORD_PROVIDER = "password_provider"
 CONNECT_RETRY = (
     "connect_retry"  # seconds of retries for transient connect failures (pipeline.Retry)
 )
 BACKEND_OPTIONS = frozenset(
-    {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, PASSWORD_PROVIDER, CONNECT_RETRY}
+    {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, ALLOW_LOCAL_PROXY, PASSWORD_PROVIDER, CONNECT_RETRY}
 )
-OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS)
+OPT_INS = (ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, ALLOW_LOCAL_PROXY)
+# What the backend sends a local proxy instead of the TLS keywords: no TLS and no GSSAPI on the
+# loopback leg (the proxy speaks neither; the server's certificate is the proxy's to verify).
+LOCAL_PROXY_SSLMODE = "disable"
 
 
 KEYLOG = "sslkeylogfile"
@@ -146,6 +151,7 @@ class Decision:
     __slots__ = (
         "alias",
         "allow_legacy_ciphers",
+        "allow_local_proxy",
         "allow_unix_socket",
         "direct_key",
         "files",
@@ -168,8 +174,10 @@ class Decision:
         keylog_keyword: bool = False,  # this libpq knows sslkeylogfile: send it empty
         files: tuple[FileNeed, ...] = (),  # checked before each physical connection
         direct_key: DirectKey | None = None,  # direct TLS by default, learned per endpoint
+        allow_local_proxy: bool = False,  # E019 passed: one loopback TCP address
     ) -> None:
         self.alias = alias
+        self.allow_local_proxy = allow_local_proxy
         self.direct_key = direct_key
         self.hosts = hosts
         self.root_cert = root_cert
@@ -183,6 +191,11 @@ class Decision:
     @property
     def forced(self) -> dict[str, str]:
         """Keywords passed explicitly, so no environment or service file can change them."""
+        if self.allow_local_proxy:  # plaintext to the loopback sidecar, and only to it
+            forced = {"sslmode": LOCAL_PROXY_SSLMODE, "gssencmode": GSSENCMODE}
+            if self.keylog_keyword:
+                forced[KEYLOG] = ""
+            return forced
         forced = {
             "sslmode": SSLMODE,
             "gssencmode": GSSENCMODE,
@@ -394,6 +407,65 @@ def e004_socket(req: Request) -> Violation | None:
     )
 
 
+def local_proxy(req: Request) -> bool:
+    return req.options.get(ALLOW_LOCAL_PROXY) is True
+
+
+def loopback_address(text: str) -> bool:
+    """A literal IPv4 address in 127.0.0.0/8 or the IPv6 loopback ``::1`` (never a name:
+    DNS or /etc/hosts could point a name anywhere; nor a scoped ``::1%eth0``)."""
+    if "%" in text:
+        return False
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:  # a name, anything else
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
+def e019_local_proxy(req: Request) -> Violation | None:
+    if not local_proxy(req):
+        return None
+    entries = _entries(req)
+    host = req.resolved.get("host")
+    problem = None
+    if len(entries) != 1:
+        problem = f"{req.origin('host')} lists {len(entries)} hosts; a local proxy is one address"
+    else:
+        name, addr = entries[0]
+        if not addr and (not name or is_socket_host(name)):
+            problem = (
+                f"{req.origin('host')} is {host!r}, a Unix-domain socket (that is "
+                "OPTIONS['allow_unix_socket'])"
+                if name
+                else "no host is set, so libpq would use its default Unix-domain socket"
+            )
+        elif addr:
+            if not loopback_address(addr):
+                problem = (
+                    f"{req.origin('hostaddr')} is {addr!r}, not a loopback address "
+                    "(127.0.0.0/8 or ::1)"
+                )
+            elif name != "localhost" and not loopback_address(name):
+                problem = (
+                    f"{req.origin('host')} is {name!r}; with hostaddr only 'localhost' or the "
+                    "loopback address itself names a local proxy"
+                )
+        elif not loopback_address(name):
+            problem = (
+                f"{req.origin('host')} is {name!r}, not a literal loopback address "
+                "(127.0.0.0/8 or ::1); a name could resolve anywhere"
+            )
+    if problem is None:
+        return None
+    return Violation(
+        "E019",
+        f"{problem}, but {option_name(ALLOW_LOCAL_PROXY)} is set: the connection would carry "
+        "the password and the data without TLS, so it must stay on this machine.",
+    )
+
+
 # -- the root of trust ----------------------------------------------------------------------
 # Which file is the root of trust is configuration, judged once per settings; whether that
 # file is usable right now is not, and is checked before every physical connection
@@ -443,6 +515,8 @@ def root_of_trust(req: Request) -> RootOfTrust:
 
 
 def e006_root_cert(req: Request) -> Violation | None:
+    if local_proxy(req):  # no TLS on this leg: the sidecar verifies the server
+        return None
     return root_of_trust(req).violation
 
 
@@ -578,6 +652,10 @@ def _file_need(
 
 def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
     """Every file libpq may open for this connection (root, client cert and key, CRLs, passfile)."""
+    env = req.environ
+    passfile = _file_need(req, "passfile", os.path.join(home_directory(env), ".pgpass"))
+    if local_proxy(req):  # sslmode=disable: libpq opens none of the TLS files
+        return (passfile,) if passfile is not None else ()
     if root.source == DEFAULT_ROOT_SOURCE:
         needs = [FileNeed("E005", DEFAULT_ROOT_SOURCE, root.path, required=True)]
     elif root.source.startswith("system"):
@@ -586,7 +664,6 @@ def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
         ]
     else:
         needs = [FileNeed("E006", req.origin("sslrootcert"), root.path, required=True)]
-    env = req.environ
     client_cert = req.resolved.get("sslcertmode") != "disable"
     cert = _file_need(req, "sslcert", _in_dot_postgresql(env, "postgresql.crt"))
     key_kind = KEY if req.resolved.get("sslpassword") else KEY_WITHOUT_PASSPHRASE
@@ -597,7 +674,7 @@ def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
         else None,
         _file_need(req, "sslcrl", _in_dot_postgresql(env, "root.crl")),
         _file_need(req, "sslcrldir", None, DIRECTORY),
-        _file_need(req, "passfile", os.path.join(home_directory(env), ".pgpass")),
+        passfile,
     ]
     return tuple(needs + [need for need in candidates if need is not None])
 
@@ -686,6 +763,7 @@ RULES: tuple[Callable[[Request], Violation | None], ...] = (
     e007_weakening,
     e008_opt_ins,
     e017_connect_retry,
+    e019_local_proxy,
 )
 
 
@@ -696,7 +774,8 @@ def host_display(req: Request) -> str | None:
 def evaluate(req: Request) -> Evaluation:
     """Apply every rule; a decision only when none is broken."""
     violations = tuple(v for rule in RULES if (v := rule(req)) is not None)
-    trust = root_of_trust(req)
+    proxy = local_proxy(req)
+    trust = RootOfTrust("", "") if proxy else root_of_trust(req)
     files = file_needs(req, trust) if trust.violation is None else ()
     if violations:
         return Evaluation(req.alias, host_display(req), violations, None, files)
@@ -710,7 +789,8 @@ def evaluate(req: Request) -> Evaluation:
         allow_legacy_ciphers=req.options.get(ALLOW_LEGACY_CIPHERS) is True,
         keylog_keyword=KEYLOG in req.keywords,
         files=files,
-        direct_key=direct_key(req),
+        direct_key=None if proxy else direct_key(req),
+        allow_local_proxy=proxy,
     )
     return Evaluation(req.alias, host_display(req), (), decision)
 
@@ -939,7 +1019,8 @@ FIELD = f"OPTIONS[{PASSWORD_PROVIDER!r}]"
 # Settings code lists here the dotted paths of its own providers it lets OPTIONS name.
 ALLOWED_SETTING = "SECURE_PG_BACKEND_PASSWORD_PROVIDERS"
 
-Provider = Callable[[str, Mapping[str, Any]], str]
+# It returns the password (a str) or ``provider.Credentials``.
+Provider = Callable[[str, Mapping[str, Any]], object]
 # Strings that name a provider without settings code listing them: this package's own.
 BUILTIN_PROVIDERS = ("secure_pg_backend.credentials.aws_rds_iam",)
 
@@ -1034,64 +1115,34 @@ def load_provider(alias: str, settings_dict: Mapping[str, Any]) -> tuple[Provide
     return provider, provider_name(value)
 
 
+def has_provider(settings_dict: Mapping[str, Any]) -> bool:
+    """Whether a provider is configured (cheap: a connection without one never imports
+    ``provider``)."""
+    options = settings_dict.get("OPTIONS") or {}
+    return options.get(PASSWORD_PROVIDER) is not None
+
+
 def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
-    """Call the provider for one new physical connection; None when none is configured."""
-    loaded = load_provider(alias, settings_dict)
-    if loaded is None:
-        return None
-    provider, name = loaded
-    host = settings_dict.get("HOST") or None
-    where = location(alias, host)
-    head = f"secure_pg_backend could not get a password for {where}: the password provider {name!r}"
-    try:
-        password = provider(alias, settings_dict)
-    except Exception as exc:
-        # The provider failed before producing a secret: its own message names the cause.
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(".")
-        fix = "check the provider's credentials and configuration."
-        message = f"{head} raised {detail}. Fix: {fix}"
-        raise CredentialProviderError(message, alias=alias, host=host) from exc
-    problem = _unusable(password)
-    if problem is not None:
-        # Never show the value: a wrongly typed or malformed secret is still a secret.
-        message = f"{head} ({FIELD}) returned {problem} Nothing was sent. Fix: {_FIX_VALUE}"
-        raise CredentialProviderError(message, alias=alias, host=host)
-    return password  # _unusable checked it is a str
+    """The provider's password for one new physical connection; None when none is configured.
 
+    Asking, screening, caching and the user a provider may return are ``provider``'s.
+    """
+    from .provider import credentials_for  # it imports this module
 
-_FIX_VALUE = "return the password or token itself, as a str without control characters."
-
-
-def _unusable(password: object) -> str | None:
-    """Why a provider's value cannot go to libpq, worded without the value; None if it can."""
-    if not isinstance(password, str):
-        return f"a {type(password).__name__} instead of a non-empty str."
-    if not password:
-        return "an empty string instead of a non-empty str."
-    found = control_character(password)
-    if found is not None:
-        # libpq reads the connection string as a C string: a NUL would cut off every
-        # keyword after the password, the forced TLS settings among them.
-        return f"a value containing the control character {found}, which libpq cannot take."
-    return None
+    answer = credentials_for(alias, settings_dict)
+    return None if answer is None else answer.password
 
 
 def with_password(
     alias: str, settings_dict: Mapping[str, Any], params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Connection parameters with a fresh password (unchanged without a provider).
-
-    Without a provider the parameters are returned as they are (the gate never passes
-    the provider key on): no copy on every new connection.
-    """
-    password = password_for(alias, settings_dict)
-    if password is None:
+    """Connection parameters with the provider's user and password (``provider``); without
+    a provider, the parameters as they are (no copy on every new connection)."""
+    if not has_provider(settings_dict):
         return params if isinstance(params, dict) else dict(params)
-    # Appended, not replaced in place (a password libpq resolved from PGPASSWORD may sit
-    # early in the parameters): nothing the provider returns comes before a TLS keyword.
-    out = {k: v for k, v in params.items() if k not in (PASSWORD_PROVIDER, "password")}
-    out["password"] = password
-    return out
+    from .provider import with_credentials  # it imports this module
+
+    return with_credentials(alias, settings_dict, params)
 
 
 # -- the gate: one alias's settings to the keywords for psycopg.connect, or a refusal ----------

@@ -72,6 +72,7 @@ def extra_fields(info: TLSInfo) -> dict[str, Any]:
         "db_hostaddr": info.hostaddr,
         "db_port": info.port,
         "db_name": info.database,
+        "db_user": info.user,
         "tls_transport": info.transport,
         "tls_protocol": info.protocol,
         "tls_cipher": info.cipher,

@@ -171,7 +171,9 @@ class TLSInfo:
     """What was negotiated on one physical connection, and the policy in force."""
 
     alias: str
-    transport: str  # "tls" or "unix-socket" (opted in, no TLS)
+    # "tls"; or, opted in and without TLS: "unix-socket", "local-proxy" (a loopback sidecar
+    # that does the verified TLS to the server itself)
+    transport: str
     protocol: str | None
     cipher: str | None
     key_bits: int | None
@@ -188,6 +190,7 @@ class TLSInfo:
     root_cert_source: str
     gssencmode: str = "disable"
     sslnegotiation: str = "postgres"
+    user: str = ""  # the user libpq sent (a password provider's, when it returned one)
     client_certificate: ClientCertificate | None = None  # None: this side presented none
     _peer_der: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -253,15 +256,21 @@ class TLSInfo:
 
     def log_line(self) -> str:
         """The start-up log line's message (``signals.announce``)."""
-        if not self.tls:
+        if self.transport == LOCAL_PROXY:
+            link = (
+                "over loopback TCP WITHOUT TLS to a local proxy, whose own TLS to the server "
+                "is the encryption (allow_local_proxy)"
+            )
+        elif not self.tls:
             link = "over a Unix-domain socket WITHOUT TLS (allow_unix_socket)"
         else:
             link = f"with {self.protocol} {self.cipher} ({self.key_bits}-bit)"
         text = (
             f"database alias {self.alias!r} connected to {self.endpoint} database "
-            f"{self.database!r} {link}, sslmode={self.sslmode}, root certificate "
-            f"{self.root_cert} ({self.root_cert_source})"
+            f"{self.database!r} as user {self.user!r} {link}, sslmode={self.sslmode}"
         )
+        if self.transport != LOCAL_PROXY:  # no root certificate: the sidecar verifies
+            text += f", root certificate {self.root_cert} ({self.root_cert_source})"
         expiry = self.expiry_text()
         if expiry:
             text = f"{text}; server certificate {expiry}"
@@ -280,8 +289,10 @@ class TLSInfo:
             f"{self.alias}: {self.summary()}",
             f"host {self.endpoint}",
             f"database {self.database!r}",
-            f"root certificate {self.root_cert} ({self.root_cert_source})",
+            f"user {self.user!r}",
         ]
+        if self.transport != LOCAL_PROXY:
+            parts.append(f"root certificate {self.root_cert} ({self.root_cert_source})")
         cert = self.peer_certificate
         if cert is not None:
             parts.append(f"server certificate {cert.subject}, {self.expiry_text()}")
@@ -289,6 +300,11 @@ class TLSInfo:
 
     def summary(self) -> str:
         """psql's banner style: ``SSL connection (protocol: TLSv1.3, cipher: …)``."""
+        if self.transport == LOCAL_PROXY:
+            return (
+                f"local proxy at {self.endpoint} (no TLS on this loopback leg; the encryption "
+                "to the server is the proxy's; allowed by OPTIONS['allow_local_proxy'])"
+            )
         if not self.tls:
             return (
                 f"Unix-domain socket {self.host} (no TLS; allowed by OPTIONS['allow_unix_socket'])"
@@ -321,7 +337,7 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     effective = facts.effective
     return TLSInfo(
         alias=decision.alias,
-        transport="unix-socket" if facts.unix_socket else "tls",
+        transport=_transport(facts, decision),
         protocol=facts.protocol,
         cipher=facts.cipher,
         key_bits=int(bits) if bits else None,
@@ -338,9 +354,21 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
         root_cert_source=decision.root_cert_source,
         gssencmode=effective.get("gssencmode", ""),
         sslnegotiation=effective.get("sslnegotiation", "postgres"),
+        user=link.user,
         client_certificate=client,
         _peer_der=der,
     )
+
+
+LOCAL_PROXY = "local-proxy"
+
+
+def _transport(facts: LinkFacts, decision: Decision) -> str:
+    if facts.unix_socket:
+        return "unix-socket"
+    if decision.allow_local_proxy and not facts.ssl_in_use:  # the link check saw loopback
+        return LOCAL_PROXY
+    return "tls"
 
 
 def _client_certificate(ptr: int) -> ClientCertificate | None:

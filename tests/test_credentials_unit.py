@@ -183,9 +183,9 @@ def offline_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/spb-aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/spb-aws-credentials")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    credentials._rds_client.cache_clear()
+    credentials._client.cache_clear()
     yield
-    credentials._rds_client.cache_clear()
+    credentials._client.cache_clear()
 
 
 def sigv4_signature(token: str, secret_key: str) -> str:
@@ -244,8 +244,20 @@ def test_aws_region_from_partial_and_environment(monkeypatch: pytest.MonkeyPatch
     assert "/ap-southeast-2/rds-db/" in dict(parse_qsl(token.split("/?")[1]))["X-Amz-Credential"]
     assert token.startswith("db.internal.example:5432/?")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ca-central-1")
-    credentials._rds_client.cache_clear()
+    credentials._client.cache_clear()
     assert "%2Fca-central-1%2F" in credentials.aws_rds_iam("default", settings)
+
+
+@pytest.mark.usefixtures("offline_aws")
+def test_aws_token_signed_for_iam_host_behind_a_cname() -> None:
+    # HOST is the name on the certificate (a CNAME); the token is signed for the RDS name.
+    settings = {"HOST": "orders-db.example.com", "PORT": "5432", "USER": "iam_app"}
+    sign = functools.partial(credentials.aws_rds_iam, iam_host=RDS_HOST)
+    token = sign("default", {**settings, "OPTIONS": {}})
+    assert token.startswith(f"{RDS_HOST}:5432/?")  # and its region: eu-west-1, from that name
+    assert "/eu-west-1/rds-db/" in dict(parse_qsl(token.split("/?")[1]))["X-Amz-Credential"]
+    with pytest.raises(ValueError, match="iam_host is 'a,b'; an RDS IAM token is signed for one"):
+        functools.partial(credentials.aws_rds_iam, iam_host="a,b")("default", settings)
 
 
 @pytest.mark.usefixtures("offline_aws")
