@@ -8,16 +8,14 @@ checks the live link. Forks and exits: ``lifecycle``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
-from django.db.utils import ConnectionHandler
 
 from . import errors, libpq, lifecycle, pipeline, policy, signals
+from .aliases import standalone_wrapper
 from .client import DatabaseClient
 from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, secret_values
 from .lifecycle import EXIT_GRACE, after_fork_in_child
@@ -26,20 +24,14 @@ from .validation import DatabaseValidation
 if TYPE_CHECKING:  # imported when first built: a cold start that inspects nothing skips it
     from .tlsinfo import TLSInfo
 
-__all__ = ["EXIT_GRACE", "DatabaseWrapper", "VerifiedTLSMixin", "after_fork_in_child"]
-
-
-def standalone_wrapper(alias: str, settings_dict: Mapping[str, Any]) -> Any:
-    """The wrapper Django would build for a DATABASES entry, outside ``connections``.
-
-    For judging settings (system checks, dbshell) without touching the process's
-    connections; nothing is opened. Django fills in its defaults on a copy.
-    """
-    entry = {**settings_dict, "TEST": dict(settings_dict.get("TEST") or {})}
-    handler = ConnectionHandler(
-        {DEFAULT_DB_ALIAS: {"ENGINE": "django.db.backends.dummy"}, alias: entry}
-    )
-    return handler[alias]
+__all__ = [
+    "EXIT_GRACE",
+    "DatabaseWrapper",
+    "VerifiedTLSMixin",
+    "after_fork_in_child",
+    "standalone_wrapper",
+    "verified_aliases",
+]
 
 
 def verified_aliases() -> list[str]:

@@ -38,7 +38,8 @@ _POSTGIS_MODULE = "django.contrib.gis.db.backends.postgis.base"
 
 
 def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
-    from .base import VerifiedTLSMixin, standalone_wrapper
+    from .aliases import standalone_wrapper
+    from .base import VerifiedTLSMixin
 
     errors: list[CheckMessage] = []
     databases: dict[str, dict[str, Any]] = getattr(settings, "DATABASES", {})

@@ -137,7 +137,7 @@ def _wrapper_for(settings_dict: Mapping[str, Any]) -> VerifiedTLSMixin:
     for alias in connections:
         if connections.settings[alias] is settings_dict:
             return connections[alias]  # type: ignore[return-value]
-    from .base import standalone_wrapper
+    from .aliases import standalone_wrapper
 
     return standalone_wrapper("dbshell", settings_dict)  # type: ignore[no-any-return]
 

@@ -98,28 +98,28 @@ class CheckId:
 _TABLE = (
     CheckId(
         "E001",
-        "policy.e001_sslmode",
+        "policy.rules.e001_sslmode",
         '`OPTIONS["sslmode"]` is anything but `"verify-full"` (`disable`, `allow`, `prefer`, '
         "`require`, `verify-ca`, other spellings)",
         "remove it; this backend always uses 'verify-full'.",
     ),
     CheckId(
         "E002",
-        "policy.e002_gssencmode",
+        "policy.rules.e002_gssencmode",
         '`OPTIONS["gssencmode"]` is not `"disable"`: with Kerberos credentials libpq would '
         "encrypt with GSSAPI instead of TLS",
         "remove it; this backend always sends 'disable'.",
     ),
     CheckId(
         "E003",
-        "policy.e003_protocol",
+        "policy.rules.e003_protocol",
         "`ssl_min_protocol_version` below `TLSv1.2` (or not a TLS version), or "
         "`ssl_max_protocol_version` below the minimum",
         "remove them (default minimum 'TLSv1.2') or set 'TLSv1.3'.",
     ),
     CheckId(
         "E004",
-        "policy.e004_socket",
+        "policy.rules.e004_socket",
         "`HOST` is empty, a socket directory or an `@abstract` socket: libpq ignores "
         "`sslmode` on Unix sockets",
         f"{HOST_FIX}, or, for a server on this machine, opt in with "
@@ -127,34 +127,34 @@ _TABLE = (
     ),
     CheckId(
         "E005",
-        "policy.check_files",
+        "files.check_files",
         "no root of trust: no `sslrootcert`, no `PGSSLROOTCERT`, no `~/.postgresql/root.crt`",
         ROOT_FIX,
     ),
     CheckId(
         "E006",
-        "policy.e006_root_cert",
+        "policy.rules.e006_root_cert",
         "the root certificate is missing, a directory, unreadable or not a string, or "
         '`"system"` could not be resolved (e.g. `SSL_CERT_FILE` names a missing file)',
         ROOT_FIX + " For 'system': install ca-certificates or fix SSL_CERT_FILE.",
     ),
     CheckId(
         "E007",
-        "policy.e007_weakening",
+        "policy.rules.e007_weakening",
         '`OPTIONS["requiressl"]` (sslmode\'s deprecated ancestor) or `OPTIONS["sslkeylogfile"]` '
         "(writes the TLS session keys to a file) is set",
         "remove it; this backend sets the TLS parameters itself.",
     ),
     CheckId(
         "E008",
-        "policy.e008_opt_ins",
+        "policy.rules.e008_opt_ins",
         "`allow_unix_socket`, `allow_legacy_ciphers` or `allow_local_proxy` is not exactly "
         "`True`/`False`",
         "set it to True to opt in, or remove it.",
     ),
     CheckId(
         "E009",
-        "policy.screen",
+        "policy.screening.screen",
         "an `OPTIONS` key that is not a libpq keyword, a psycopg or Django connection argument "
         "or an option of this backend (including the same keyword with spaces around it, which "
         "libpq would read as a later duplicate), a libpq keyword this process's libpq is too "
@@ -173,7 +173,7 @@ _TABLE = (
     ),
     CheckId(
         "E011",
-        "policy.screen",
+        "policy.screening.screen",
         "a value contains a control character such as NUL: libpq reads values as C strings, so "
         "everything after it, the forced TLS settings included, would be cut off; or a libpq "
         "keyword has several values (a repeated `DATABASE_URL` query key)",
@@ -181,7 +181,7 @@ _TABLE = (
     ),
     CheckId(
         "E012",
-        "policy.e012_host_lists",
+        "policy.rules.e012_host_lists",
         "`hostaddr` lists more addresses than `HOST` lists names, or an address has no host "
         "name: verify-full checks the certificate against the name",
         f"{HOST_FIX}; to reach it by IP, keep the name in HOST and put the IP in "
@@ -189,7 +189,7 @@ _TABLE = (
     ),
     CheckId(
         "E013",
-        "policy.judge",
+        "policy.gate.judge",
         "libpq itself cannot use the parameters (for example a service name missing from "
         "`pg_service.conf`, or host, hostaddr and port lists of different lengths)",
         "correct the setting libpq names (a service name must exist in pg_service.conf; host, "
@@ -210,7 +210,7 @@ _TABLE = (
     ),
     CheckId(
         "E015",
-        "policy.provider_violation",
+        "policy.providers.provider_violation",
         '`OPTIONS["password_provider"]` cannot be used: a string that is neither the built-in '
         "provider nor listed in `SECURE_PG_BACKEND_PASSWORD_PROVIDERS` (a `DATABASE_URL` must "
         "not make the process import code; nothing is imported), an allowed path that does "
@@ -220,7 +220,7 @@ _TABLE = (
     ),
     CheckId(
         "E016",
-        "policy.check_files",
+        "files.check_files",
         "a file libpq would open (client certificate or key, CRL file or directory, passfile, "
         "service file, explicit or libpq's default under `~/.postgresql`) is a FIFO, device, "
         "socket or the wrong kind: libpq would block on it while holding the GIL",
@@ -229,13 +229,13 @@ _TABLE = (
     ),
     CheckId(
         "E017",
-        "policy.e017_connect_retry",
+        "policy.rules.e017_connect_retry",
         '`OPTIONS["connect_retry"]` is not a number of seconds from 0 to 3600',
         "set it to a number of seconds from 0 (no retries) to 3600, or remove it (default 5).",
     ),
     CheckId(
         "E018",
-        "policy.check_files",
+        "files.check_files",
         "the client certificate's private key (`OPTIONS[\"sslkey\"]`, or libpq's default "
         "`~/.postgresql/postgresql.key`) can be read or written by group or others, next to a "
         "client certificate libpq loads: libpq refuses such a key (0600 or less when owned by "
@@ -247,7 +247,7 @@ _TABLE = (
     ),
     CheckId(
         "E019",
-        "policy.e019_local_proxy",
+        "policy.rules.e019_local_proxy",
         '`OPTIONS["allow_local_proxy"]` is set but the connection would not go to one loopback '
         "TCP address: more than one host, a host name other than `localhost` pinned by "
         "`hostaddr`, a `hostaddr` or literal address outside 127.0.0.0/8 and ::1, or a Unix "
@@ -442,6 +442,16 @@ def redact(text: str, secrets: object) -> str:
     for secret in sorted((s for s in secrets if isinstance(s, str) and s), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def option_name(key: str) -> str:
+    """How messages name a setting."""
+    return f"OPTIONS[{key!r}]"
+
+
+def remove_hint(key: str) -> str:
+    """The fix for a setting that must go, in both places it can come from."""
+    return f"remove {option_name(key)} (from a DATABASE_URL: its ?{key}= query key)"
 
 
 def location(alias: str, host: str | None) -> str:

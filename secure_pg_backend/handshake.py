@@ -29,7 +29,9 @@ from typing import Any, TypeVar
 
 from . import libpq
 from .errors import CHECKS, REFUSAL, classify
-from .policy import _EMPTY, NEGOTIATION, PROTOCOL_RANK, Decision, DirectKey, loopback_address
+from .policy import NEGOTIATION, PROTOCOL_RANK, Decision, DirectKey
+from .policy.rules import loopback_address
+from .policy.terms import _EMPTY
 
 __all__ = [
     "CLIENT_WARNING_FRACTION",

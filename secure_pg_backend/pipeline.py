@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import handshake, libpq, lifecycle, policy, signals
+from . import files, handshake, libpq, lifecycle, policy, signals
 from .errors import (
     TRANSIENT,
     Cause,
@@ -269,19 +269,18 @@ def attempt(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, An
     """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link."""
     check_files(plan)
 
-    def with_credentials() -> T:
-        fresh = policy.with_password(plan.alias, plan.settings_dict, params)
+    def negotiate(fresh: Mapping[str, Any]) -> T:
         return handshake.negotiate(
             plan.decision,
             lambda direct: _opened(plan, handshake.with_negotiation(fresh, direct), open_),
         )
 
-    if not policy.has_provider(plan.settings_dict):  # a static PASSWORD: nothing to ask again
-        return with_credentials()
+    if not policy.has_provider(plan.settings_dict):  # a static PASSWORD: nothing to ask
+        return negotiate(params)
     from . import provider  # only with a provider: not on every connection's path
 
     return provider.second_chance(
-        with_credentials,
+        lambda: negotiate(provider.with_credentials(plan.alias, plan.settings_dict, params)),
         alias=plan.alias,
         sender=plan.sender,
         secrets=lambda: secret_values(plan.settings_dict),
@@ -313,16 +312,16 @@ def _opened(plan: Plan, params: dict[str, Any], open_: Callable[[dict[str, Any]]
 def check_files(plan: Plan) -> None:
     """The files libpq will open, as they are now (``stat`` only, a few microseconds)."""
     needs = plan.decision.files
-    problems = policy.file_problems(needs)
+    problems = files.file_problems(needs)
     if not problems:
         _SEEN_FILES.update(need.path for need in needs)
         return
     raise ConnectionFileError.from_violations(
         plan.alias,
         plan.host,
-        [policy.file_violation(need, problem) for need, problem in problems],
+        [files.file_violation(need, problem) for need, problem in problems],
         replaced=all(
-            problem == policy.MISSING and need.path in _SEEN_FILES for need, problem in problems
+            problem == files.MISSING and need.path in _SEEN_FILES for need, problem in problems
         ),
     )
 

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from .errors import REDACTED, CredentialProviderError, location, redact
-from .policy import FIELD, Provider, control_character, load_provider
+from .policy import control_character, load_provider
+from .policy.providers import FIELD, Provider
 
 __all__ = [
     "ROTATED",
@@ -428,3 +429,9 @@ def _announce(sender: type, alias: str, words: str) -> None:
     signals.connection_retried.send(
         sender, alias=alias, attempt=1, cause=ROTATED, delay=0.0, message=words
     )
+
+
+def password_for(alias: str, settings_dict: Mapping[str, Any]) -> str | None:
+    """The provider's password for one new physical connection; None when none is configured."""
+    answer = credentials_for(alias, settings_dict)
+    return None if answer is None else answer.password

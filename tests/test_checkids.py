@@ -32,7 +32,7 @@ def test_every_id_the_package_mentions_is_in_the_table() -> None:
 
 def test_every_rule_named_in_the_table_exists() -> None:
     for entry in CHECKS.values():
-        module, _, name = entry.rule.partition(".")
+        module, _, name = entry.rule.rpartition(".")
         owner = importlib.import_module(f"secure_pg_backend.{module}")
         assert callable(getattr(owner, name)), entry.code
 
@@ -40,7 +40,7 @@ def test_every_rule_named_in_the_table_exists() -> None:
 def test_every_settings_rule_is_named_after_an_id_in_the_table() -> None:
     for rule in policy.RULES:
         code = rule.__name__.split("_")[0].upper()
-        assert CHECKS[code].rule == f"policy.{rule.__name__}"
+        assert CHECKS[code].rule == f"policy.rules.{rule.__name__}"
 
 
 def test_an_id_outside_the_table_cannot_be_reported() -> None:

@@ -29,7 +29,7 @@ from django.core.management.base import CommandError
 from django.db import connections
 from health_check.exceptions import ServiceWarning
 
-from secure_pg_backend import errors, handshake, libpq, policy, signals
+from secure_pg_backend import errors, files, handshake, libpq, signals
 from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, APP_USER, LeafPair, TestCA, TLSPostgres
@@ -113,7 +113,7 @@ def test_client_expiry_is_worded_in_the_unit_an_operator_acts_on(
     ],
 )
 def test_libpqs_rule_on_key_permissions(uid: int, mode: int, refused: bool) -> None:
-    problem = policy.key_mode_problem(uid, 0o100000 | mode)
+    problem = files.key_mode_problem(uid, 0o100000 | mode)
     assert (problem is not None) == refused
     if problem is not None:
         assert f"mode {mode:04o}" in problem
@@ -167,11 +167,11 @@ def test_a_loose_key_without_a_certificate_is_not_judged(tmp_path: Path) -> None
     key.write_bytes(b"not read")
     key.chmod(0o644)
     missing_cert = str(tmp_path / "client.crt")
-    need = policy.FileNeed("E016", "OPTIONS['sslkey']", str(key), policy.KEY, False, missing_cert)
-    assert policy.file_problems((need,)) == []
+    need = files.FileNeed("E016", "OPTIONS['sslkey']", str(key), files.KEY, False, missing_cert)
+    assert files.file_problems((need,)) == []
     Path(missing_cert).write_bytes(b"present")
-    ((_, problem),) = policy.file_problems((need,))
-    assert policy.file_violation(need, problem).code == "E018"
+    ((_, problem),) = files.file_problems((need,))
+    assert files.file_violation(need, problem).code == "E018"
 
 
 def _encrypted(leaf: LeafPair, passphrase: str, pkcs8: bool = True) -> bytes:
@@ -227,13 +227,13 @@ def test_a_plain_key_is_not_mistaken_for_an_encrypted_one(
     tmp_path: Path, client_leaf: LeafPair
 ) -> None:
     cert, key = _write_pair(tmp_path, client_leaf)
-    need = policy.FileNeed(
-        "E016", "OPTIONS['sslkey']", key, policy.KEY_WITHOUT_PASSPHRASE, False, cert
+    need = files.FileNeed(
+        "E016", "OPTIONS['sslkey']", key, files.KEY_WITHOUT_PASSPHRASE, False, cert
     )
-    assert policy.file_problems((need,)) == []
+    assert files.file_problems((need,)) == []
     Path(key).write_bytes(_encrypted(client_leaf, SSL_PASSWORD))  # a new version: read again
-    ((_, problem),) = policy.file_problems((need,))
-    assert problem == policy.ENCRYPTED_KEY
+    ((_, problem),) = files.file_problems((need,))
+    assert problem == files.ENCRYPTED_KEY
 
 
 # -- libpq's words for a key it cannot use: no server -----------------------------------------
@@ -467,7 +467,7 @@ def test_the_key_rule_is_libpqs_own(
 ) -> None:
     """E018 refuses exactly what libpq refuses, for this process's user (root owns 0640)."""
     cert_path, key_path = _write_pair(tmp_path, client_leaf, mode)
-    ours = policy.key_mode_problem(os.stat(key_path).st_uid, os.stat(key_path).st_mode)
+    ours = files.key_mode_problem(os.stat(key_path).st_uid, os.stat(key_path).st_mode)
     params = {**mtls_server.database_settings()["OPTIONS"], "sslcert": cert_path}
     try:
         psycopg.connect(

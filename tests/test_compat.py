@@ -12,7 +12,7 @@ import pytest
 
 from secure_pg_backend import compat, libpq, policy
 from secure_pg_backend.compat import NEWER_KEYWORDS, LibpqSupportError
-from secure_pg_backend.policy import WEAKENING_KEYWORDS
+from secure_pg_backend.policy.terms import WEAKENING_KEYWORDS
 from secure_pg_backend.testing import TLSPostgres
 
 

@@ -20,7 +20,8 @@ from django.db.utils import OperationalError
 
 from secure_pg_backend import credentials, policy
 from secure_pg_backend.errors import CredentialProviderError
-from secure_pg_backend.policy import password_for, with_password
+from secure_pg_backend.provider import password_for
+from secure_pg_backend.provider import with_credentials as with_password
 
 SECRET = "provider-Tok-51c0ffee"
 RDS_HOST = "orders.c9akciq32.eu-west-1.rds.amazonaws.com"

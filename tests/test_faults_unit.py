@@ -15,7 +15,8 @@ import pytest
 
 from secure_pg_backend import errors, pipeline, signals
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
-from secure_pg_backend.policy import Request, e017_connect_retry
+from secure_pg_backend.policy import Request
+from secure_pg_backend.policy.rules import e017_connect_retry
 
 HOST = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
 

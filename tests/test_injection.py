@@ -24,7 +24,7 @@ from django.db.utils import ConnectionHandler, OperationalError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq, policy
+from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq, provider
 from secure_pg_backend.errors import CredentialProviderError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 
@@ -626,7 +626,7 @@ def test_every_attempt_asks_for_a_screened_value() -> None:
     # The attempt pipeline's credentials step, the same for pooled and plain connections.
     entry = {"HOST": "db.test", "OPTIONS": {"password_provider": lambda a, s: "tok\x00x"}}
     with pytest.raises(CredentialProviderError, match=r"DATABASES\['pooled'\]") as caught:
-        policy.with_password("pooled", entry, {"host": "db.test", "password": "env"})
+        provider.with_credentials("pooled", entry, {"host": "db.test", "password": "env"})
     assert "tok" not in str(caught.value).replace("token", "")
 
 

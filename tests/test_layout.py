@@ -1,7 +1,7 @@
 """The layout's promises (docs/development.md), measured rather than read off the imports.
 
-One connection's path crosses seven modules: the package modules whose functions run while a
-wrapper opens, verifies and announces one connection with default settings. Plain and pooled
+One connection's path crosses the modules in ``PATH``: the package modules whose functions run
+while a wrapper opens, verifies and announces one connection with default settings. Plain and pooled
 connections run the same attempt pipeline functions.
 """
 
@@ -18,7 +18,18 @@ import pytest
 
 from secure_pg_backend.testing import TLSPostgres
 
-PATH = {"base", "pipeline", "policy", "libpq", "handshake", "signals", "lifecycle"}
+# Top-level modules (the policy package counted once: its five modules each hold one job).
+PATH = {
+    "base",
+    "pipeline",
+    "policy",
+    "files",
+    "errors",
+    "libpq",
+    "handshake",
+    "signals",
+    "lifecycle",
+}
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
@@ -28,7 +39,6 @@ ATTEMPT = {
     "pipeline._opened",
     "pipeline.judge",
     "pipeline.verify",
-    "policy.with_password",
     "handshake.negotiate",
     "handshake.read_facts",
     "handshake.check_link",
@@ -58,7 +68,7 @@ def _modules_run(action: Callable[[], object]) -> set[str]:
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
         sys.setprofile(None)
-    return {name for name in seen if not name.startswith("testing")}
+    return {name.split(".")[0] for name in seen if not name.startswith("testing")}
 
 
 @pytest.fixture
@@ -71,7 +81,7 @@ def quiet_start_up_line() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def test_one_connection_crosses_seven_modules(
+def test_one_connection_crosses_these_modules(
     make_wrapper: Callable[..., Any], good_server: TLSPostgres, quiet_start_up_line: None
 ) -> None:
     wrapper = make_wrapper(good_server.database_settings())

@@ -16,10 +16,11 @@ from unittest import mock
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from secure_pg_backend import SecurePolicyError, handshake, libpq, policy
+from secure_pg_backend import SecurePolicyError, files, handshake, libpq, policy
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.handshake import LinkFacts
 from secure_pg_backend.policy import Decision
+from secure_pg_backend.policy import rules as policy_rules
 
 PASSWORD = "pw-Unit-4f1d9e"
 
@@ -532,20 +533,22 @@ def request(**resolved: str) -> policy.Request:
 )
 def test_host_list_rules(resolved: dict[str, str], code: str) -> None:
     req = request(**resolved)
-    violations = [v for rule in (policy.e012_host_lists, policy.e004_socket) if (v := rule(req))]
+    violations = [
+        v for rule in (policy_rules.e012_host_lists, policy_rules.e004_socket) if (v := rule(req))
+    ]
     assert [v.code for v in violations][:1] == [code]
 
 
 def test_matching_host_and_address_lists_pass() -> None:
     req = request(host="db1.example.com,db2.example.com", hostaddr="10.0.0.1,10.0.0.2")
-    assert policy.e012_host_lists(req) is None and policy.e004_socket(req) is None
+    assert policy_rules.e012_host_lists(req) is None and policy_rules.e004_socket(req) is None
 
 
 def test_root_certificate_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
     fifo = tmp_path / "ca.fifo"
     os.mkfifo(fifo)
     req = request(sslrootcert=str(fifo))
-    (violation,) = policy.check_files(policy.file_needs(req, policy.root_of_trust(req)))
+    (violation,) = files.check_files(policy_rules.file_needs(req, policy.root_of_trust(req)))
     assert violation.code == "E006" and "FIFO" in violation.problem  # would block if opened
 
 

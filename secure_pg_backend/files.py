@@ -1,0 +1,203 @@
+"""The files libpq opens for a connection: checked with ``stat`` before every physical
+connection (never cached), so a file replaced meanwhile is judged as it is now (E005, E006,
+E016, E018)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+
+from .errors import ROOT_FIX, Violation, option_name
+
+# -- the files libpq opens, checked before each physical connection ---------------------------
+REGULAR, DIRECTORY = "file", "directory"
+KEY = "private key"  # a regular file that libpq also refuses when others may read it (E018)
+KEY_WITHOUT_PASSPHRASE = "private key, no sslpassword"  # ... and must not be encrypted (E018)
+MISSING = "does not exist"
+LOOSE_KEY = "can be read or written by group or others"
+ENCRYPTED_KEY = "is an encrypted private key"
+
+
+class FileNeed:
+    """A file libpq opens for a connection: where it is, who set it, what it must be.
+
+    ``required``: a missing file is refused (the root of trust); libpq skips the others
+    when they do not exist. Anything present of the wrong type (a FIFO would block libpq
+    while it holds the GIL, a directory fails obscurely) is refused by name. ``companion``:
+    for the client key, the client certificate, without which libpq never reads the key.
+    """
+
+    __slots__ = ("code", "companion", "kind", "origin", "path", "required")
+
+    def __init__(
+        self,
+        code: str,
+        origin: str,
+        path: str,
+        kind: str = REGULAR,
+        required: bool = False,
+        companion: str | None = None,
+    ) -> None:
+        self.code = code
+        self.origin = origin
+        self.path = path
+        self.kind = kind
+        self.required = required
+        self.companion = companion
+
+
+def file_problem(path: str, kind: str = REGULAR, companion: str | None = None) -> str | None:
+    """Why ``path`` is not a usable file (or directory), checked with ``stat`` only.
+
+    Never ``open`` before ``stat`` said it is a regular file: a FIFO or a device would block
+    or have side effects. The one file read is a client key without ``sslpassword`` (is it
+    encrypted?), once per version of the file.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return MISSING
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    if kind == DIRECTORY:
+        if not stat.S_ISDIR(info.st_mode):
+            return "is not a directory"
+    elif stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    elif not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    if kind in (KEY, KEY_WITHOUT_PASSPHRASE):
+        return _key_problem(path, info, kind, companion)
+    return None
+
+
+def _key_problem(path: str, info: os.stat_result, kind: str, companion: str | None) -> str | None:
+    # libpq judges key permissions outside Windows only.
+    problem = key_mode_problem(info.st_uid, info.st_mode) if os.name != "nt" else None
+    if problem is None and kind == KEY_WITHOUT_PASSPHRASE and _encrypted_pem(path, info):
+        # OpenSSL would ask for the passphrase on the terminal, if the process has one, and
+        # the connection would wait there for ever (measured: libpq 18); else it fails.
+        problem = ENCRYPTED_KEY
+    # libpq reads the key only after loading a certificate: a lone key is never judged.
+    if problem is not None and (companion is None or os.path.exists(companion)):
+        return problem
+    return None
+
+
+# What _encrypted_pem found, per (path, inode, mtime, size): a stat is all later connections pay.
+_ENCRYPTION_SEEN: dict[tuple[str, int, int, int], bool] = {}
+_PEM_ENCRYPTED = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _encrypted_pem(path: str, info: os.stat_result) -> bool:
+    """Whether a key file is PEM encrypted with a passphrase (PKCS#8 or OpenSSL's own form)."""
+    key = (path, info.st_ino, info.st_mtime_ns, info.st_size)
+    found = _ENCRYPTION_SEEN.get(key)
+    if found is None:
+        try:  # a regular file a moment ago; O_NONBLOCK in case it was swapped for a FIFO
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                head = os.read(fd, 65536)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False  # libpq will say why it cannot read it
+        found = any(marker in head for marker in _PEM_ENCRYPTED)
+        if len(_ENCRYPTION_SEEN) > 64:  # renewed keys leave old entries behind
+            _ENCRYPTION_SEEN.clear()
+        _ENCRYPTION_SEEN[key] = found
+    return found
+
+
+def key_mode_problem(uid: int, mode: int) -> str | None:
+    """libpq's rule on a client key (fe-secure-openssl.c): nothing for group or others when
+    the user owns it (0600 or less), at most group read when root owns it (0640 or less)."""
+    loose = (
+        (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO) if uid == 0 else stat.S_IRWXG | stat.S_IRWXO
+    )
+    if mode & loose:
+        owner = "root" if uid == 0 else "the user"
+        return f"{LOOSE_KEY} (mode {stat.S_IMODE(mode):04o}, owned by {owner})"
+    return None
+
+
+def service_file_needs(service: str | None, environ: Mapping[str, str]) -> tuple[FileNeed, ...]:
+    """The service files libpq reads while resolving a named service (before any rule)."""
+    if not service:
+        return ()
+    user_file = environ.get("PGSERVICEFILE")
+    needs = [
+        FileNeed("E016", "PGSERVICEFILE", user_file)
+        if user_file
+        else FileNeed(
+            "E016",
+            "libpq's default service file",
+            os.path.join(home_directory(environ), ".pg_service.conf"),
+        )
+    ]
+    sysconf = environ.get("PGSYSCONFDIR")
+    if sysconf:
+        needs.append(
+            FileNeed(
+                "E016", "PGSYSCONFDIR's pg_service.conf", os.path.join(sysconf, "pg_service.conf")
+            )
+        )
+    return tuple(needs)
+
+
+def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
+    """What is wrong with the files now: ``stat`` only, so cheap enough for every connection."""
+    found = []
+    for need in needs:
+        problem = file_problem(need.path, need.kind, need.companion)
+        if problem is not None and (need.required or problem != MISSING):
+            found.append((need, problem))
+    return found
+
+
+def check_files(needs: tuple[FileNeed, ...]) -> tuple[Violation, ...]:
+    """The file rules (E005, E006, E016, E018) as violations, for the checks and dbshell."""
+    return tuple(file_violation(need, problem) for need, problem in file_problems(needs))
+
+
+def file_violation(need: FileNeed, problem: str) -> Violation:
+    if need.code == "E005":
+        return Violation(
+            "E005",
+            f"no root of trust: {option_name('sslrootcert')} is not set, nor PGSSLROOTCERT, nor "
+            f"a service entry's sslrootcert, and {need.path} is not a readable file, so the "
+            "server's certificate cannot be verified.",
+        )
+    if need.code == "E006":
+        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
+    if problem == ENCRYPTED_KEY:
+        return Violation(
+            "E018",
+            f"{need.origin} is {need.path!r}, an encrypted private key, and "
+            f"{option_name('sslpassword')} is not set: OpenSSL would ask for the passphrase on "
+            "the terminal, and the connection wait there (or fail without one).",
+            f"set {option_name('sslpassword')} to the key's passphrase, or store the key "
+            "unencrypted with mode 0600.",
+        )
+    if problem.startswith(LOOSE_KEY):
+        return Violation(
+            "E018",
+            f"{need.origin} is {need.path!r}, which {problem}; libpq refuses to use such a "
+            "client key.",
+            f"chmod 600 {need.path} (as the user that runs Django), or chmod 640 if root owns it.",
+        )
+    wanted = "a directory" if need.kind == DIRECTORY else "a regular file"
+    return Violation(
+        "E016",
+        f"{need.origin} is {need.path!r}, which {problem}; libpq opens it for every "
+        "connection and would block or fail on anything but " + wanted + ".",
+        f"point {need.origin} at {wanted} (or remove what is at {need.path}).",
+    )
+
+
+def home_directory(environ: Mapping[str, str]) -> str:
+    """libpq's home directory: HOME, else the password database's."""
+    return environ.get("HOME") or os.path.expanduser("~")
