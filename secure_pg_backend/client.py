@@ -634,6 +634,7 @@ def _explain_failure(wrapper: VerifiedTLSMixin, returncode: int, shown: list[str
             from django.core.management.base import CommandError
 
             reason = " ".join(redact(str(exc), secret_values(wrapper.settings_dict)).split())
+            reason = libpq.certificate_text(reason)  # libpq may quote a certificate's names
             return CommandError(
                 f"psql could not connect for {where}. {reason}", returncode=returncode
             )
