@@ -15,8 +15,8 @@ from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...errors import explanation, explanation_index, redact, secret_values
-from ...pipeline import attempt_once
 from ...libpq import certificate_text
+from ...pipeline import attempt_once
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 
