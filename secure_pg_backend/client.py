@@ -29,7 +29,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, connections
 from django.db.backends.postgresql import client as postgresql
@@ -323,13 +323,27 @@ _DIRECTORY_PREFIX = "spb-dbshell-"
 _OWNER = re.compile(rf"{_DIRECTORY_PREFIX}(\d+)-")
 
 
-class PsqlSession(NamedTuple):
-    """One psql run: its argv, its complete environment, and the descriptors it must inherit
-    (``subprocess``'s ``pass_fds``) for the ``/dev/fd/N`` paths in that environment."""
+class PsqlSession(tuple[list[str], dict[str, str]]):
+    """One psql run: ``(argv, env)`` as before (its complete environment), and ``pass_fds``,
+    the descriptors psql must inherit (``subprocess``'s ``pass_fds``) for the ``/dev/fd/N``
+    paths in that environment. This process can read those paths itself."""
 
-    argv: list[str]
-    env: dict[str, str]
     pass_fds: tuple[int, ...]
+
+    def __new__(
+        cls, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...]
+    ) -> PsqlSession:
+        session = super().__new__(cls, (argv, env))
+        session.pass_fds = pass_fds
+        return session
+
+    @property
+    def argv(self) -> list[str]:
+        return self[0]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self[1]
 
 
 @contextlib.contextmanager

@@ -169,7 +169,7 @@ def test_dbshell_passes_the_provider_value_in_a_private_passfile(
     role: RotatingRole, aliases: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     aliases(rot_shell=role.settings())
-    with psql_session(connections["rot_shell"], []) as (args, env, _fds):
+    with psql_session(connections["rot_shell"], []) as (args, env):
         assert "PGPASSWORD" not in env
         assert Path(env["PGPASSFILE"]).read_text().rstrip("\n").endswith(f":{role.current}")
     assert role.current not in " ".join(args)

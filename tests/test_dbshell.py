@@ -207,7 +207,8 @@ def test_password_travels_in_an_anonymous_passfile_bound_to_the_judged_target(
 ) -> None:
     monkeypatch.setenv("PGPASSWORD", "user-env-Pw-c0ffee")  # never handed on to psql
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
-    with psql_session(wrapper, ["-c", "select 1"]) as (args, env, fds):
+    with psql_session(wrapper, ["-c", "select 1"]) as session:
+        (args, env), fds = session, session.pass_fds
         assert "PGPASSWORD" not in env
         passfile = env["PGPASSFILE"]
         assert passfile == f"/dev/fd/{fds[0]}" and len(fds) == 1
@@ -229,7 +230,8 @@ def test_without_dev_fd_the_passfile_is_private_and_removed(
     result = _psql(good_server.database_settings(options={"sslpassword": "ssl-Key-Pass-5ec2e7"}))
     assert result.returncode == 0, result.stderr
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
-    with psql_session(wrapper, ["-c", "select 1"]) as (_, env, fds):
+    with psql_session(wrapper, ["-c", "select 1"]) as session:
+        env, fds = session.env, session.pass_fds
         assert fds == ()
         passfile = Path(env["PGPASSFILE"])
         assert passfile.parent.parent == tmp_path
@@ -357,7 +359,8 @@ def test_random_psql_arguments_are_refused_or_reach_the_judged_server_only(
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
     before = _counts(listeners)
     try:
-        with psql_session(wrapper, parameters) as (args, env, fds):
+        with psql_session(wrapper, parameters) as session:
+            (args, env), fds = session, session.pass_fds
             result = subprocess.run(
                 args,
                 env=env,
@@ -400,7 +403,8 @@ def test_secret_options_never_reach_psqls_command_line(good_server: TLSPostgres)
     secret = "ssl-Key-Pass-5ec2e7"
     settings_dict = good_server.database_settings(options={"sslpassword": secret})
     wrapper = standalone_wrapper("dbshell", settings_dict)
-    with psql_session(wrapper, ["-At", "-c", SSL_QUERY]) as (args, env, fds):
+    with psql_session(wrapper, ["-At", "-c", SSL_QUERY]) as session:
+        (args, env), fds = session, session.pass_fds
         assert secret not in " ".join(args) and secret not in repr(env.get("PGSERVICE"))
         service_file = env["PGSERVICEFILE"]
         target = _anonymous(service_file)
@@ -667,7 +671,8 @@ def test_psql_without_memfd_gets_an_unlinked_file(
     monkeypatch.setattr(os, "memfd_create", refused)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
-    with psql_session(wrapper, ["-Atc", "select current_user"]) as (args, env, fds):
+    with psql_session(wrapper, ["-Atc", "select current_user"]) as session:
+        (args, env), fds = session, session.pass_fds
         target = _anonymous(env["PGPASSFILE"])
         assert target.startswith(str(tmp_path)) and target.endswith(" (deleted)")
         assert list(tmp_path.iterdir()) == []
