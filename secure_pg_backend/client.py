@@ -431,8 +431,8 @@ def _nameless_descriptor() -> int | None:
 
 def _reopens_whole(descriptor: int, data: bytes) -> bool:
     """Whether opening ``/dev/fd/N`` gives what libpq needs: a regular 0600 file (its
-    passfile check follows the link) read from the start, each time (it opens the file
-    again for every connection, ``\\connect`` included)."""
+    passfile check follows the link) read from the start, each time (libpq opens it again
+    for every connection it makes without a password in hand)."""
     path = f"/dev/fd/{descriptor}"
     try:
         mode = os.stat(path).st_mode

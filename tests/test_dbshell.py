@@ -742,3 +742,26 @@ def test_an_interactive_psql_stops_with_dbshell_and_gives_the_terminal_back(
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_libpq_judges_the_descriptor_as_it_judges_a_passfile(good_server: TLSPostgres) -> None:
+    """Why the fchmod: libpq stats /dev/fd/N (following the link to the memfd, created 0777)
+    and ignores a passfile the group or others could read; at 0600 it reads it, from its start
+    each time it opens it (two psql runs on one descriptor)."""
+    wrapper = standalone_wrapper("dbshell", good_server.database_settings())
+    with psql_session(wrapper, ["-w", "-Atc", "select 1"]) as session:
+        (args, env), fds = session, session.pass_fds
+
+        def psql() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                args, env=env, pass_fds=fds, capture_output=True, text=True, timeout=60
+            )
+
+        runs = [psql(), psql()]
+        os.fchmod(fds[0], 0o644)
+        loose = psql()
+    for run in runs:
+        assert (run.returncode, run.stdout) == (0, "1\n"), run.stderr
+    assert loose.returncode == 2
+    assert f'password file "{env["PGPASSFILE"]}" has group or world access' in loose.stderr
+    assert_no_secret(*(run.stderr for run in [*runs, loose]))
