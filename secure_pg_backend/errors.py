@@ -842,8 +842,10 @@ def explain(
     cause = classify(exc)
     if cause is None or cause.kind != REFUSAL:
         return None
+    from .libpq import certificate_text  # libpq quotes certificate names (CN, SAN) as is
+
     detail = " ".join(str(exc).split())
     message = link_message(alias, host, f"{cause.problem} libpq said: {detail}.", cause.fix)
     return InsecureConnectionError(
-        redact(message, secrets), alias=alias, host=host, cause=cause.name
+        certificate_text(redact(message, secrets)), alias=alias, host=host, cause=cause.name
     )

@@ -14,6 +14,7 @@ import ctypes
 import datetime as dt
 import functools
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -561,11 +562,43 @@ def _asn1_time(fns: _TimeFunctions, asn1_time: int | None) -> dt.datetime | None
     )
 
 
+# -- certificate text: the one escaping rule ------------------------------------------------
+# A certificate's names are chosen by whoever got it signed, and a CA that checks the host names
+# signs whatever subject it is asked for: a CN holding a newline and an ANSI escape made dbtls
+# print a forged line and clear the screen. Every form a person or a log pipeline reads (the
+# log line and its fields, dbtls and --json, repr and as_dict, messages, the health check)
+# shows certificate text through ``certificate_text`` only; the raw names stay in the
+# certificate itself (``PeerCertificate.certificate()``, the DER).
+#
+# The rule is OpenSSL's RFC 2253 printing with ASN1_STRFLGS_ESC_CTRL, which the OpenTelemetry
+# fields always used: a control character becomes a backslash and two upper-case hex digits
+# (newline \0A, ESC \1B, DEL \7F). It extends, in the same form (OpenSSL's ASN1_STRFLGS_ESC_MSB:
+# each UTF-8 byte), to what moves or reorders text without being ASCII: C1 controls (U+009B is
+# a CSI to some terminals), the line and paragraph separators (str.splitlines and log viewers
+# break lines there) and the bidirectional overrides ("Trojan Source"); and to lone surrogates,
+# which no UTF-8 output could print. Backslashes are left alone: both OpenSSL's and
+# cryptography's RFC 2253/4514 strings escape them already, so the rule is idempotent.
+_UNSAFE_TEXT = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def certificate_text(text: str) -> str:
+    """``text`` (a certificate's name, or a message quoting one) with every control character,
+    line separator and bidirectional override escaped as OpenSSL escapes them (``\\0A``)."""
+    return _UNSAFE_TEXT.sub(_hex_bytes, text)
+
+
+def _hex_bytes(match: re.Match[str]) -> str:
+    return "".join(f"\\{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass"))
+
+
 # -- a certificate's subject and issuer, by the same OpenSSL ---------------------------------
 # For the start-up log record's OpenTelemetry fields (signals.otel_server_fields), which must not
 # import ``cryptography`` (the first connection never does). RFC 2253 order and escaping, as
 # ``PeerCertificate.subject`` (cryptography's RFC 4514 string) shows them, with UTF-8 kept as is
-# (XN_FLAG_RFC2253 without ASN1_STRFLGS_ESC_MSB).
+# (XN_FLAG_RFC2253 without ASN1_STRFLGS_ESC_MSB), then ``certificate_text`` for what OpenSSL
+# leaves unescaped there (C1 controls and the rest beyond ASCII).
 _XN_FLAGS = 0x313 | 0x10000 | 0x100000 | 0x1000000
 _BIO_CTRL_INFO = 3  # BIO_get_mem_data
 
@@ -648,7 +681,7 @@ def _print_name(fns: _NameFunctions, name: int | None) -> str | None:
             return ""
         if size < 0 or not data.value:
             return None
-        return ctypes.string_at(data.value, size).decode("utf-8", "replace")
+        return certificate_text(ctypes.string_at(data.value, size).decode("utf-8", "replace"))
     finally:
         fns.bio_free(bio)
 

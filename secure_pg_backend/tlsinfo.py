@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -27,6 +27,9 @@ from .handshake import (
     expiring,
 )
 from .policy import Decision
+
+if TYPE_CHECKING:  # cryptography is imported only when a certificate is parsed
+    from cryptography import x509
 
 __all__ = [
     "EXPIRY_WARNING_DAYS",
@@ -55,7 +58,12 @@ def _memo(obj: object, name: str, compute: Callable[[], T]) -> T:
 
 @dataclass(frozen=True)
 class PeerCertificate:
-    """The server's leaf certificate as presented in this TLS session."""
+    """The server's leaf certificate as presented in this TLS session.
+
+    Its names are text for people and logs: RFC 4514 strings (SANs ``DNS:name``) with every
+    control character escaped as OpenSSL escapes it (``libpq.certificate_text``: a newline is
+    ``\\0A``). The names exactly as the certificate holds them: ``certificate()``.
+    """
 
     subject: str
     issuer: str
@@ -64,6 +72,7 @@ class PeerCertificate:
     not_after: dt.datetime
     serial_number: int
     sha256_fingerprint: str
+    der: bytes = field(default=b"", repr=False, compare=False)  # the certificate itself
 
     @classmethod
     def from_der(cls, der: bytes) -> PeerCertificate:
@@ -78,15 +87,24 @@ class PeerCertificate:
             )
         except x509.ExtensionNotFound:
             sans = ()
+        text = libpq.certificate_text
         return cls(
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            subject_alt_names=sans,
+            subject=text(cert.subject.rfc4514_string()),
+            issuer=text(cert.issuer.rfc4514_string()),
+            subject_alt_names=tuple(text(name) for name in sans),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             serial_number=cert.serial_number,
             sha256_fingerprint=hashlib.sha256(der).hexdigest(),
+            der=der,
         )
+
+    def certificate(self) -> x509.Certificate:
+        """The certificate itself (``cryptography``), raw names and all: for code that checks
+        it, never for display (``subject`` and ``issuer`` are the displayable forms)."""
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(self.der)
 
     def days_left(self, now: dt.datetime | None = None) -> int:
         return days_left(self.not_after, now)
@@ -100,6 +118,7 @@ class PeerCertificate:
         data["not_after"] = self.not_after.isoformat()
         data["subject_alt_names"] = list(self.subject_alt_names)
         data["serial_number"] = format(self.serial_number, "x")
+        del data["der"]  # JSON: the certificate's PEM is for code that asks for it
         return data
 
 
@@ -109,7 +128,7 @@ class ClientCertificate:
     default ``~/.postgresql/postgresql.crt``), sent when the server asks for one.
 
     Read from the live session by its own OpenSSL (names, validity) when the report is built,
-    so describing it never imports ``cryptography``.
+    so describing it never imports ``cryptography``. Names escaped as ``PeerCertificate``'s.
     """
 
     subject: str
@@ -117,14 +136,21 @@ class ClientCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     sha256_fingerprint: str  # lower-case hex, as PeerCertificate's
+    der: bytes = field(default=b"", repr=False, compare=False)  # the certificate itself
 
     @classmethod
     def from_der(cls, der: bytes) -> ClientCertificate:
         """The fallback where libpq's OpenSSL lacks the functions to describe it."""
         peer = PeerCertificate.from_der(der)
         return cls(
-            peer.subject, peer.issuer, peer.not_before, peer.not_after, peer.sha256_fingerprint
+            peer.subject, peer.issuer, peer.not_before, peer.not_after, peer.sha256_fingerprint, der
         )
+
+    def certificate(self) -> x509.Certificate:
+        """The certificate itself (``cryptography``), raw names and all; not for display."""
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(self.der)
 
     def time_left(self, now: dt.datetime | None = None) -> dt.timedelta:
         return self.not_after - (now or dt.datetime.now(dt.timezone.utc))
@@ -147,6 +173,7 @@ class ClientCertificate:
         data = asdict(self)
         data["not_before"] = self.not_before.isoformat()
         data["not_after"] = self.not_after.isoformat()
+        del data["der"]
         return data
 
 
@@ -214,6 +241,11 @@ class TLSInfo:
         return _memo(
             self, "_peer_certificate", lambda: PeerCertificate.from_der(der) if der else None
         )
+
+    @property
+    def peer_certificate_der(self) -> bytes | None:
+        """The server certificate as presented (DER), raw names and all; None without TLS."""
+        return self._peer_der
 
     @property
     def not_after(self) -> dt.datetime | None:
@@ -380,9 +412,10 @@ def _client_certificate(ptr: int) -> ClientCertificate | None:
     if names is None or validity is None:
         return ClientCertificate.from_der(der)
     return ClientCertificate(
-        subject=names[0],
+        subject=names[0],  # escaped by libpq.certificate_text, as every certificate name
         issuer=names[1],
         not_before=validity[0],
         not_after=validity[1],
         sha256_fingerprint=hashlib.sha256(der).hexdigest(),
+        der=der,
     )

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pty
+import select
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
+import termios
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +25,7 @@ from django.core.management.base import CommandError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import libpq
+from secure_pg_backend import client, libpq
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.client import (
     DatabaseClient,
@@ -89,10 +97,16 @@ def _weak_service(tmp_path: Path, port: object, monkeypatch: pytest.MonkeyPatch)
 def _psql(
     settings: dict[str, Any], parameters: tuple[str, ...] = ("-At", "-c", SSL_QUERY)
 ) -> subprocess.CompletedProcess[str]:
-    with psql_session(standalone_wrapper("dbshell", settings), parameters) as (args, env):
-        assert_no_secret(" ".join(args))
+    with psql_session(standalone_wrapper("dbshell", settings), parameters) as session:
+        assert_no_secret(" ".join(session.argv))
         return subprocess.run(
-            args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            session.argv,
+            env=session.env,
+            pass_fds=session.pass_fds,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
 
 
@@ -173,20 +187,58 @@ def _counts(listeners: dict[str, HostileServer]) -> dict[str, int]:
     return {name: len(server.recordings) for name, server in listeners.items()}
 
 
-def test_password_travels_in_a_private_passfile_bound_to_the_judged_target(
+def _anonymous(path: str) -> str:
+    """What ``/dev/fd/N`` is in this process: a memfd or an unlinked file, never a name."""
+    assert path.startswith("/dev/fd/"), path
+    target = os.readlink(f"/proc/self/fd/{path.removeprefix('/dev/fd/')}")
+    assert target.startswith("/memfd:") or target.endswith(" (deleted)"), target
+    return target
+
+
+def _closed(path: str, target: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{path.removeprefix('/dev/fd/')}") != target
+    except FileNotFoundError:
+        return True
+
+
+def test_password_travels_in_an_anonymous_passfile_bound_to_the_judged_target(
     good_server: TLSPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGPASSWORD", "user-env-Pw-c0ffee")  # never handed on to psql
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
-    with psql_session(wrapper, ["-c", "select 1"]) as (args, env):
+    with psql_session(wrapper, ["-c", "select 1"]) as session:
+        (args, env), fds = session, session.pass_fds
         assert "PGPASSWORD" not in env
-        passfile = Path(env["PGPASSFILE"])
-        assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
-        assert stat.S_IMODE(passfile.parent.stat().st_mode) == 0o700
-        lines = passfile.read_text().splitlines()
+        passfile = env["PGPASSFILE"]
+        assert passfile == f"/dev/fd/{fds[0]}" and len(fds) == 1
+        target = _anonymous(passfile)
+        assert stat.S_IMODE(os.stat(passfile).st_mode) == 0o600  # what libpq's check reads
+        lines = Path(passfile).read_text().splitlines()
         assert lines == [f"127.0.0.1:{good_server.port}:app:app:{APP_PASSWORD}"]
         assert_no_secret(" ".join(args))
-    assert not passfile.exists() and not passfile.parent.exists()
+    assert _closed(passfile, target)
+
+
+def test_without_dev_fd_the_passfile_is_private_and_removed(
+    good_server: TLSPostgres, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where /dev/fd cannot carry the file (BSD, macOS): 0600 in a 0700 directory named after
+    this process, removed afterwards; psql still connects."""
+    monkeypatch.setattr(client, "anonymous_file", lambda text: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = _psql(good_server.database_settings(options={"sslpassword": "ssl-Key-Pass-5ec2e7"}))
+    assert result.returncode == 0, result.stderr
+    wrapper = standalone_wrapper("dbshell", good_server.database_settings())
+    with psql_session(wrapper, ["-c", "select 1"]) as session:
+        env, fds = session.env, session.pass_fds
+        assert fds == ()
+        passfile = Path(env["PGPASSFILE"])
+        assert passfile.parent.parent == tmp_path
+        assert passfile.parent.name.startswith(f"spb-dbshell-{os.getpid()}-")
+        assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
+        assert stat.S_IMODE(passfile.parent.stat().st_mode) == 0o700
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("route", ["psqlrc", "-c", "-f"])
@@ -307,9 +359,16 @@ def test_random_psql_arguments_are_refused_or_reach_the_judged_server_only(
     wrapper = standalone_wrapper("dbshell", good_server.database_settings())
     before = _counts(listeners)
     try:
-        with psql_session(wrapper, parameters) as (args, env):
+        with psql_session(wrapper, parameters) as session:
+            (args, env), fds = session, session.pass_fds
             result = subprocess.run(
-                args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+                args,
+                env=env,
+                pass_fds=fds,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
             )
     except CommandError as refused:
         assert target_arguments(parameters), parameters  # refused only for a reason
@@ -344,15 +403,19 @@ def test_secret_options_never_reach_psqls_command_line(good_server: TLSPostgres)
     secret = "ssl-Key-Pass-5ec2e7"
     settings_dict = good_server.database_settings(options={"sslpassword": secret})
     wrapper = standalone_wrapper("dbshell", settings_dict)
-    with psql_session(wrapper, ["-At", "-c", SSL_QUERY]) as (args, env):
+    with psql_session(wrapper, ["-At", "-c", SSL_QUERY]) as session:
+        (args, env), fds = session, session.pass_fds
         assert secret not in " ".join(args) and secret not in repr(env.get("PGSERVICE"))
-        service_file = Path(env["PGSERVICEFILE"])
-        assert secret in service_file.read_text()
-        assert stat.S_IMODE(service_file.stat().st_mode) == 0o600
-        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        service_file = env["PGSERVICEFILE"]
+        target = _anonymous(service_file)
+        assert secret in Path(service_file).read_text()
+        assert stat.S_IMODE(os.stat(service_file).st_mode) == 0o600
+        result = subprocess.run(
+            args, env=env, pass_fds=fds, capture_output=True, text=True, timeout=60
+        )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("t|TLSv1.")
-    assert not service_file.exists()
+    assert _closed(service_file, target)
 
 
 @pytest.mark.django_db
@@ -371,3 +434,334 @@ def test_wrong_ca_is_explained_without_the_connection_string(
     assert "gssencmode" not in message  # not the connection string
     out, err = capfd.readouterr()
     assert_no_secret(message, out, err)
+
+
+# -- issue 28, item 1: secrets never outlive psql, psql never outlives dbshell -------------
+
+SSL_SECRET = "ssl-Key-Pass-28d3b1"  # sslpassword: travels in the service file
+_DRIVER = """
+import json, os, sys
+with os.fdopen(int(sys.argv[1])) as settings_pipe:
+    settings_dict, mode = json.loads(settings_pipe.readline())
+import django
+from django.conf import settings
+settings.configure(DATABASES={"default": settings_dict}, USE_TZ=True)
+django.setup()
+if mode == "directory":  # as where /dev/fd cannot carry the files (BSD, macOS)
+    from secure_pg_backend import client
+    client.anonymous_file = lambda text: None
+from django.core.management import execute_from_command_line
+execute_from_command_line(["manage.py", "dbshell", "--", *sys.argv[2:]])
+"""
+
+
+class Dbshell:
+    """``manage.py dbshell`` in a process (and session) of its own, with its own TMPDIR; the
+    settings, password included, reach it through a pipe, never in its arguments or
+    environment. With ``terminal`` (a pty's slave) psql runs interactively on it."""
+
+    def __init__(
+        self,
+        server: TLSPostgres,
+        tmpdir: Path,
+        mode: str,
+        *psql_args: str,
+        terminal: int | None = None,
+    ) -> None:
+        tmpdir.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(TMPDIR=str(tmpdir), PYTHONPATH=str(Path(__file__).parent.parent))
+        env.update(PSQLRC="/dev/null", TERM="dumb")
+        settings_dict = server.database_settings(options={"sslpassword": SSL_SECRET})
+        # Output to files: a psql left running must not hold the test up on a pipe.
+        self.out, self.err = tmpdir.parent / "out", tmpdir.parent / "err"
+        read, write = os.pipe()
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _DRIVER, str(read), *psql_args],
+                stdin=subprocess.DEVNULL if terminal is None else terminal,
+                stdout=out if terminal is None else terminal,
+                stderr=err,
+                env=env,
+                start_new_session=True,  # its own process group, as a terminal gives it
+                pass_fds=(read,),
+            )
+        os.close(read)
+        with os.fdopen(write, "w") as pipe:
+            pipe.write(json.dumps([settings_dict, mode]) + "\n")
+
+    def psql(self, timeout: float = 30) -> int:
+        """The pid of the psql this dbshell started, once it runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in _children(self.process.pid):
+                if _comm(pid) == "psql" and b"--version" not in _cmdline(pid):  # not the probe
+                    return pid
+            assert self.process.poll() is None, self.err.read_text()
+            time.sleep(0.05)
+        raise AssertionError("psql did not start")
+
+    def wait(self) -> tuple[int, str, str]:
+        status = self.process.wait(timeout=60)
+        return status, self.out.read_text(), self.err.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _running(pid: int, start: str) -> bool:
+    """Whether the process ``pid`` started at ``start`` still runs (a zombie does not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
+def _start_time(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _files_holding_secrets(*roots: Path) -> list[str]:
+    found = []
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                if any(s.encode() in data for s in (APP_PASSWORD, SSL_SECRET)):
+                    found.append(str(path))
+    return found
+
+
+def _wait_for_query(server: TLSPostgres, marker: str) -> None:
+    deadline = time.monotonic() + 30
+    query = (
+        f"select count(*) from pg_stat_activity where query like '%{marker}%' "
+        "and pid <> pg_backend_pid()"
+    )
+    while server.admin_sql(query)[0][0] == 0:
+        assert time.monotonic() < deadline, "psql's query never started"
+        time.sleep(0.05)
+
+
+def _end_query(server: TLSPostgres, marker: str) -> None:
+    server.admin_sql(
+        "select pg_terminate_backend(pid) from pg_stat_activity "
+        f"where query like '%{marker}%' and pid <> pg_backend_pid()"
+    )
+
+
+@pytest.mark.parametrize("mode", ["anonymous", "directory"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=str)
+def test_a_stopped_dbshell_leaves_no_secret_and_no_psql(
+    good_server: TLSPostgres, tmp_path: Path, signum: signal.Signals, mode: str
+) -> None:
+    """SIGTERM (docker stop, systemctl stop), SIGHUP (a closed kubectl exec or ssh) or SIGKILL
+    sent to manage.py dbshell alone while psql runs a query: psql stops too, and no file holds
+    the password or the sslpassword. Before issue 28 both stayed (the passfile's directory
+    was removed only in a finally block; psql ran on as an orphan)."""
+    tmpdir = tmp_path / "tmp"
+    marker = f"spb28-{signum.name}-{mode}"
+    shell = Dbshell(good_server, tmpdir, mode, "-c", f"select pg_sleep(60) /* {marker} */")
+    try:
+        psql = shell.psql()
+        start = _start_time(psql)
+        _wait_for_query(good_server, marker)  # psql has read the password and connected
+        env = _environment(psql)
+        assert "PGPASSWORD" not in env
+        assert not any(APP_PASSWORD in v or SSL_SECRET in v for v in env.values())
+        paths = [env["PGPASSFILE"], env["PGSERVICEFILE"]]
+        if mode == "anonymous":
+            for path in paths:  # psql's descriptor: a memfd, no name anywhere
+                number = path.removeprefix("/dev/fd/")
+                assert os.readlink(f"/proc/{psql}/fd/{number}") == "/memfd:spb-dbshell (deleted)"
+            assert _files_holding_secrets(tmpdir) == []
+        else:
+            assert all(Path(p).parent.parent == tmpdir for p in paths), paths
+            assert len(_files_holding_secrets(tmpdir)) == 2  # the fallback, while psql runs
+
+        os.kill(shell.process.pid, signum)
+        status, out, err = shell.wait()
+        assert status == -signum, (status, out, err)  # it still ends by the signal it got
+        if signum != signal.SIGKILL:
+            assert not _running(psql, start)  # stopped and waited for before dbshell ended
+        else:  # the kernel's PR_SET_PDEATHSIG SIGTERM
+            deadline = time.monotonic() + 10
+            while _running(psql, start):
+                assert time.monotonic() < deadline, "psql outlived a SIGKILLed dbshell"
+                time.sleep(0.05)
+        assert_no_secret(out, err)
+
+        leftovers = _files_holding_secrets(tmpdir)
+        if mode == "anonymous" or signum != signal.SIGKILL:
+            assert leftovers == []
+            assert list(tmpdir.iterdir()) == []
+            return
+        # The fallback after SIGKILL: nothing could remove the directory; the next dbshell does.
+        assert len(leftovers) == 2
+        status, out, err = Dbshell(good_server, tmpdir, mode, "-Atc", "select 1").wait()
+        assert (status, out.strip()) == (0, "1"), err
+        assert _files_holding_secrets(tmpdir) == [] and list(tmpdir.iterdir()) == []
+    finally:
+        if shell.process.poll() is None:
+            shell.process.kill()
+            shell.wait()
+        _end_query(good_server, marker)
+
+
+def test_ctrl_c_cancels_psqls_query_and_dbshell_carries_on(
+    good_server: TLSPostgres, tmp_path: Path
+) -> None:
+    """SIGINT to the whole process group (Ctrl-C in a terminal) cancels psql's query, as with
+    Django's dbshell; manage.py ignores it and reports psql's exit status."""
+    marker = "spb28-sigint"
+    shell = Dbshell(
+        good_server, tmp_path / "tmp", "anonymous", "-c", f"select pg_sleep(60) /* {marker} */"
+    )
+    try:
+        shell.psql()
+        _wait_for_query(good_server, marker)
+        os.killpg(shell.process.pid, signal.SIGINT)
+        status, out, err = shell.wait()
+        assert status == 1, (status, out, err)
+        assert "canceling statement due to user request" in err
+        assert "returned non-zero exit status 1" in err  # Django's dbshell, still running
+    finally:
+        _end_query(good_server, marker)
+
+
+def test_psql_without_memfd_gets_an_unlinked_file(
+    good_server: TLSPostgres, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where memfd_create is refused (an old kernel, a seccomp filter): a temporary file
+    unlinked before the secret is written to it, which libpq still opens as /dev/fd/N."""
+
+    def refused(*args: object) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    wrapper = standalone_wrapper("dbshell", good_server.database_settings())
+    with psql_session(wrapper, ["-Atc", "select current_user"]) as session:
+        (args, env), fds = session, session.pass_fds
+        target = _anonymous(env["PGPASSFILE"])
+        assert target.startswith(str(tmp_path)) and target.endswith(" (deleted)")
+        assert list(tmp_path.iterdir()) == []
+        result = subprocess.run(
+            args, env=env, pass_fds=fds, capture_output=True, text=True, timeout=60
+        )
+    assert (result.returncode, result.stdout.strip()) == (0, "app"), result.stderr
+
+
+def test_the_sweep_removes_only_this_users_dead_directories(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    legacy = tmp_path / "spb-dbshell-k3x9q2ab"  # before issue 28: no pid in the name
+    of_the_dead = tmp_path / f"spb-dbshell-{dead.pid}-a1b2c3"
+    alive = tmp_path / f"spb-dbshell-{os.getpid()}-d4e5f6"
+    elsewhere = tmp_path / "elsewhere"
+    for directory in (legacy, of_the_dead, alive, elsewhere):
+        directory.mkdir()
+        (directory / "pgpass").write_text("secret\n")
+    link = tmp_path / "spb-dbshell-1-link"
+    link.symlink_to(elsewhere)
+    plain = tmp_path / "spb-dbshell-2-file"
+    plain.write_text("not ours to judge\n")
+    removed = client.sweep_stale_directories(str(tmp_path))
+    assert sorted(removed) == sorted([str(legacy), str(of_the_dead)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [alive.name, elsewhere.name, link.name, plain.name]
+    )
+    assert (elsewhere / "pgpass").exists()  # never through the link
+
+
+def _read_until(master: int, wanted: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, seen
+        if select.select([master], [], [], left)[0]:
+            seen += os.read(master, 4096)
+    return seen
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=str)
+def test_an_interactive_psql_stops_with_dbshell_and_gives_the_terminal_back(
+    good_server: TLSPostgres, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """psql at its prompt holds the terminal in its line editor's raw mode; stopped by a
+    signal it can handle (forwarded, or the parent-death SIGTERM after a SIGKILL) it puts the
+    terminal back as it found it, where a SIGKILL of psql would leave it raw."""
+    master, slave = pty.openpty()
+    try:
+        cooked = termios.tcgetattr(slave)[3] & (termios.ICANON | termios.ECHO)
+        shell = Dbshell(good_server, tmp_path / "tmp", "anonymous", terminal=slave)
+        psql = shell.psql()
+        start = _start_time(psql)
+        _read_until(master, b"=> ")  # connected, and waiting for a line
+        assert termios.tcgetattr(slave)[3] & termios.ICANON == 0  # the line editor's mode
+        os.kill(shell.process.pid, signum)
+        status, _, err = shell.wait()
+        assert status == -signum, err
+        deadline = time.monotonic() + 10
+        while _running(psql, start):
+            assert time.monotonic() < deadline, "psql outlived dbshell"
+            time.sleep(0.05)
+        assert termios.tcgetattr(slave)[3] & (termios.ICANON | termios.ECHO) == cooked
+        assert_no_secret(err)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_libpq_judges_the_descriptor_as_it_judges_a_passfile(good_server: TLSPostgres) -> None:
+    """Why the fchmod: libpq stats /dev/fd/N (following the link to the memfd, created 0777)
+    and ignores a passfile the group or others could read; at 0600 it reads it, from its start
+    each time it opens it (two psql runs on one descriptor)."""
+    wrapper = standalone_wrapper("dbshell", good_server.database_settings())
+    with psql_session(wrapper, ["-w", "-Atc", "select 1"]) as session:
+        (args, env), fds = session, session.pass_fds
+
+        def psql() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                args, env=env, pass_fds=fds, capture_output=True, text=True, timeout=60
+            )
+
+        runs = [psql(), psql()]
+        os.fchmod(fds[0], 0o644)
+        loose = psql()
+    for run in runs:
+        assert (run.returncode, run.stdout) == (0, "1\n"), run.stderr
+    assert loose.returncode == 2
+    assert f'password file "{env["PGPASSFILE"]}" has group or world access' in loose.stderr
+    assert_no_secret(*(run.stderr for run in [*runs, loose]))

@@ -34,6 +34,7 @@ from ..errors import (
     secret_values,
 )
 from ..handshake import EXPIRY_WARNING_DAYS, expiring
+from ..libpq import certificate_text
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]
@@ -81,7 +82,8 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
             return connection.tls_info
         except Exception as exc:  # refused (policy, TLS) or failed: the reason is the result
             password = secret_values(connection.settings_dict)
-            reason = " ".join(redact(str(exc), password).split())
+            # libpq's words may quote a certificate's names: escaped like every such text
+            reason = certificate_text(" ".join(redact(str(exc), password).split()))
             if not isinstance(exc, SecurePolicyError | InsecureConnectionError):
                 # Our refusals name the alias already; anything else gets it here.
                 where = location(self.alias, connection.settings_dict.get("HOST") or None)

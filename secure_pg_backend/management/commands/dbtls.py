@@ -15,6 +15,7 @@ from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...errors import explanation, explanation_index, redact, secret_values
+from ...libpq import certificate_text
 from ...pipeline import attempt_once
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
@@ -112,7 +113,7 @@ class Command(BaseCommand):
         except (DatabaseError, ImproperlyConfigured) as exc:
             cause = failure_cause(exc)
             text = redact(" ".join(str(exc).split()), secret_values(wrapper.settings_dict))
-            return None, (cause, text)
+            return None, (cause, certificate_text(text))  # libpq may quote a certificate
         finally:
             # Leave a connection the caller already had (e.g. call_command in a request) open.
             if opened_here:
