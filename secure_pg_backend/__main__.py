@@ -13,6 +13,10 @@ from collections.abc import Sequence
 
 from .errors import EXPLAIN, explanation, explanation_index
 
+__all__ = [
+    "main",
+]
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(

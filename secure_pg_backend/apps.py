@@ -4,6 +4,10 @@ from typing import Any
 from django.apps import AppConfig
 from django.core import checks
 
+__all__ = [
+    "SecurePgBackendConfig",
+]
+
 
 class SecurePgBackendConfig(AppConfig):
     name = "secure_pg_backend"

@@ -34,11 +34,24 @@ from typing import TYPE_CHECKING, Any
 from django.db import DatabaseError, connections
 from django.db.backends.postgresql import client as postgresql
 
-from . import libpq
+from . import certificates, libpq
 from .compat import NEWER_KEYWORDS
 from .errors import location, redact, secret_values
 from .policy import control_character
 from .provider import credentials_for
+
+__all__ = [
+    "DatabaseClient",
+    "PsqlCommand",
+    "PsqlSession",
+    "anonymous_file",
+    "private_files",
+    "psql_command",
+    "psql_major_version",
+    "psql_session",
+    "sweep_stale_directories",
+    "target_arguments",
+]
 
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
@@ -648,7 +661,7 @@ def _explain_failure(wrapper: VerifiedTLSMixin, returncode: int, shown: list[str
             from django.core.management.base import CommandError
 
             reason = " ".join(redact(str(exc), secret_values(wrapper.settings_dict)).split())
-            reason = libpq.certificate_text(reason)  # libpq may quote a certificate's names
+            reason = certificates.certificate_text(reason)  # libpq may quote a certificate's names
             return CommandError(
                 f"psql could not connect for {where}. {reason}", returncode=returncode
             )

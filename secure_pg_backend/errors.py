@@ -46,6 +46,40 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import OperationalError
 
+__all__ = [
+    "CAUSES",
+    "CHECKS",
+    "EXPLAIN",
+    "FILE",
+    "FILE_REPLACED",
+    "HOST_FIX",
+    "POLICY",
+    "PREFIX",
+    "REDACTED",
+    "ROOT_FIX",
+    "Cause",
+    "CheckId",
+    "ConnectionFileError",
+    "CredentialProviderError",
+    "InsecureConnectionError",
+    "ProviderConfigurationError",
+    "SecurePolicyError",
+    "Violation",
+    "check_id",
+    "classify",
+    "explain",
+    "explain_command",
+    "explanation",
+    "explanation_index",
+    "link_message",
+    "location",
+    "markdown_table",
+    "option_name",
+    "redact",
+    "remove_hint",
+    "secret_values",
+]
+
 REDACTED = "********"
 
 # -- every check id ---------------------------------------------------------------------------
@@ -842,7 +876,7 @@ def explain(
     cause = classify(exc)
     if cause is None or cause.kind != REFUSAL:
         return None
-    from .libpq import certificate_text  # libpq quotes certificate names (CN, SAN) as is
+    from .certificates import certificate_text  # libpq quotes certificate names as is
 
     detail = " ".join(str(exc).split())
     message = link_message(alias, host, f"{cause.problem} libpq said: {detail}.", cause.fix)

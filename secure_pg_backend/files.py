@@ -10,6 +10,22 @@ from collections.abc import Mapping
 
 from .errors import ROOT_FIX, Violation, option_name
 
+__all__ = [
+    "ENCRYPTED_KEY",
+    "KEY",
+    "KEY_WITHOUT_PASSPHRASE",
+    "LOOSE_KEY",
+    "MISSING",
+    "FileNeed",
+    "check_files",
+    "file_problem",
+    "file_problems",
+    "file_violation",
+    "home_directory",
+    "key_mode_problem",
+    "service_file_needs",
+]
+
 # -- the files libpq opens, checked before each physical connection ---------------------------
 REGULAR, DIRECTORY = "file", "directory"
 KEY = "private key"  # a regular file that libpq also refuses when others may read it (E018)

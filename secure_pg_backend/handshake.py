@@ -20,8 +20,6 @@ built from these only when something inspects or logs the connection.
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -34,23 +32,24 @@ from .policy.rules import loopback_address
 from .policy.terms import _EMPTY
 
 __all__ = [
-    "CLIENT_WARNING_FRACTION",
-    "EXPIRY_WARNING_DAYS",
+    "ALPN",
+    "DIRECT",
+    "DIRECT_SINCE",
+    "REPROBE_AFTER",
     "LinkFacts",
-    "Validity",
-    "certificate_not_after",
+    "cannot_do_direct",
     "check_link",
     "cipher_is_strong",
-    "client_validity",
-    "client_validity_once",
-    "days_left",
     "decode",
-    "expiring",
-    "not_after_once",
-    "peer_not_after",
+    "forget_direct",
+    "goes_direct",
+    "learn_direct",
+    "negotiate",
     "read_facts",
-    "warning_window",
+    "with_negotiation",
 ]
+
+T = TypeVar("T")
 
 
 def decode(value: bytes | None) -> str:
@@ -255,128 +254,6 @@ def read_facts(pgconn: Any, peer: bool = False) -> LinkFacts:
         alpn=alpn,
         peer=libpq.peer_address(pgconn) if peer else None,
     )
-
-
-# -- the certificates' expiry ----------------------------------------------------------------
-
-# Log line, system checks W001/W002, health check and the example page all warn this many days
-# before expiry (a short-lived client certificate later: see warning_window).
-EXPIRY_WARNING_DAYS = 30
-# A client certificate from Vault, cert-manager or SPIFFE lives hours or days and is renewed by
-# automation well before it ends: cert-manager renews when a third of the lifetime is left (its
-# default renewBefore), SPIFFE agents at half, Vault agent at about a third. Warning 30 days
-# ahead would warn on every connection of a 24-hour certificate; warning when less than this
-# fraction of the lifetime is left fires only once renewal is overdue.
-CLIENT_WARNING_FRACTION = 1 / 3
-
-Validity = tuple[dt.datetime, dt.datetime]  # (notBefore, notAfter), UTC
-
-
-def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
-    return (not_after - (now or dt.datetime.now(dt.timezone.utc))).days
-
-
-def warning_window(
-    not_before: dt.datetime | None, not_after: dt.datetime, days: float = EXPIRY_WARNING_DAYS
-) -> dt.timedelta:
-    """How long before ``not_after`` the warning starts: ``days`` for the server certificate
-    (``not_before`` None); for a client certificate the shorter of ``days`` and
-    ``CLIENT_WARNING_FRACTION`` of its lifetime."""
-    window = dt.timedelta(days=days)
-    if not_before is None:
-        return window
-    return min(window, (not_after - not_before) * CLIENT_WARNING_FRACTION)
-
-
-def expiring(
-    not_after: dt.datetime,
-    now: dt.datetime | None = None,
-    not_before: dt.datetime | None = None,
-    days: float = EXPIRY_WARNING_DAYS,
-) -> bool:
-    """The one expiry rule: less than ``warning_window`` left (fewer than ``days`` whole days
-    for the server certificate; the last third of a short-lived client certificate's life)."""
-    left = not_after - (now or dt.datetime.now(dt.timezone.utc))
-    return left < warning_window(not_before, not_after, days)
-
-
-@functools.lru_cache(maxsize=32)
-def certificate_not_after(der: bytes) -> dt.datetime:
-    """A DER certificate's notAfter, cached per certificate.
-
-    Decoded by the OpenSSL of the TLS session (libpq's), so reading it on every connection
-    (the log line, metrics) never imports ``cryptography``; the full parse is the fallback
-    where that OpenSSL lacks the functions.
-    """
-    not_after = libpq.certificate_not_after(der)
-    if not_after is None:
-        from .tlsinfo import PeerCertificate
-
-        not_after = PeerCertificate.from_der(der).not_after
-    return not_after
-
-
-def peer_not_after(pgconn: Any) -> dt.datetime | None:
-    """notAfter of the certificate the server presented on a live connection; None without TLS.
-
-    Read from the certificate the TLS session already holds; the DER route (and its fallback
-    to a full parse) only where libpq's OpenSSL lacks the functions.
-    """
-    ptr = pgconn.pgconn_ptr
-    if not ptr or not pgconn.ssl_in_use:
-        return None
-    not_after = libpq.peer_not_after(ptr)
-    if not_after is None:
-        der = libpq.peer_certificate_der(ptr)
-        not_after = certificate_not_after(der) if der else None
-    return not_after
-
-
-def not_after_once(pgconn: Any) -> Callable[[], dt.datetime | None]:
-    """``peer_not_after`` for one connection, read at most once: the log line and the metrics
-    of the same connection share the read (and neither pays it unless it needs it)."""
-    return _once(lambda: peer_not_after(pgconn))
-
-
-@functools.lru_cache(maxsize=32)
-def certificate_validity(der: bytes) -> Validity:
-    """A DER certificate's (notBefore, notAfter) by a full parse: only where libpq's OpenSSL
-    lacks the functions to read them from the session."""
-    from .tlsinfo import PeerCertificate
-
-    cert = PeerCertificate.from_der(der)
-    return cert.not_before, cert.not_after
-
-
-def client_validity(pgconn: Any) -> Validity | None:
-    """(notBefore, notAfter) of the client certificate this side holds in a live TLS session;
-    None without one (no TLS, no client certificate: two ctypes calls that return NULL)."""
-    ptr = pgconn.pgconn_ptr
-    if not ptr or not pgconn.ssl_in_use:
-        return None
-    if libpq.decodes_times():
-        return libpq.client_validity(ptr)
-    der = libpq.client_certificate_der(ptr)
-    return certificate_validity(der) if der else None
-
-
-def client_validity_once(pgconn: Any) -> Callable[[], Validity | None]:
-    """``client_validity`` for one connection, read at most once (log line and metrics)."""
-    return _once(lambda: client_validity(pgconn))
-
-
-T = TypeVar("T")
-
-
-def _once(read: Callable[[], T]) -> Callable[[], T]:
-    found: list[T] = []
-
-    def once() -> T:
-        if not found:
-            found.append(read())
-        return found[0]
-
-    return once
 
 
 # -- direct TLS by default, where the server is known to do it ------------------------------

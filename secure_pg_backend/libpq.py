@@ -11,18 +11,39 @@ instead of loading it. Resolution happens once per process.
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import functools
 import os
-import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+__all__ = [
+    "EFFECTIVE_KEYS",
+    "LibpqUnavailable",
+    "Resolution",
+    "compiled_defaults",
+    "conninfo",
+    "effective_settings",
+    "environment_snapshot",
+    "environment_variables",
+    "functions",
+    "keyword_variables",
+    "keywords",
+    "loaded_libpq",
+    "optional_function",
+    "parse",
+    "peer_address",
+    "resolve",
+    "secret_keywords",
+    "socket_family",
+    "ssl_attributes",
+    "used_gssapi",
+]
 
 # typeshed names no public type for a foreign function pointer
 _CFunc = Any
@@ -118,7 +139,7 @@ class _Functions:
         self.x509_free = x509_free
 
 
-def _optional(lib: ctypes.CDLL, *names: str) -> _CFunc | None:
+def optional_function(lib: ctypes.CDLL, *names: str) -> _CFunc | None:
     # A dlopen handle resolves symbols in the library *and its dependencies*, so
     # OpenSSL functions come from the libssl/libcrypto this libpq is linked to.
     for name in names:
@@ -138,9 +159,9 @@ def functions() -> _Functions:
     ssl_struct = lib.PQsslStruct
     ssl_struct.restype = ctypes.c_void_p
     ssl_struct.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    peer = _optional(lib, "SSL_get1_peer_certificate", "SSL_get_peer_certificate")
-    i2d = _optional(lib, "i2d_X509")
-    free = _optional(lib, "X509_free")
+    peer = optional_function(lib, "SSL_get1_peer_certificate", "SSL_get_peer_certificate")
+    i2d = optional_function(lib, "i2d_X509")
+    free = optional_function(lib, "X509_free")
     if peer is not None and i2d is not None and free is not None:
         peer.restype = ctypes.c_void_p
         peer.argtypes = [ctypes.c_void_p]
@@ -165,34 +186,6 @@ def ssl_attributes(pgconn_ptr: int) -> dict[str, str | None]:
         raw = get(pgconn_ptr, name)
         out[name.decode()] = raw.decode("ascii", "replace") if raw else None
     return out
-
-
-def peer_certificate_der(pgconn_ptr: int) -> bytes | None:
-    """DER of the server's leaf certificate, read from the live TLS session."""
-    fns = functions()
-    if fns.peer_certificate is None or fns.i2d_x509 is None or fns.x509_free is None:
-        return None
-    ssl_ptr = fns.ssl_struct(pgconn_ptr, b"OpenSSL")
-    if not ssl_ptr:
-        return None
-    x509 = fns.peer_certificate(ssl_ptr)
-    if not x509:
-        return None
-    try:
-        return _der(fns.i2d_x509, x509)
-    finally:
-        fns.x509_free(x509)
-
-
-def _der(i2d_x509: _CFunc, x509: int) -> bytes | None:
-    size = i2d_x509(x509, None)
-    if size <= 0:
-        return None
-    buf = ctypes.create_string_buffer(size)
-    cursor = ctypes.c_void_p(ctypes.addressof(buf))  # i2d advances the pointer it gets
-    if i2d_x509(x509, ctypes.byref(cursor)) != size:
-        return None
-    return buf.raw
 
 
 # -- libpq's own view of connection parameters ----------------------------------------------
@@ -443,304 +436,3 @@ def peer_address(pgconn: Any) -> str | None:
         return None
     finally:
         sock.detach()  # the descriptor stays libpq's
-
-
-# -- the server certificate's notAfter, decoded by the session's own OpenSSL -----------------
-# The start-up log line and the expiry warning need one date; parsing the whole certificate with
-# `cryptography` costs an import of tens of milliseconds on the first connection (and, on a pool's
-# worker thread, puts Rust frames on a thread the interpreter may stop at exit).
-
-
-class _Tm(ctypes.Structure):
-    # ISO C's nine ints; glibc and the BSDs add tm_gmtoff and tm_zone. Room for them is harmless
-    # where the C library has none (OpenSSL only writes its own struct tm).
-    _fields_ = [
-        *[
-            (name, ctypes.c_int)
-            for name in ("sec", "min", "hour", "mday", "mon", "year", "wday", "yday", "isdst")
-        ],
-        ("gmtoff", ctypes.c_long),
-        ("zone", ctypes.c_char_p),
-    ]
-
-
-class _TimeFunctions:
-    __slots__ = ("asn1_time_to_tm", "d2i_x509", "get0_not_after", "get0_not_before", "x509_free")
-
-    def __init__(
-        self,
-        d2i_x509: _CFunc,
-        get0_not_after: _CFunc,
-        get0_not_before: _CFunc,
-        asn1_time_to_tm: _CFunc,
-        x509_free: _CFunc,
-    ) -> None:
-        self.d2i_x509 = d2i_x509
-        self.get0_not_after = get0_not_after
-        self.get0_not_before = get0_not_before
-        self.asn1_time_to_tm = asn1_time_to_tm
-        self.x509_free = x509_free
-
-
-@functools.lru_cache(maxsize=1)
-def _time_functions() -> _TimeFunctions | None:
-    """OpenSSL >= 1.1.1's functions, or None (another TLS library, or an older OpenSSL)."""
-    try:
-        lib = loaded_libpq()
-    except (LibpqUnavailable, OSError):
-        return None
-    d2i = _optional(lib, "d2i_X509")
-    not_after = _optional(lib, "X509_get0_notAfter")
-    not_before = _optional(lib, "X509_get0_notBefore")
-    to_tm = _optional(lib, "ASN1_TIME_to_tm")
-    free = _optional(lib, "X509_free")
-    if d2i is None or not_after is None or not_before is None or to_tm is None or free is None:
-        return None
-    d2i.restype = ctypes.c_void_p
-    d2i.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]
-    for get0 in (not_after, not_before):
-        get0.restype = ctypes.c_void_p
-        get0.argtypes = [ctypes.c_void_p]
-    to_tm.restype = ctypes.c_int
-    to_tm.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Tm)]
-    free.restype = None
-    free.argtypes = [ctypes.c_void_p]
-    return _TimeFunctions(d2i, not_after, not_before, to_tm, free)
-
-
-def certificate_not_after(der: bytes) -> dt.datetime | None:
-    """notAfter (UTC) of a DER certificate; None if this OpenSSL cannot say.
-
-    Decoding DER (``d2i_X509``) initializes OpenSSL's decoders and digests, work that
-    OpenSSL undoes again at exit, a cost a cold start should not pay. For a live connection,
-    ``peer_not_after`` reads the certificate the TLS session already decoded.
-    """
-    fns = _time_functions()
-    return None if fns is None else _decoded(der, lambda x509: _not_after(fns, x509))
-
-
-def _decoded(der: bytes, read: Callable[[int], T]) -> T | None:
-    """``read(X509*)`` of a DER certificate decoded by libpq's OpenSSL; None if it cannot."""
-    fns = _time_functions()
-    if fns is None:
-        return None
-    cursor = ctypes.c_char_p(der)  # d2i advances the pointer it gets; `der` stays alive
-    x509 = fns.d2i_x509(None, ctypes.byref(cursor), len(der))
-    if not x509:
-        return None
-    try:
-        return read(x509)
-    finally:
-        fns.x509_free(x509)
-
-
-def peer_not_after(pgconn_ptr: int) -> dt.datetime | None:
-    """notAfter (UTC) of the certificate the server presented in this live TLS session."""
-    fns, time_fns = functions(), _time_functions()
-    if time_fns is None or fns.peer_certificate is None or fns.x509_free is None:
-        return None
-    ssl_ptr = fns.ssl_struct(pgconn_ptr, b"OpenSSL")
-    x509 = fns.peer_certificate(ssl_ptr) if ssl_ptr else None
-    if not x509:
-        return None
-    try:
-        return _not_after(time_fns, x509)
-    finally:
-        fns.x509_free(x509)  # SSL_get1_peer_certificate took a reference
-
-
-def _not_after(fns: _TimeFunctions, x509: int) -> dt.datetime | None:
-    return _asn1_time(fns, fns.get0_not_after(x509))
-
-
-def _asn1_time(fns: _TimeFunctions, asn1_time: int | None) -> dt.datetime | None:
-    tm = _Tm()
-    if not asn1_time or fns.asn1_time_to_tm(asn1_time, ctypes.byref(tm)) != 1:
-        return None
-    return dt.datetime(
-        tm.year + 1900, tm.mon + 1, tm.mday, tm.hour, tm.min, tm.sec, tzinfo=dt.timezone.utc
-    )
-
-
-# -- certificate text: the one escaping rule ------------------------------------------------
-# A certificate's names are chosen by whoever got it signed, and a CA that checks the host names
-# signs whatever subject it is asked for: a CN holding a newline and an ANSI escape made dbtls
-# print a forged line and clear the screen. Every form a person or a log pipeline reads (the
-# log line and its fields, dbtls and --json, repr and as_dict, messages, the health check)
-# shows certificate text through ``certificate_text`` only; the raw names stay in the
-# certificate itself (``PeerCertificate.certificate()``, the DER).
-#
-# The rule is OpenSSL's RFC 2253 printing with ASN1_STRFLGS_ESC_CTRL, which the OpenTelemetry
-# fields always used: a control character becomes a backslash and two upper-case hex digits
-# (newline \0A, ESC \1B, DEL \7F). It extends, in the same form (OpenSSL's ASN1_STRFLGS_ESC_MSB:
-# each UTF-8 byte), to what moves or reorders text without being ASCII: C1 controls (U+009B is
-# a CSI to some terminals), the line and paragraph separators (str.splitlines and log viewers
-# break lines there) and the bidirectional overrides ("Trojan Source"); and to lone surrogates,
-# which no UTF-8 output could print. Backslashes are left alone: both OpenSSL's and
-# cryptography's RFC 2253/4514 strings escape them already, so the rule is idempotent.
-_UNSAFE_TEXT = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-
-
-def certificate_text(text: str) -> str:
-    """``text`` (a certificate's name, or a message quoting one) with every control character,
-    line separator and bidirectional override escaped as OpenSSL escapes them (``\\0A``)."""
-    return _UNSAFE_TEXT.sub(_hex_bytes, text)
-
-
-def _hex_bytes(match: re.Match[str]) -> str:
-    return "".join(f"\\{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass"))
-
-
-# -- a certificate's subject and issuer, by the same OpenSSL ---------------------------------
-# For the start-up log record's OpenTelemetry fields (signals.otel_server_fields), which must not
-# import ``cryptography`` (the first connection never does). RFC 2253 order and escaping, as
-# ``PeerCertificate.subject`` (cryptography's RFC 4514 string) shows them, with UTF-8 kept as is
-# (XN_FLAG_RFC2253 without ASN1_STRFLGS_ESC_MSB), then ``certificate_text`` for what OpenSSL
-# leaves unescaped there (C1 controls and the rest beyond ASCII).
-_XN_FLAGS = 0x313 | 0x10000 | 0x100000 | 0x1000000
-_BIO_CTRL_INFO = 3  # BIO_get_mem_data
-
-
-class _NameFunctions:
-    __slots__ = ("bio_ctrl", "bio_free", "bio_new", "bio_s_mem", "issuer", "print_ex", "subject")
-
-    def __init__(self, **functions: _CFunc) -> None:
-        for name, function in functions.items():
-            setattr(self, name, function)
-
-    bio_ctrl: _CFunc
-    bio_free: _CFunc
-    bio_new: _CFunc
-    bio_s_mem: _CFunc
-    issuer: _CFunc
-    print_ex: _CFunc
-    subject: _CFunc
-
-
-@functools.lru_cache(maxsize=1)
-def _name_functions() -> _NameFunctions | None:
-    """OpenSSL's name printing, or None (another TLS library, or libpq not loaded)."""
-    try:
-        lib = loaded_libpq()
-    except (LibpqUnavailable, OSError):
-        return None
-    found = {
-        "bio_ctrl": _optional(lib, "BIO_ctrl"),
-        "bio_free": _optional(lib, "BIO_free"),
-        "bio_new": _optional(lib, "BIO_new"),
-        "bio_s_mem": _optional(lib, "BIO_s_mem"),
-        "issuer": _optional(lib, "X509_get_issuer_name"),
-        "print_ex": _optional(lib, "X509_NAME_print_ex"),
-        "subject": _optional(lib, "X509_get_subject_name"),
-    }
-    functions = {name: fn for name, fn in found.items() if fn is not None}
-    if len(functions) != len(found):
-        return None
-    pointer = ctypes.c_void_p
-    for name, restype, argtypes in (
-        ("bio_ctrl", ctypes.c_long, [pointer, ctypes.c_int, ctypes.c_long, pointer]),
-        ("bio_free", ctypes.c_int, [pointer]),
-        ("bio_new", pointer, [pointer]),
-        ("bio_s_mem", pointer, []),
-        ("issuer", pointer, [pointer]),
-        ("print_ex", ctypes.c_int, [pointer, pointer, ctypes.c_int, ctypes.c_ulong]),
-        ("subject", pointer, [pointer]),
-    ):
-        functions[name].restype = restype
-        functions[name].argtypes = argtypes
-    return _NameFunctions(**functions)
-
-
-def certificate_names(der: bytes) -> tuple[str, str] | None:
-    """(subject, issuer) of a DER certificate as RFC 2253 strings; None if this OpenSSL cannot
-    say (the report's ``peer_certificate`` then has them, parsed by ``cryptography``)."""
-    fns = _name_functions()
-    return None if fns is None else _decoded(der, lambda x509: _names(fns, x509))
-
-
-def _names(fns: _NameFunctions, x509: int) -> tuple[str, str] | None:
-    subject = _print_name(fns, fns.subject(x509))
-    issuer = _print_name(fns, fns.issuer(x509))
-    return None if subject is None or issuer is None else (subject, issuer)
-
-
-def _print_name(fns: _NameFunctions, name: int | None) -> str | None:
-    if not name:
-        return None
-    bio = fns.bio_new(fns.bio_s_mem())
-    if not bio:
-        return None
-    try:
-        if fns.print_ex(bio, name, 0, _XN_FLAGS) < 0:
-            return None
-        data = ctypes.c_void_p()
-        size = fns.bio_ctrl(bio, _BIO_CTRL_INFO, 0, ctypes.byref(data))
-        if size == 0:
-            return ""
-        if size < 0 or not data.value:
-            return None
-        return certificate_text(ctypes.string_at(data.value, size).decode("utf-8", "replace"))
-    finally:
-        fns.bio_free(bio)
-
-
-# -- the client certificate this side holds in the live session -------------------------------
-# libpq loads OPTIONS['sslcert'] (or ~/.postgresql/postgresql.crt) into the session whenever the
-# file exists and sslcertmode is not 'disable'; OpenSSL sends it when the server asks for one.
-# ``SSL_get_certificate`` returns the session's own pointer (no reference taken: never freed).
-# A connection without a client certificate pays two ctypes calls that return NULL.
-
-
-@functools.lru_cache(maxsize=1)
-def _local_certificate() -> _CFunc | None:
-    try:
-        get = _optional(loaded_libpq(), "SSL_get_certificate")
-    except (LibpqUnavailable, OSError):
-        return None
-    if get is not None:
-        get.restype = ctypes.c_void_p
-        get.argtypes = [ctypes.c_void_p]
-    return get
-
-
-def _local_x509(pgconn_ptr: int) -> int | None:
-    get = _local_certificate()
-    if get is None:
-        return None
-    ssl_ptr = functions().ssl_struct(pgconn_ptr, b"OpenSSL")
-    x509 = get(ssl_ptr) if ssl_ptr else None
-    return int(x509) if x509 else None
-
-
-def client_certificate_der(pgconn_ptr: int) -> bytes | None:
-    """DER of the client certificate in this live TLS session; None when there is none."""
-    i2d = functions().i2d_x509
-    x509 = _local_x509(pgconn_ptr) if i2d is not None else None
-    return _der(i2d, x509) if x509 else None
-
-
-def decodes_times() -> bool:
-    """Whether libpq's OpenSSL can decode a certificate's validity (OpenSSL >= 1.1.1)."""
-    return _time_functions() is not None
-
-
-def client_validity(pgconn_ptr: int) -> tuple[dt.datetime, dt.datetime] | None:
-    """(notBefore, notAfter), UTC, of the client certificate in this live TLS session, decoded
-    by the session's OpenSSL; None without one (or where that OpenSSL cannot say)."""
-    time_fns = _time_functions()
-    x509 = _local_x509(pgconn_ptr) if time_fns is not None else None
-    if not x509 or time_fns is None:
-        return None
-    not_before = _asn1_time(time_fns, time_fns.get0_not_before(x509))
-    not_after = _not_after(time_fns, x509)
-    return None if not_before is None or not_after is None else (not_before, not_after)
-
-
-def client_certificate_names(pgconn_ptr: int) -> tuple[str, str] | None:
-    """(subject, issuer) of the client certificate in this live session, as
-    ``certificate_names`` prints them, from the session's own X509 (no DER decoding)."""
-    fns = _name_functions()
-    x509 = _local_x509(pgconn_ptr) if fns is not None else None
-    return _names(fns, x509) if x509 and fns is not None else None

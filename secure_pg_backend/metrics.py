@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from . import signals
 
 if TYPE_CHECKING:
-    from .handshake import LinkFacts, Validity
+    from .handshake import LinkFacts
+from .certificates import Validity
 
 __all__ = ["install"]
 
@@ -80,7 +81,7 @@ def _record_link(
     alias: str, facts: LinkFacts, read_not_after: Callable[[], dt.datetime | None]
 ) -> None:
     # This runs on the pool's threads for every connection: the expiry comes from the
-    # session's OpenSSL (handshake.peer_not_after), never a ``cryptography`` parse, which
+    # session's OpenSSL (certificates.peer_not_after), never a ``cryptography`` parse, which
     # there can abort the process at exit.
     labels = (facts.protocol or "", facts.cipher or "")
     with _lock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime as dt
 import logging
 import random
 import time
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import files, handshake, libpq, lifecycle, policy, signals
+from . import certificates, files, handshake, libpq, lifecycle, policy, signals
 from .errors import (
     TRANSIENT,
     Cause,
@@ -223,7 +224,8 @@ def _announce(
     exc: Exception,
     secrets: Callable[[], object],
 ) -> None:
-    words = redact(" ".join(str(exc).split()), secrets())  # secrets gathered only when logged
+    # Secrets gathered only when logged; the server's words shown under the one text rule.
+    words = certificates.certificate_text(redact(" ".join(str(exc).split()), secrets()))
     logger.warning(
         "database alias %r: connection attempt %d failed (%s), retrying in %.2f s: %s",
         alias,
@@ -458,9 +460,15 @@ def verify(plan: Plan, connection: Any) -> None:
     setattr(connection, LINK_ATTR, (facts, decision))
     handshake.learn_direct(decision, connection.pgconn)
     lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-    not_after = handshake.not_after_once(connection.pgconn)
-    client_validity = handshake.client_validity_once(connection.pgconn)
+    dates = certificates.SessionCertificates(connection.pgconn)  # read when first asked
     alias = plan.alias
+
+    def not_after() -> dt.datetime | None:
+        return dates.server_not_after
+
+    def client_validity() -> certificates.Validity | None:
+        return dates.client_validity
+
     signals.announce(alias, not_after, lambda: tls_info_of(connection), client_validity)
     signals.connection_verified.send(
         plan.sender,

@@ -38,6 +38,10 @@ from psycopg_pool import ConnectionPool, PoolClosed
 from . import lifecycle, pipeline
 from .errors import InsecureConnectionError
 
+__all__ = [
+    "VerifiedConnectionPool",
+]
+
 
 def _park_forever() -> NoReturn:
     while True:  # blocked in a lock, without the GIL; the process ends around this thread

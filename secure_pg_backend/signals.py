@@ -37,8 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 from django.dispatch import Signal
 
-from . import libpq
-from .handshake import Validity, expiring
+from . import certificates
+from .certificates import Validity, expiring
+
+__all__ = [
+    "after_fork_in_child",
+    "announce",
+    "connection_refused",
+    "connection_retried",
+    "connection_verified",
+    "extra_fields",
+    "iana_cipher",
+    "otel_server_fields",
+    "reset_announced",
+]
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
     from .tlsinfo import TLSInfo
@@ -164,7 +176,7 @@ def otel_server_fields(info: TLSInfo, not_after: dt.datetime | None) -> dict[str
     der = info._peer_der  # the certificate as presented; hashing it needs no parse
     if der:
         # The names by the session's OpenSSL: this record must not import cryptography.
-        names = libpq.certificate_names(der)
+        names = certificates.certificate_names(der)
         if names is not None:
             fields["tls.server.subject"], fields["tls.server.issuer"] = names
         fields["tls.server.hash.sha256"] = hashlib.sha256(der).hexdigest().upper()

@@ -18,14 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from . import libpq
-from .handshake import (
-    EXPIRY_WARNING_DAYS,
-    LinkFacts,
-    certificate_not_after,
-    days_left,
-    expiring,
-)
+from . import certificates, libpq
+from .certificates import EXPIRY_WARNING_DAYS, certificate_not_after, days_left, expiring
+from .handshake import LinkFacts
 from .policy import Decision
 
 if TYPE_CHECKING:  # cryptography is imported only when a certificate is parsed
@@ -61,7 +56,7 @@ class PeerCertificate:
     """The server's leaf certificate as presented in this TLS session.
 
     Its names are text for people and logs: RFC 4514 strings (SANs ``DNS:name``) with every
-    control character escaped as OpenSSL escapes it (``libpq.certificate_text``: a newline is
+    control character escaped as OpenSSL escapes it (``certificates.certificate_text``: a newline is
     ``\\0A``). The names exactly as the certificate holds them: ``certificate()``.
     """
 
@@ -87,7 +82,7 @@ class PeerCertificate:
             )
         except x509.ExtensionNotFound:
             sans = ()
-        text = libpq.certificate_text
+        text = certificates.certificate_text
         return cls(
             subject=text(cert.subject.rfc4514_string()),
             issuer=text(cert.issuer.rfc4514_string()),
@@ -157,7 +152,7 @@ class ClientCertificate:
 
     def expires_soon(self, now: dt.datetime | None = None) -> bool:
         """Less than a third of its lifetime and fewer than ``EXPIRY_WARNING_DAYS`` days left:
-        its renewal is overdue (the one rule, ``handshake.expiring``)."""
+        its renewal is overdue (the one rule, ``certificates.expiring``)."""
         return expiring(self.not_after, now, self.not_before)
 
     def expiry_text(self, now: dt.datetime | None = None) -> str:
@@ -356,7 +351,7 @@ def inspect_connection(pgconn: Any, facts: LinkFacts, decision: Decision) -> TLS
     ptr = pgconn.pgconn_ptr  # None once the connection is closed: nothing left to read
     if facts.ssl_in_use and ptr:
         attrs = libpq.ssl_attributes(ptr)
-        der = libpq.peer_certificate_der(ptr)
+        der = certificates.peer_certificate_der(ptr)
         client = _client_certificate(ptr)
     # psycopg's ConnectionInfo: its port is libpq's compiled default where PQport is empty
     # (a connection with no PORT anywhere), not None.
@@ -405,14 +400,17 @@ def _transport(facts: LinkFacts, decision: Decision) -> str:
 
 def _client_certificate(ptr: int) -> ClientCertificate | None:
     """The client certificate of the live session, described by its OpenSSL."""
-    der = libpq.client_certificate_der(ptr)
+    der = certificates.client_certificate_der(ptr)
     if der is None:
         return None
-    names, validity = libpq.client_certificate_names(ptr), libpq.client_validity(ptr)
+    names, validity = (
+        certificates.client_certificate_names(ptr),
+        certificates._session_client_validity(ptr),
+    )
     if names is None or validity is None:
         return ClientCertificate.from_der(der)
     return ClientCertificate(
-        subject=names[0],  # escaped by libpq.certificate_text, as every certificate name
+        subject=names[0],  # escaped by certificates.certificate_text, as every certificate name
         issuer=names[1],
         not_before=validity[0],
         not_after=validity[1],

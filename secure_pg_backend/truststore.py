@@ -13,6 +13,11 @@ import os
 import ssl
 from collections.abc import Mapping
 
+__all__ = [
+    "SystemTrustStoreError",
+    "system_trust_file",
+]
+
 # Well-known OS bundles, for Pythons built against an OpenSSL with another prefix.
 _OS_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch

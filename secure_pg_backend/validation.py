@@ -28,6 +28,20 @@ from .errors import (
     secret_values,
 )
 
+__all__ = [
+    "CONFIGURATION",
+    "E_CONNECT",
+    "E_REFUSED",
+    "FILE_UNUSABLE",
+    "NO_CONNECTION",
+    "SETTINGS_REFUSED",
+    "TLS_REFUSED",
+    "W_CLIENT_EXPIRY",
+    "W_EXPIRY",
+    "DatabaseValidation",
+    "failure_cause",
+]
+
 if TYPE_CHECKING:
     from .base import VerifiedTLSMixin
 
@@ -103,7 +117,7 @@ class DatabaseValidation(BaseDatabaseValidation):
                     "the USER, PASSWORD and NAME. " + _explained("E014")
                 )
             return [*issues, checks.Error(message, hint=hint, obj=where, id=E_CONNECT)]
-        # Decided on the session's notAfter (handshake.expiring); the certificate is parsed
+        # Decided on the session's notAfter (certificates.expiring); the certificate is parsed
         # only for the warning's subject.
         cert = info.peer_certificate if info.expires_soon() else None
         if cert is not None:
@@ -117,7 +131,7 @@ class DatabaseValidation(BaseDatabaseValidation):
                 )
             )
         client = info.client_certificate
-        if client is not None and client.expires_soon():  # the same rule (handshake.expiring)
+        if client is not None and client.expires_soon():  # the same rule (certificates.expiring)
             issues.append(
                 checks.Warning(
                     f"The client certificate database alias {alias!r} presents "

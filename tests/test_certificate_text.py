@@ -4,7 +4,7 @@ A certificate's names are whatever its holder asked a CA for. A trusted certific
 right host whose CN held a newline and an ANSI escape made ``manage.py dbtls`` print a forged
 line and clear the screen, and ``PeerCertificate.subject`` and ``as_dict()`` carried the raw
 characters, while the OpenTelemetry fields (OpenSSL's printing) escaped them as ``\\0A``.
-Now ``libpq.certificate_text`` is the one rule, and the server tests hold every output to it
+Now ``certificates.certificate_text`` is the one rule, and the server tests hold every output to it
 on a real PostgreSQL presenting such certificates (and a client certificate with such a name).
 """
 
@@ -33,7 +33,7 @@ from health_check.exceptions import ServiceUnavailable, ServiceWarning
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secure_pg_backend import libpq, signals
+from secure_pg_backend import certificates, signals
 from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import InsecureConnectionError
 from secure_pg_backend.testing import APP_USER, LeafPair, TestCA, TLSPostgres
@@ -97,14 +97,14 @@ def _strings(value: Any) -> Iterator[str]:
     ],
 )
 def test_certificate_text_escapes_as_openssl_does(raw: str, shown: str) -> None:
-    assert libpq.certificate_text(raw) == shown
+    assert certificates.certificate_text(raw) == shown
 
 
 @given(st.text())
 def test_certificate_text_leaves_nothing_to_act_on_and_is_idempotent(text: str) -> None:
-    shown = libpq.certificate_text(text)
+    shown = certificates.certificate_text(text)
     assert unsafe(shown) == []
-    assert libpq.certificate_text(shown) == shown
+    assert certificates.certificate_text(shown) == shown
     if not unsafe(text):
         assert shown == text
 
@@ -173,14 +173,14 @@ def test_every_reading_of_a_hostile_name_is_the_same_string(ca: TestCA, subject:
     same flags give one string once the rule has been applied: no second rule anywhere."""
     der = _der(_sign(ca, subject, [x509.DNSName("localhost")]))
     parsed = PeerCertificate.from_der(der)
-    assert libpq.certificate_names(der) == (parsed.subject, parsed.issuer)
+    assert certificates.certificate_names(der) == (parsed.subject, parsed.issuer)
     assert ClientCertificate.from_der(der).subject == parsed.subject
     command = ["openssl", "x509", "-inform", "DER", "-noout", "-subject", "-nameopt"]
     printed = subprocess.run(
         [*command, "RFC2253,-esc_msb"], input=der, capture_output=True, check=True, timeout=30
     ).stdout
     line = printed.decode().removesuffix("\n").removeprefix("subject=")
-    assert libpq.certificate_text(line) == parsed.subject
+    assert certificates.certificate_text(line) == parsed.subject
     assert unsafe(parsed.subject) == []
     # The raw name stays where a caller asks for the certificate itself.
     assert parsed.certificate().subject == subject

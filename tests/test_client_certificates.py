@@ -29,7 +29,7 @@ from django.core.management.base import CommandError
 from django.db import connections
 from health_check.exceptions import ServiceWarning
 
-from secure_pg_backend import errors, files, handshake, libpq, signals
+from secure_pg_backend import certificates, errors, files, signals
 from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, APP_USER, LeafPair, TestCA, TLSPostgres
@@ -46,7 +46,7 @@ SSL_PASSWORD = "ssl-Pass-3b9d-never-shown"
 WRONG_PASSWORD = "wrong-Pass-77ac-never-shown"
 
 
-# -- the rule (handshake.expiring, warning_window): no server ----------------------------------
+# -- the rule (certificates.expiring, warning_window): no server ----------------------------------
 @pytest.mark.parametrize(
     ("lifetime", "window"),
     [
@@ -62,18 +62,20 @@ def test_a_client_certificate_warns_in_its_last_third_or_30_days(
 ) -> None:
     not_before = NOW - lifetime / 2
     not_after = not_before + lifetime
-    assert handshake.warning_window(not_before, not_after) == window
+    assert certificates.warning_window(not_before, not_after) == window
     second = dt.timedelta(seconds=1)
-    assert handshake.expiring(not_after, not_after - window + second, not_before)
-    assert not handshake.expiring(not_after, not_after - window - second, not_before)
+    assert certificates.expiring(not_after, not_after - window + second, not_before)
+    assert not certificates.expiring(not_after, not_after - window - second, not_before)
 
 
 def test_the_server_certificate_rule_is_unchanged() -> None:
     # Without notBefore (the server certificate): fewer than 30 whole days left, whatever the
     # lifetime, exactly as W001 always read.
-    assert handshake.expiring(NOW + 29 * DAY, NOW) and not handshake.expiring(NOW + 31 * DAY, NOW)
-    assert handshake.warning_window(None, NOW) == 30 * DAY
-    assert handshake.expiring(NOW + 4 * DAY, NOW, days=5) and not handshake.expiring(
+    assert certificates.expiring(NOW + 29 * DAY, NOW) and not certificates.expiring(
+        NOW + 31 * DAY, NOW
+    )
+    assert certificates.warning_window(None, NOW) == 30 * DAY
+    assert certificates.expiring(NOW + 4 * DAY, NOW, days=5) and not certificates.expiring(
         NOW + 4 * DAY, NOW, days=0
     )
 
@@ -291,7 +293,7 @@ def test_tls_info_reports_the_client_certificate_from_the_session(
     assert client.sha256_fingerprint == hashlib.sha256(der).hexdigest()
     assert not client.expires_soon()  # a fresh 90-day leaf
     # The same bytes the session holds (SSL_get_certificate), not the file read again.
-    assert libpq.client_certificate_der(wrapper.connection.pgconn.pgconn_ptr) == der
+    assert certificates.client_certificate_der(wrapper.connection.pgconn.pgconn_ptr) == der
     assert info.as_dict()["client_certificate"]["not_after"] == client.not_after.isoformat()
 
     (record,) = [r for r in caplog.records if "alias 'mtls' connected" in r.getMessage()]
@@ -519,8 +521,8 @@ def test_without_a_client_certificate_nothing_new_is_reported(
     assert info.client_certificate is None
     assert info.as_dict()["client_certificate"] is None
     pgconn = wrapper.connection.pgconn
-    assert libpq.client_certificate_der(pgconn.pgconn_ptr) is None
-    assert handshake.client_validity(pgconn) is None
+    assert certificates.client_certificate_der(pgconn.pgconn_ptr) is None
+    assert certificates.client_validity(pgconn) is None
     (record,) = [r for r in caplog.records if "alias 'plain_client' connected" in r.getMessage()]
     assert "client certificate" not in record.getMessage()
     assert not [name for name in vars(record) if name.startswith("tls.client.")]

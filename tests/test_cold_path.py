@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import handshake, libpq
+from secure_pg_backend import certificates
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import leaf_certificate
 
@@ -38,14 +38,14 @@ def test_not_after_is_read_by_openssl_exactly(ca: TestCA, not_after: dt.datetime
 
     leaf = ca.issue("db.test", not_before=dt.datetime(2020, 1, 1, tzinfo=UTC), not_after=not_after)
     cert = x509.load_pem_x509_certificates(leaf.cert_chain_pem)[0]
-    assert libpq.certificate_not_after(cert.public_bytes(Encoding.DER)) == not_after
+    assert certificates._openssl_not_after(cert.public_bytes(Encoding.DER)) == not_after
 
 
 @pytest.mark.parametrize(
     "der", [b"", b"\x30\x03\x02\x01\x01", os.urandom(64)], ids=["empty", "integer", "random"]
 )
 def test_not_after_of_something_that_is_not_a_certificate_is_none(der: bytes) -> None:
-    assert libpq.certificate_not_after(der) is None
+    assert certificates._openssl_not_after(der) is None
 
 
 def test_tls_info_expiry_without_parsing_the_certificate(
@@ -66,10 +66,10 @@ def test_live_not_after_is_read_from_the_session(
     wrapper.ensure_connection()
     pgconn = wrapper.connection.pgconn
     expected = leaf_certificate(expiring_server).not_valid_after_utc
-    assert libpq.peer_not_after(pgconn.pgconn_ptr) == expected
-    assert handshake.peer_not_after(pgconn) == expected
+    assert certificates._session_not_after(pgconn.pgconn_ptr) == expected
+    assert certificates.peer_not_after(pgconn) == expected
     wrapper.close()
-    assert handshake.peer_not_after(pgconn) is None  # closed: nothing left to read
+    assert certificates.peer_not_after(pgconn) is None  # closed: nothing left to read
 
 
 # Django's default logging (no LOGGING): what a worker boot or `manage.py` call pays. The base

@@ -24,6 +24,7 @@ PATH = {
     "pipeline",
     "policy",
     "files",
+    "certificates",
     "errors",
     "libpq",
     "handshake",

@@ -17,7 +17,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_pg_backend import libpq, signals
+from secure_pg_backend import certificates, signals
 from secure_pg_backend.handshake import cipher_is_strong
 from secure_pg_backend.testing import TLSPostgres
 from secure_pg_backend.tlsinfo import PeerCertificate, TLSInfo
@@ -191,4 +191,4 @@ def test_names_read_by_openssl_are_the_parsed_certificates() -> None:
         cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
         raw = cert.public_bytes(Encoding.DER)
         parsed = PeerCertificate.from_der(raw)
-        assert libpq.certificate_names(raw) == (parsed.subject, parsed.issuer)
+        assert certificates.certificate_names(raw) == (parsed.subject, parsed.issuer)

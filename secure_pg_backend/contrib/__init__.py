@@ -1,1 +1,3 @@
 """Integrations with third-party packages (each imported only when used)."""
+
+__all__ = []

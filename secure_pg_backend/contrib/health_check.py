@@ -26,6 +26,7 @@ from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from ..base import VerifiedTLSMixin
+from ..certificates import EXPIRY_WARNING_DAYS, certificate_text, expiring
 from ..errors import (
     InsecureConnectionError,
     SecurePolicyError,
@@ -33,8 +34,6 @@ from ..errors import (
     redact,
     secret_values,
 )
-from ..handshake import EXPIRY_WARNING_DAYS, expiring
-from ..libpq import certificate_text
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]

@@ -19,6 +19,12 @@ from .rules import evaluate
 from .screening import screen
 from .terms import BACKEND_OPTIONS, DEFAULT_CONNECT_TIMEOUT, Decision, Request, Verdict
 
+__all__ = [
+    "e009_assembled",
+    "final_parameters",
+    "judge",
+]
+
 
 def final_parameters(
     decision: Decision, req: Request, compiled: Mapping[str, str | None]

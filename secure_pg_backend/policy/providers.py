@@ -12,6 +12,17 @@ from django.utils.module_loading import import_string
 from ..errors import ProviderConfigurationError, Violation
 from .terms import PASSWORD_PROVIDER
 
+__all__ = [
+    "ALLOWED_SETTING",
+    "BUILTIN_PROVIDERS",
+    "FIELD",
+    "Provider",
+    "has_provider",
+    "load_provider",
+    "provider_name",
+    "provider_violation",
+]
+
 # -- the password provider: a fresh password for each physical connection ----------------
 # Short-lived credentials (IAM tokens) expire, and Django computes the connection parameters
 # once per connect (its pool, once at construction): a provider is called for each new

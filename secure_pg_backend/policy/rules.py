@@ -33,6 +33,29 @@ from .terms import (
     is_socket_host,
 )
 
+__all__ = [
+    "DEFAULT_ROOT_SOURCE",
+    "RULES",
+    "RootOfTrust",
+    "direct_key",
+    "e001_sslmode",
+    "e002_gssencmode",
+    "e003_protocol",
+    "e004_socket",
+    "e006_root_cert",
+    "e007_weakening",
+    "e008_opt_ins",
+    "e012_host_lists",
+    "e017_connect_retry",
+    "e019_local_proxy",
+    "evaluate",
+    "file_needs",
+    "host_display",
+    "local_proxy",
+    "loopback_address",
+    "root_of_trust",
+]
+
 # -- rules on what the settings ask for ---------------------------------------------------
 _SSLMODE_WHY = {
     "disable": "never uses TLS",

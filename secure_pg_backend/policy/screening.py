@@ -16,6 +16,16 @@ from .terms import (
     WEAKENING_KEYWORDS,
 )
 
+__all__ = [
+    "DJANGO_OPTIONS",
+    "FIELDS",
+    "POOL_BYPASSES",
+    "PSYCOPG_ARGUMENTS",
+    "allowed_keys",
+    "control_character",
+    "screen",
+]
+
 # -- screening: allowed keys and characters (E009, E011), before anything reads the entry ----
 # psycopg escapes values but not keys, and libpq skips whitespace around a key and lets
 # a later duplicate win, so ``" sslmode"`` would override ``"sslmode"``. libpq also

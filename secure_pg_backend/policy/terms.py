@@ -12,6 +12,31 @@ from typing import Any
 from ..errors import SecurePolicyError, Violation, option_name
 from ..files import FileNeed, check_files
 
+__all__ = [
+    "ACCEPTED_PROTOCOLS",
+    "ALLOW_LEGACY_CIPHERS",
+    "ALLOW_LOCAL_PROXY",
+    "ALLOW_UNIX_SOCKET",
+    "BACKEND_OPTIONS",
+    "CONNECT_RETRY",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MIN_PROTOCOL",
+    "GSSENCMODE",
+    "KEYLOG",
+    "LOCAL_PROXY_SSLMODE",
+    "NEGOTIATION",
+    "OPT_INS",
+    "PASSWORD_PROVIDER",
+    "PROTOCOL_RANK",
+    "SSLMODE",
+    "WEAKENING_KEYWORDS",
+    "Decision",
+    "DirectKey",
+    "Request",
+    "Verdict",
+    "is_socket_host",
+]
+
 SSLMODE = "verify-full"
 NEGOTIATION = "sslnegotiation"
 DirectKey = tuple[str, str, str]  # the host, hostaddr and port lists libpq resolved

@@ -2,4 +2,6 @@
 
 from .devserver import main
 
+__all__ = []
+
 raise SystemExit(main())

@@ -14,11 +14,15 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
+from ...certificates import certificate_text
 from ...errors import explanation, explanation_index, redact, secret_values
-from ...libpq import certificate_text
 from ...pipeline import attempt_once
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
+
+__all__ = [
+    "Command",
+]
 
 
 class Command(BaseCommand):
