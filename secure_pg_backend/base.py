@@ -200,8 +200,17 @@ class VerifiedTLSMixin(_WrapperBase):
         return plan
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
-        host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return errors.explain(exc, self.alias, host, secret_values(self.settings_dict))
+        decision = self._decision
+        host = decision.host_display if decision else self.settings_dict.get("HOST")
+        params = self._verdict.params if self._verdict is not None else None
+        return errors.explain(
+            exc,
+            self.alias,
+            host,
+            secret_values(self.settings_dict),
+            decision=decision,
+            params=params,
+        )
 
     @property
     def tls_info(self) -> TLSInfo:

@@ -40,6 +40,8 @@ Plain strings and slotted classes: this module is imported by every process that
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -577,9 +579,40 @@ class ProviderConfigurationError(ImproperlyConfigured):
         self.problem, self.fix = problem, fix
 
 
-def link_message(alias: str, host: str | None, problem: str, fix: str) -> str:
+REFUSED = "secure_pg_backend refused the connection for "
+
+
+def link_message(
+    alias: str, host: str | None, problem: str, fix: str, details: Sequence[str] = ()
+) -> str:
+    """A refusal for a terminal: one first line that names the alias once and says what is
+    wrong and the fix, then the details (what the server presented, libpq's words), indented."""
+    first = f"{REFUSED}{location(alias, host)}: {problem} Fix: {fix}"
+    return "\n".join([first, *(f"  {line}" for line in details)])
+
+
+def without_alias(text: str, alias: str, host: str | None) -> str:
+    """A message for a place that already names the alias (``manage.py check`` shows it as the
+    object, ``dbtls`` as the line's label): its first ``DATABASES['alias']`` made
+    ``host 'h'``, so the alias is named once."""
     where = location(alias, host)
-    return f"secure_pg_backend refused the connection for {where}: {problem} Fix: {fix}"
+    if where not in text:
+        return text
+    return text.replace(where, f"host {host!r}" if host else "these settings", 1)
+
+
+def relative_note(path: str) -> str:
+    """What a message adds about a relative file path: where it resolves now (``""`` for an
+    absolute one). libpq opens it against the process's current directory, which differs
+    between ``manage.py`` in the project, a service manager and a container's WORKDIR."""
+    if not path or os.path.isabs(path):
+        return ""
+    cwd = os.getcwd()
+    return (
+        f" {path!r} is a relative path: it resolves against the current directory, now "
+        f"{cwd!r} (so {os.path.join(cwd, path)!r}); use an absolute path, for example one "
+        "built from BASE_DIR."
+    )
 
 
 # -- why an attempt to open a connection failed -------------------------------------------
@@ -605,20 +638,16 @@ class Cause:
         return f"Cause({self.name!r}, {self.kind!r})"
 
 
-_ROOT_FIX = (
-    "set OPTIONS['sslrootcert'] to the CA bundle that issued the server's certificate "
-    "(your database provider publishes it), or renew it if expired."
-)
-
 # Order matters: the first cause whose marker appears wins (a specific reason before a
 # general one), and every refusal is tried before any transient cause.
+# The wording when the certificate could not be looked at (``diagnose`` words the rest).
 CAUSES = (
     Cause(
         "hostname",
         REFUSAL,
         ("does not match host name",),
-        "the server's certificate is not valid for the host name connected to "
-        "(a machine-in-the-middle, or the wrong name in HOST).",
+        "the server's certificate is not valid for the host name connected to (the wrong "
+        "name in HOST, or a machine in the middle).",
         "set HOST to a name listed on the certificate; to reach it by IP, keep the "
         "name in HOST and put the IP in OPTIONS['hostaddr'].",
     ),
@@ -626,17 +655,20 @@ CAUSES = (
         "untrusted",
         REFUSAL,
         ("certificate verify failed",),
-        "the server's certificate is not signed by a CA in the root certificate file "
-        "(or is expired or not yet valid).",
-        _ROOT_FIX,
+        "the server's certificate is not trusted: expired or not yet valid, self-signed, or "
+        "issued by a CA that is not in the root certificate file.",
+        "set OPTIONS['sslrootcert'] to the CA bundle of the CA that issued it (see "
+        "docs/cloud-providers.md), or have it renewed if it expired.",
     ),
     Cause(
         "no_tls",
         REFUSAL,
         ("server does not support ssl",),
         "the server does not offer TLS.",
-        "enable ssl on the server (ssl = on with a certificate); this backend never "
-        "falls back to plaintext.",
+        "enable TLS where the connection ends: PostgreSQL needs ssl = on with ssl_cert_file "
+        "and ssl_key_file (postgresql.conf); PgBouncer needs client_tls_sslmode = require "
+        "with client_tls_cert_file and client_tls_key_file (pgbouncer.ini; its default is "
+        "disable). This backend never falls back to plaintext.",
     ),
     Cause(
         "root_file",
@@ -820,10 +852,29 @@ def classify(exc: BaseException) -> Cause | None:
     return cause
 
 
+def _attempts(text: str) -> list[str]:
+    """libpq's words per attempt, case kept (psycopg lists each attempt when several failed)."""
+    at = text.lower().find(_ATTEMPTS_HEADER)
+    if at < 0:
+        return [text]
+    return ["host:" + part for part in text[at:].split("\n- host:")[1:]] or [text]
+
+
+PGBOUNCER_PORT = 6432  # PgBouncer's default listen_port
+
+
 def explain(
-    exc: BaseException, alias: str, host: str | None, secrets: object = None
+    exc: BaseException,
+    alias: str,
+    host: str | None,
+    secrets: object = None,
+    *,
+    decision: Any = None,  # policy.Decision: the hosts, the root of trust, the way in
+    params: Mapping[str, Any] | None = None,  # the parameters the attempt was given
 ) -> InsecureConnectionError | None:
-    """A refusal, as an error naming the alias, the host, libpq's words and the fix.
+    """A refusal, as an error naming the alias, the host, what is wrong and the fix, then the
+    details: the certificate the server presented (``diagnose``, only here, after libpq
+    refused), hints for this setup, libpq's words.
 
     None for everything else: the caller raises the original exception, as stock does.
     """
@@ -834,8 +885,51 @@ def explain(
         return None
     from .libpq import certificate_text  # libpq quotes certificate names (CN, SAN) as is
 
-    detail = " ".join(str(exc).split())
-    message = link_message(alias, host, f"{cause.problem} libpq said: {detail}.", cause.fix)
-    return InsecureConnectionError(
-        certificate_text(redact(message, secrets)), alias=alias, host=host, cause=cause.name
-    )
+    text = str(exc)
+    problem, fix, details = cause.problem, cause.fix, []
+    found = _diagnosis(text, cause, decision, params)
+    if found is not None:
+        problem, fix = found.problem or problem, found.fix or fix
+        details.extend(found.details)
+    details += _hints(text, cause, decision, details)
+    details.append(f"libpq said: {' '.join(text.split())}.")
+    message = link_message(alias, host, problem, fix, details)
+    # Each line escaped on its own: libpq's words and the certificate's names are the peer's
+    # (a newline there is escaped), the line breaks between the details are this message's.
+    safe = "\n".join(certificate_text(line) for line in redact(message, secrets).split("\n"))
+    return InsecureConnectionError(safe, alias=alias, host=host, cause=cause.name)
+
+
+def _diagnosis(text: str, cause: Cause, decision: Any, params: Mapping[str, Any] | None) -> Any:
+    """What the certificate says (a ``diagnose.Diagnosis``), or None when there is nothing to
+    look at; never an error: the refusal is raised whatever happens here."""
+    if cause.name not in ("untrusted", "hostname") or decision is None:
+        return None
+    segment = next((s for s in _attempts(text) if _cause_of(s) is cause), text)
+    try:
+        from . import diagnose  # only after a refusal: never on the success path
+
+        return diagnose.diagnose(segment, cause.name, decision, params or {})
+    except Exception as exc:  # a bug in the diagnosis must not hide the refusal
+        logging.getLogger("secure_pg_backend").debug("diagnosing the refusal failed: %r", exc)
+        return None
+
+
+def _hints(text: str, cause: Cause, decision: Any, details: Sequence[str]) -> list[str]:
+    """What this setup adds to a cause's fix: where a relative root file resolved; a
+    PgBouncer on its default port."""
+    hints = []
+    root = getattr(decision, "root_cert", "") or ""
+    if cause.name in ("untrusted", "root_file", "hostname") and not any(
+        "relative path" in line for line in details
+    ):
+        note = relative_note(root)
+        if note:
+            hints.append(f"The root certificate file{note}")
+    if cause.name == "no_tls" and f"port {PGBOUNCER_PORT} " in text.replace("failed", " "):
+        hints.append(
+            f"Port {PGBOUNCER_PORT} is PgBouncer's default: if that is what listens there, "
+            "the fix is in pgbouncer.ini (client_tls_sslmode, client_tls_cert_file, "
+            "client_tls_key_file), not in postgresql.conf."
+        )
+    return hints
