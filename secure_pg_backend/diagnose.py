@@ -321,8 +321,15 @@ def _is_ip(text: str) -> bool:
 
 
 def fetch_certificate(endpoint: Endpoint, timeout: float) -> bytes:
-    """The DER certificate ``endpoint`` presents: the SSLRequest (or direct TLS with ALPN), a
-    TLS handshake that verifies nothing, then the socket is closed: nothing else is sent."""
+    """The DER certificate ``endpoint`` presents, read from the server's first flight.
+
+    The SSLRequest (or TLS directly, with ALPN), the ClientHello, the server's answer, and the
+    socket is closed: this side's Finished is never sent, so no handshake with a server the
+    refusal doubts is ever completed, and nothing follows the ClientHello (no startup packet,
+    no user name, no secret, no client certificate). TLS 1.3 decodes the server's flight on
+    this side (``CERT_NONE``); TLS 1.2 sends its certificate in the clear, read from the
+    records. The whole exchange fits in ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -342,20 +349,7 @@ def fetch_certificate(endpoint: Endpoint, timeout: float) -> bytes:
             answer = sock.recv(1)
             if answer != b"S":
                 raise ProbeError(f"it answered the SSLRequest with {answer!r}, not b'S'")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # only to read the certificate; nothing is sent
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if endpoint.direct:
-            context.set_alpn_protocols([ALPN])
-        sni = endpoint.host if endpoint.sni and not _is_ip(endpoint.host) else None
-        sock.settimeout(left())
-        tls = context.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
-        try:
-            tls.do_handshake()
-            der = tls.getpeercert(binary_form=True)
-        finally:
-            tls.close()  # no close_notify (Python sends none on close), no application data
+        return _first_flight(sock, endpoint, left)
     except TimeoutError:
         raise ProbeError(f"no answer within {timeout:g} s") from None
     except ssl.SSLError as exc:
@@ -363,10 +357,69 @@ def fetch_certificate(endpoint: Endpoint, timeout: float) -> bytes:
     except OSError as exc:
         raise ProbeError(f"the connection failed ({exc.strerror or exc})") from None
     finally:
-        sock.close()
-    if not der:
-        raise ProbeError("it presented no certificate")
-    return der
+        sock.close()  # everything the server sent was read: a plain end of stream (FIN)
+
+
+def _first_flight(sock: socket.socket, endpoint: Endpoint, left: Callable[[], float]) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only to read the certificate: the session is dropped
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if endpoint.direct:
+        context.set_alpn_protocols([ALPN])
+    sni = endpoint.host if endpoint.sni and not _is_ip(endpoint.host) else None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    received = bytearray()
+    for _ in range(256):
+        try:
+            tls.do_handshake()  # TLS 1.3: done on this side; its Finished stays in ``outgoing``
+            der = tls.getpeercert(binary_form=True)
+            if not der:
+                raise ProbeError("it presented no certificate")
+            return der
+        except ssl.SSLWantReadError:
+            pending = outgoing.read()
+            if pending and received:
+                der = _plaintext_certificate(bytes(received))
+                if der is not None:  # TLS 1.2: its flight is in; this side's answer unsent
+                    return der
+                if _HELLO_RETRY not in received:  # anything but a second ClientHello: no
+                    raise ProbeError("it sent no certificate before this side's turn")
+            if pending:  # the ClientHello (a second one after a HelloRetryRequest)
+                sock.settimeout(left())
+                sock.sendall(pending)
+            sock.settimeout(left())
+            data = sock.recv(65536)
+            if not data:
+                raise ProbeError("it closed the connection during the handshake") from None
+            received += data
+            incoming.write(data)
+    raise ProbeError("the handshake did not end")
+
+
+_HANDSHAKE, _CERTIFICATE = 22, 11
+# A TLS 1.3 HelloRetryRequest is a ServerHello with this random (RFC 8446, 4.1.3).
+_HELLO_RETRY = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+def _plaintext_certificate(data: bytes) -> bytes | None:
+    """The first certificate of a TLS 1.2 Certificate message in the server's records (TLS 1.3
+    encrypts it: never found there)."""
+    messages, at = bytearray(), 0
+    while at + 5 <= len(data) and data[at] == _HANDSHAKE:
+        length = int.from_bytes(data[at + 3 : at + 5], "big")
+        messages += data[at + 5 : at + 5 + length]
+        at += 5 + length
+    at = 0
+    while at + 4 <= len(messages):
+        kind, length = messages[at], int.from_bytes(messages[at + 1 : at + 4], "big")
+        body = messages[at + 4 : at + 4 + length]
+        if kind == _CERTIFICATE and len(body) >= 6:  # list length (3), first length (3), DER
+            first = int.from_bytes(body[3:6], "big")
+            return bytes(body[6 : 6 + first]) or None
+        at += 4 + length
+    return None
 
 
 class _Probe:
@@ -519,7 +572,7 @@ def judge_untrusted(
             f"set OPTIONS['sslrootcert'] to {provider.name}'s CA bundle ({provider.bundle})."
             if provider is not None
             else "set OPTIONS['sslrootcert'] to the CA bundle your provider publishes for "
-            "this server (docs/cloud-providers.md).",
+            "this server.",
             details,
             cert,
         )

@@ -657,8 +657,8 @@ CAUSES = (
         ("certificate verify failed",),
         "the server's certificate is not trusted: expired or not yet valid, self-signed, or "
         "issued by a CA that is not in the root certificate file.",
-        "set OPTIONS['sslrootcert'] to the CA bundle of the CA that issued it (see "
-        "docs/cloud-providers.md), or have it renewed if it expired.",
+        "set OPTIONS['sslrootcert'] to the CA bundle of the CA that issued it, or have it "
+        "renewed if it expired.",
     ),
     Cause(
         "no_tls",

@@ -26,6 +26,7 @@ from .errors import (
     explain_command,
     redact,
     secret_values,
+    without_alias,
 )
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ class DatabaseValidation(BaseDatabaseValidation):
         except (SecurePolicyError, ConnectionFileError):
             return issues  # the offline check already reported each broken rule
         except InsecureConnectionError as exc:
-            message = f"Database alias {alias!r}: {self._redact(exc)}"
+            # Django prints the object (DATABASES['alias']) before the message: named once.
+            message = without_alias(self._redact(exc, lines=True), alias, exc.host)
             return [
                 *issues,
                 checks.Error(message, hint=_explained("E010"), obj=where, id=E_REFUSED),
@@ -129,5 +131,11 @@ class DatabaseValidation(BaseDatabaseValidation):
             )
         return issues
 
-    def _redact(self, exc: Exception) -> str:
-        return redact(" ".join(str(exc).split()), secret_values(self.connection.settings_dict))
+    def _redact(self, exc: Exception, lines: bool = False) -> str:
+        """The message, whitespace collapsed (``lines``: within each of its lines)."""
+        text = str(exc)
+        if lines:
+            text = "\n  ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+        else:
+            text = " ".join(text.split())
+        return redact(text, secret_values(self.connection.settings_dict))
