@@ -37,7 +37,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -210,12 +211,26 @@ class Bundle:
 
 
 _BUNDLES: dict[tuple[str, int, int], tuple[Any, ...]] = {}
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _certificates(data: bytes) -> Iterator[x509.Certificate]:
+    """Each certificate OpenSSL would load, one at a time: a system store holds a few that
+    cryptography refuses, or warns about (a negative serial number), and they must not
+    hide the others."""
+    from cryptography import x509
+
+    for block in _PEM.findall(data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                yield x509.load_pem_x509_certificate(block)
+            except ValueError:
+                continue
 
 
 def load_bundle(path: str, origin: str) -> Bundle:
     """The CAs of ``path``, parsed once per version of the file (the system store is large)."""
-    from cryptography import x509
-
     try:
         info = os.stat(path)
         key = (path, info.st_mtime_ns, info.st_size)
@@ -223,7 +238,7 @@ def load_bundle(path: str, origin: str) -> Bundle:
         if cas is None:
             with open(path, "rb") as handle:
                 data = handle.read(16 * 1024 * 1024)
-            cas = tuple(x509.load_pem_x509_certificates(data)) if b"-----BEGIN" in data else ()
+            cas = tuple(_certificates(data))
             if len(_BUNDLES) > 8:  # rotated bundles leave old entries behind
                 _BUNDLES.clear()
             _BUNDLES[key] = cas
@@ -385,7 +400,7 @@ def _first_flight(sock: socket.socket, endpoint: Endpoint, left: Callable[[], fl
                 if der is not None:  # TLS 1.2: its flight is in; this side's answer unsent
                     return der
                 if _HELLO_RETRY not in received:  # anything but a second ClientHello: no
-                    raise ProbeError("it sent no certificate before this side's turn")
+                    raise ProbeError("it sent no certificate before this side's turn") from None
             if pending:  # the ClientHello (a second one after a HelloRetryRequest)
                 sock.settimeout(left())
                 sock.sendall(pending)

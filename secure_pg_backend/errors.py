@@ -318,6 +318,30 @@ _TABLE = (
         level=WARNING,
         deploy=True,
     ),
+    CheckId(
+        "W005",
+        "checks.w005_relative_paths",
+        "a file setting (`sslrootcert`, `sslcert`, `sslkey`, `sslcrl`, `sslcrldir`, `passfile`, "
+        "or the same from `PGSSLROOTCERT` and the like) is a relative path: libpq opens it "
+        "against the process's current directory, which differs between `manage.py` in the "
+        "project, a service manager and a container's working directory. The warning names "
+        "the directory it resolves against now",
+        "use an absolute path, for example os.path.join(BASE_DIR, 'certs', 'ca.pem').",
+        level=WARNING,
+    ),
+    CheckId(
+        "W006",
+        "checks.w006_transaction_pooler",
+        "the alias connects to a known transaction-mode pooler (Supabase's pooler on port 6543, "
+        "a Neon `-pooler` host, Azure's built-in PgBouncer on port 6432: judged by the host "
+        "and port alone) and `DISABLE_SERVER_SIDE_CURSORS` is not `True`: a server-side "
+        "cursor (`.iterator()`) outlives the transaction the pooler lent its server "
+        'connection for, and fails with `cursor "_django_curs_…" does not exist` under '
+        "concurrency",
+        "set DATABASES[alias]['DISABLE_SERVER_SIDE_CURSORS'] = True, or connect to the "
+        "pooler's session mode or the database directly.",
+        level=WARNING,
+    ),
 )
 
 CHECKS: dict[str, CheckId] = {entry.code: entry for entry in _TABLE}

@@ -23,7 +23,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from django.db.utils import ConnectionHandler
 
 from secure_pg_backend import InsecureConnectionError, diagnose
 from secure_pg_backend.testing import LeafPair, TestCA, TLSPostgres
@@ -314,7 +313,7 @@ def test_a_silent_endpoint_is_given_up_within_the_timeout() -> None:
         listener.listen(1)  # accepts the TCP connection, never answers the SSLRequest
         port = listener.getsockname()[1]
         started = time.monotonic()
-        with pytest.raises(diagnose.ProbeError, match="no answer within 0.3 s"):
+        with pytest.raises(diagnose.ProbeError, match=r"no answer within 0\.3 s"):
             diagnose.fetch_certificate(diagnose.Endpoint("h.test", "127.0.0.1", port, False), 0.3)
         assert time.monotonic() - started < 1.5
 
