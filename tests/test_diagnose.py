@@ -9,7 +9,6 @@ endpoint under concurrent load is probed once.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import re
 import socket
 import ssl
@@ -20,13 +19,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from secure_pg_backend import InsecureConnectionError, diagnose
-from secure_pg_backend.testing import LeafPair, TestCA, TLSPostgres
+from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import assert_no_secret, leaf_certificate
+from tests.error_table import self_signed
 from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
 
 pytestmark = pytest.mark.needs_server
@@ -35,34 +34,6 @@ FUTURE = {
     "not_before": dt.datetime(2031, 1, 1, tzinfo=dt.timezone.utc),
     "not_after": dt.datetime(2032, 1, 1, tzinfo=dt.timezone.utc),
 }
-
-
-def self_signed(*names: str, common_name: str | None = None) -> LeafPair:
-    """A certificate that signs itself, as a server's default (Heroku's standard plans)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or names[0])])
-    now = dt.datetime.now(dt.timezone.utc)
-    alts: list[x509.GeneralName] = []
-    for entry in names:
-        try:
-            alts.append(x509.IPAddress(ipaddress.ip_address(entry)))
-        except ValueError:
-            alts.append(x509.DNSName(entry))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(alts), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return LeafPair(cert.public_bytes(serialization.Encoding.PEM), key_pem)
 
 
 @pytest.fixture(autouse=True)
