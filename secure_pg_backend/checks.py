@@ -73,14 +73,16 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
             continue
         judged = wrapper.policy_verdict()
         verdict = judged.now()  # the files libpq opens, as they are now
-        where = location(alias, verdict.host)
+        # Django prints the object, DATABASES['alias'], before each message: the message names
+        # the host, not the alias again.
+        where = f"host {verdict.host!r}: " if verdict.host else ""
         password = secret_values(wrapper.settings_dict)
         if not verdict.violations:
             errors.extend(_final_parameters(wrapper, alias))
         for violation in verdict.violations:
             errors.append(
                 Error(
-                    redact(f"{where}: {violation.problem}", password),
+                    redact(f"{where}{violation.problem}", password),
                     hint=redact(violation.fix, password),
                     obj=f"DATABASES[{alias!r}]",
                     id=check_id(violation.code),
@@ -92,7 +94,7 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
         ]
         errors += [
             Warning(
-                redact(f"{where}: {problem}", password),
+                redact(f"{where}{problem}", password),
                 hint=redact(fix, password),
                 obj=f"DATABASES[{alias!r}]",
                 id=check_id(code),
@@ -204,8 +206,8 @@ def check_deploy_aliases(
                 "it sets no sslmode: libpq's default (PGSSLMODE, else 'prefer') can fall back "
                 "to plaintext"
             )
-        message = (
-            f"DATABASES[{alias!r}] uses ENGINE {engine!r} ({_class_name(wrapper)}), a "
+        message = (  # Django prints DATABASES['alias'] (the object) first
+            f"ENGINE {engine!r} ({_class_name(wrapper)}) is a "
             "PostgreSQL backend without secure_pg_backend's policy: its connections are not "
             "held to verified TLS (verify-full, a root of trust, the live link checked); "
             f"{mode}."

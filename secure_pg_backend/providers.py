@@ -56,12 +56,9 @@ def transaction_pooler(host: str, port: str) -> str | None:
     """
     name = host.lower().rstrip(".")
     if name.endswith(".pooler.supabase.com") and port == "6543":
-        return "Supabase's shared pooler (Supavisor) in transaction mode, port 6543"
+        return "Supabase's shared pooler (Supavisor) in transaction mode"
     if name.endswith(".neon.tech") and "-pooler." in name:
         return "Neon's pooled endpoint (PgBouncer in transaction mode, a -pooler host)"
     if name.endswith(".postgres.database.azure.com") and port == "6432":
-        return (
-            "Azure Database for PostgreSQL's built-in PgBouncer (port 6432; its default "
-            "pool_mode is transaction)"
-        )
+        return "Azure Database for PostgreSQL's built-in PgBouncer (default pool_mode transaction)"
     return None

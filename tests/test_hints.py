@@ -48,7 +48,7 @@ def test_a_relative_sslrootcert_is_a_warning_naming_the_directory(
     (warning,) = _checks(good_server, entry)
     assert warning.id == "secure_pg_backend.W005"
     assert warning.msg.startswith(
-        "DATABASES['app'] (host '127.0.0.1'): OPTIONS['sslrootcert'] is 'certs/ca.pem', a "
+        "host '127.0.0.1': OPTIONS['sslrootcert'] is 'certs/ca.pem', a "
         f"relative path: libpq opens it against the current directory, now {str(project)!r} "
         f"(so {str(project / 'certs/ca.pem')!r})"
     )
