@@ -333,3 +333,15 @@ def test_dbtls_and_the_health_check_show_the_description(
         VerifiedTLS(alias="stale").run()
     assert "expired on 2021-01-01" in str(caught.value)
     assert re.search(r"valid from \d{4}-\d\d-\d\d to 2021-01-01", str(caught.value))
+
+
+def test_a_pooled_alias_is_diagnosed_too(
+    make_wrapper: Callable[..., Any], expired_server: TLSPostgres
+) -> None:
+    """The pool explains refusals on its own threads, with the same bound method."""
+    entry = expired_server.database_settings(options={"pool": {"min_size": 1, "timeout": 10}})
+    wrapper = make_wrapper(entry)
+    with pytest.raises(InsecureConnectionError) as caught:
+        wrapper.ensure_connection()
+    assert "the server's certificate expired on 2021-01-01." in str(caught.value)
+    assert "The server presented: subject " in str(caught.value)
