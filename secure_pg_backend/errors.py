@@ -40,7 +40,6 @@ Plain strings and slotted classes: this module is imported by every process that
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -935,6 +934,8 @@ def _diagnosis(text: str, cause: Cause, decision: Any, params: Mapping[str, Any]
 
         return diagnose.diagnose(segment, cause.name, decision, params or {})
     except Exception as exc:  # a bug in the diagnosis must not hide the refusal
+        import logging  # only when the diagnosis itself failed
+
         logging.getLogger("secure_pg_backend").debug("diagnosing the refusal failed: %r", exc)
         return None
 
