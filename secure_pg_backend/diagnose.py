@@ -69,14 +69,20 @@ DIAGNOSED = frozenset({"untrusted", "hostname"})  # the refusals a certificate e
 
 
 # -- text the peer chose, made safe to print ---------------------------------------------------
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e]")
-
-
 def shown(text: str, limit: int = MAX_FIELD) -> str:
-    """A certificate field as one printable line: control, line-breaking and bidi characters
-    as ``\\xNN`` escapes, so a hostile certificate cannot forge a log line or a terminal."""
-    safe = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """A certificate field as one printable line, by the package's one rule for certificate
+    text (``libpq.certificate_text``: control, line-breaking and bidi characters as OpenSSL
+    escapes them, ``\\0A``), so a hostile certificate cannot forge a log line or move a
+    terminal; and no longer than ``limit``."""
+    from .libpq import certificate_text
+
+    safe = certificate_text(text)
     return safe if len(safe) <= limit else safe[: limit - 1] + "…"
+
+
+def quoted(text: str, limit: int = MAX_FIELD) -> str:
+    """A certificate field in quotes, escaped once (``repr`` would double the escapes)."""
+    return f"'{shown(text, limit)}'"
 
 
 def day(moment: dt.datetime) -> str:
@@ -171,8 +177,8 @@ def _short(name: x509.Name) -> str:
     ):
         values = name.get_attributes_for_oid(oid)
         if values:
-            return repr(shown(str(values[0].value), 120))
-    return repr(shown(name.rfc4514_string(), 120))
+            return quoted(str(values[0].value), 120)
+    return quoted(name.rfc4514_string(), 120)
 
 
 # -- the root certificate file -------------------------------------------------------------------
@@ -191,7 +197,7 @@ class Bundle:
 
     def describe(self, count: bool = True) -> str:
         """``OPTIONS['sslrootcert'] ('/etc/ca.pem'), which holds 2 CAs: 'A', 'B'``."""
-        where = f"{self.origin} ({shown(self.path)!r}"
+        where = f"{self.origin} ('{shown(self.path)}'"
         if not os.path.isabs(self.path):
             where += f", a relative path, resolved against {os.getcwd()!r}"
         where += ")"
@@ -622,7 +628,7 @@ def judge_untrusted(
 def judge_hostname(cert: Presented, endpoint: Endpoint) -> Diagnosis:
     """A trusted certificate for other names: say which, and the fix for this kind of HOST."""
     host = endpoint.host
-    listed = ", ".join(repr(shown(n, 80)) for n in cert.names[:8]) or "no name at all"
+    listed = ", ".join(quoted(n, 80) for n in cert.names[:8]) or "no name at all"
     if len(cert.names) > 8:
         listed += f" and {len(cert.names) - 8} more"
     # The name to suggest: a DNS name (not a wildcard), one that reaches another machine if any.
@@ -635,7 +641,7 @@ def judge_hostname(cert: Presented, endpoint: Endpoint) -> Diagnosis:
             f"{host!r} in HOST."
         )
         fix = (
-            f"set HOST to {name!r} (a name on the certificate) and OPTIONS['hostaddr'] to {host!r}."
+            f"set HOST to '{name}' (a name on the certificate) and OPTIONS['hostaddr'] to {host!r}."
         )
         details.append(
             "With the name in HOST and the address in OPTIONS['hostaddr'], the connection "
@@ -647,7 +653,7 @@ def judge_hostname(cert: Presented, endpoint: Endpoint) -> Diagnosis:
             "alias (a compose service or /etc/hosts name)."
         )
         fix = (
-            f"set HOST to {name!r} and make that name reach the server (a compose network "
+            f"set HOST to '{name}' and make that name reach the server (a compose network "
             f"alias, or OPTIONS['hostaddr']), or give the server a certificate naming {host!r}."
         )
         if endpoint.address and endpoint.address != host:
@@ -655,7 +661,7 @@ def judge_hostname(cert: Presented, endpoint: Endpoint) -> Diagnosis:
     else:
         problem = f"the server's certificate is valid for {listed}, but not for {host!r}."
         fix = (
-            f"set HOST to a name on the certificate ({name!r}); OPTIONS['hostaddr'] can keep "
+            f"set HOST to a name on the certificate ('{name}'); OPTIONS['hostaddr'] can keep "
             "the address."
         )
         details.append(

@@ -300,7 +300,8 @@ def test_nothing_is_probed_on_the_success_path(
 
 def test_certificate_text_cannot_forge_lines() -> None:
     hostile = "evil\nWARNING secure_pg_backend: all good\u202e"
-    assert diagnose.shown(hostile) == "evil\\x0aWARNING secure_pg_backend: all good\\x202e"
+    # The package's one rule (libpq.certificate_text): as OpenSSL escapes, per UTF-8 byte.
+    assert diagnose.shown(hostile) == "evil\\0AWARNING secure_pg_backend: all good\\E2\\80\\AE"
     assert "\n" not in diagnose.shown(hostile)
     assert len(diagnose.shown("x" * 1000)) == diagnose.MAX_FIELD
 
