@@ -150,7 +150,7 @@ def w006_transaction_pooler(
     may open server-side cursors, which a transaction pooler cannot keep."""
     if settings_dict.get("DISABLE_SERVER_SIDE_CURSORS") or judged.decision is None:
         return []
-    from .providers import transaction_pooler
+    from .hosting import transaction_pooler
 
     params = judged.params or {}
     ports = [p.strip() for p in str(params.get("port") or "5432").split(",")]

@@ -580,7 +580,7 @@ def judge_untrusted(
     details.append(f"Your root certificate file: {bundle.describe(count=False)}.")
     same_name = [ca for ca in bundle.cas if ca.subject == cert.issuer_name]
     if not same_name:
-        from .providers import by_issuer
+        from .hosting import by_issuer
 
         provider = by_issuer(cert.issuer)
         details.append(

@@ -18,7 +18,7 @@ import pytest
 from django.core.checks import CheckMessage, run_checks
 from django.test import override_settings
 
-from secure_pg_backend import InsecureConnectionError, providers
+from secure_pg_backend import InsecureConnectionError, hosting
 from secure_pg_backend.errors import ConnectionFileError
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
@@ -189,6 +189,6 @@ def test_session_poolers_and_servers_are_not_warned_about(
 
 
 def test_a_provider_ca_is_recognised_by_its_issuer() -> None:
-    rds = providers.by_issuer("CN=Amazon RDS us-east-1 Root CA RSA2048 G1,OU=Amazon RDS,O=Amazon")
+    rds = hosting.by_issuer("CN=Amazon RDS us-east-1 Root CA RSA2048 G1,OU=Amazon RDS,O=Amazon")
     assert rds is not None and rds.bundle.endswith("/global/global-bundle.pem")
-    assert providers.by_issuer("CN=Testing CA") is None
+    assert hosting.by_issuer("CN=Testing CA") is None
