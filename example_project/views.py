@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
 from secure_pg_backend.base import DatabaseWrapper
-from secure_pg_backend.errors import redact
+from secure_pg_backend.errors import redact, secret_values
 from secure_pg_backend.tlsinfo import TLSInfo
 
 MONO_LABELS = ("Serial number", "SHA-256 fingerprint")
@@ -43,8 +43,11 @@ def _report(alias: str, wrapper: DatabaseWrapper) -> AliasReport:
     try:
         info = wrapper.tls_info
     except (DatabaseError, ImproperlyConfigured) as exc:
-        text = " ".join(str(exc).split())
-        return AliasReport(alias, error=redact(text, wrapper.settings_dict.get("PASSWORD")))
+        # A refusal's first line is what is wrong and the fix; its details follow on lines of
+        # their own (the page shows them so).
+        lines = (" ".join(line.split()) for line in str(exc).splitlines())
+        text = "\n".join(line for line in lines if line)
+        return AliasReport(alias, error=redact(text, secret_values(wrapper.settings_dict)))
     report = AliasReport(alias, info=info)
     report.connection_rows = [
         ("Transport", "TLS" if info.tls else "Unix-domain socket, no TLS (opted in)"),

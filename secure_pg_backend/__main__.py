@@ -1,7 +1,7 @@
 """``python -m secure_pg_backend explain [ID]``: what a check id or refusal means, and its fix.
 
 Messages name this command instead of a documentation page: the wheel ships no docs. The
-text comes from the table every message is made from (``errors.CHECKS`` and the refusal
+text comes from the table every message is made from (``checkids.CHECKS`` and the refusal
 causes), so no Django settings are needed: it works before any project is configured.
 """
 
@@ -11,7 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import EXPLAIN, explanation, explanation_index
+from .checkids import EXPLAIN
+from .refusals import explanation, explanation_index
 
 __all__ = [
     "main",

@@ -14,7 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 
-from . import errors, libpq, lifecycle, pipeline, policy, signals
+from . import libpq, lifecycle, pipeline, policy, refusals, signals
 from .aliases import standalone_wrapper
 from .client import DatabaseClient
 from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, secret_values
@@ -192,8 +192,17 @@ class VerifiedTLSMixin(_WrapperBase):
         return plan
 
     def _explain(self, exc: Exception) -> InsecureConnectionError | None:
-        host = self._decision.host_display if self._decision else self.settings_dict.get("HOST")
-        return errors.explain(exc, self.alias, host, secret_values(self.settings_dict))
+        decision = self._decision
+        host = decision.host_display if decision else self.settings_dict.get("HOST")
+        params = self._verdict.params if self._verdict is not None else None
+        return refusals.explain(
+            exc,
+            self.alias,
+            host,
+            secret_values(self.settings_dict),
+            decision=decision,
+            params=params,
+        )
 
     @property
     def tls_info(self) -> TLSInfo:

@@ -12,9 +12,10 @@ by an opt-in (W004: ``allow_local_proxy``, ``allow_unix_socket``).
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig
 from django.conf import settings
@@ -22,17 +23,19 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.db.utils import load_backend
 
-from .errors import (
-    CHECKS,
-    InsecureConnectionError,
-    SecurePolicyError,
-    check_id,
-    location,
-    redact,
-    secret_values,
-)
+from .checkids import CHECKS, check_id
+from .errors import InsecureConnectionError, SecurePolicyError, location, redact, secret_values
 
-__all__ = ["check_databases", "check_deploy_aliases", "check_deploy_plaintext"]
+if TYPE_CHECKING:
+    from .policy import Verdict
+
+__all__ = [
+    "check_databases",
+    "check_deploy_aliases",
+    "check_deploy_plaintext",
+    "w005_relative_paths",
+    "w006_transaction_pooler",
+]
 
 _POSTGIS_MODULE = "django.contrib.gis.db.backends.postgis.base"
 
@@ -62,20 +65,36 @@ def check_databases(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
                 )
             )
             continue
-        verdict = wrapper.policy_verdict().now()  # the files libpq opens, as they are now
-        where = location(alias, verdict.host)
+        judged = wrapper.policy_verdict()
+        verdict = judged.now()  # the files libpq opens, as they are now
+        # Django prints the object, DATABASES['alias'], before each message: the message names
+        # the host, not the alias again.
+        where = f"host {verdict.host!r}: " if verdict.host else ""
         password = secret_values(wrapper.settings_dict)
         if not verdict.violations:
             errors.extend(_final_parameters(wrapper, alias))
         for violation in verdict.violations:
             errors.append(
                 Error(
-                    redact(f"{where}: {violation.problem}", password),
+                    redact(f"{where}{violation.problem}", password),
                     hint=redact(violation.fix, password),
                     obj=f"DATABASES[{alias!r}]",
                     id=check_id(violation.code),
                 )
             )
+        warnings = [
+            *w005_relative_paths(judged, verdict),
+            *w006_transaction_pooler(wrapper.settings_dict, judged),
+        ]
+        errors += [
+            Warning(
+                redact(f"{where}{problem}", password),
+                hint=redact(fix, password),
+                obj=f"DATABASES[{alias!r}]",
+                id=check_id(code),
+            )
+            for code, problem, fix in warnings
+        ]
     return errors
 
 
@@ -92,6 +111,59 @@ def _final_parameters(wrapper: Any, alias: str) -> list[CheckMessage]:
     except SecurePolicyError:  # reported above, from the same verdict
         return []
     return []
+
+
+def w005_relative_paths(judged: Verdict, now: Verdict) -> list[tuple[str, str, str]]:
+    """W005: each file setting given as a relative path, with where it resolves now. A path
+    already reported as an error (missing, unusable) is not repeated: its error says it."""
+    decision = judged.decision
+    needs = decision.files if decision is not None else judged.files
+    reported = " ".join(v.problem for v in now.violations)
+    found = []
+    for need in needs:
+        if os.path.isabs(need.path) or repr(need.path) in reported:
+            continue
+        cwd = os.getcwd()
+        found.append(
+            (
+                "W005",
+                f"{need.origin} is {need.path!r}, a relative path: libpq opens it against the "
+                f"current directory, now {cwd!r} (so {os.path.join(cwd, need.path)!r}), and "
+                "a service manager, a container's working directory or a cron job starts "
+                "Django elsewhere.",
+                CHECKS["W005"].fix,
+            )
+        )
+    return found
+
+
+def w006_transaction_pooler(
+    settings_dict: Mapping[str, Any], judged: Verdict
+) -> list[tuple[str, str, str]]:
+    """W006: a known transaction-mode pooler (by host and port, no round trip) while Django
+    may open server-side cursors, which a transaction pooler cannot keep."""
+    if settings_dict.get("DISABLE_SERVER_SIDE_CURSORS") or judged.decision is None:
+        return []
+    from .hosting import transaction_pooler
+
+    params = judged.params or {}
+    ports = [p.strip() for p in str(params.get("port") or "5432").split(",")]
+    found = []
+    for index, host in enumerate(judged.decision.hosts):
+        port = ports[index] if index < len(ports) else ports[0]
+        pooler = transaction_pooler(host, port)
+        if pooler is not None:
+            found.append(
+                (
+                    "W006",
+                    f"{host}:{port} is {pooler}, and DISABLE_SERVER_SIDE_CURSORS is not set: "
+                    "a server-side cursor (QuerySet.iterator()) outlives the transaction the "
+                    'pooler lends a server connection for, and fails with cursor "_django_curs_'
+                    '…" does not exist.',
+                    CHECKS["W006"].fix,
+                )
+            )
+    return found
 
 
 def check_deploy_aliases(
@@ -128,8 +200,8 @@ def check_deploy_aliases(
                 "it sets no sslmode: libpq's default (PGSSLMODE, else 'prefer') can fall back "
                 "to plaintext"
             )
-        message = (
-            f"DATABASES[{alias!r}] uses ENGINE {engine!r} ({_class_name(wrapper)}), a "
+        message = (  # Django prints DATABASES['alias'] (the object) first
+            f"ENGINE {engine!r} ({_class_name(wrapper)}) is a "
             "PostgreSQL backend without secure_pg_backend's policy: its connections are not "
             "held to verified TLS (verify-full, a root of trust, the live link checked); "
             f"{mode}."

@@ -8,7 +8,8 @@ import os
 import stat
 from collections.abc import Mapping
 
-from .errors import ROOT_FIX, Violation, option_name
+from .checkids import ROOT_FIX
+from .errors import Violation, option_name, relative_note
 
 __all__ = [
     "ENCRYPTED_KEY",
@@ -187,8 +188,11 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
             f"a service entry's sslrootcert, and {need.path} is not a readable file, so the "
             "server's certificate cannot be verified.",
         )
+    relative = relative_note(need.path)  # "does not exist" from / but not from the project
     if need.code == "E006":
-        return Violation("E006", f"{need.origin} is {need.path!r}, which {problem}.", ROOT_FIX)
+        return Violation(
+            "E006", f"{need.origin} is {need.path!r}, which {problem}.{relative}", ROOT_FIX
+        )
     if problem == ENCRYPTED_KEY:
         return Violation(
             "E018",
@@ -209,7 +213,7 @@ def file_violation(need: FileNeed, problem: str) -> Violation:
     return Violation(
         "E016",
         f"{need.origin} is {need.path!r}, which {problem}; libpq opens it for every "
-        "connection and would block or fail on anything but " + wanted + ".",
+        "connection and would block or fail on anything but " + wanted + "." + relative,
         f"point {need.origin} at {wanted} (or remove what is at {need.path}).",
     )
 

@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from . import libpq
-from .errors import CHECKS, REFUSAL, classify
+from .causes import BY_NAME, REFUSAL, classify
+from .checkids import CHECKS
 from .policy import NEGOTIATION, PROTOCOL_RANK, Decision, DirectKey
 from .policy.rules import loopback_address
 from .policy.terms import _EMPTY
@@ -111,28 +112,30 @@ def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:
     )
 
 
-Problem = tuple[str, str]  # (what is wrong, the fix)
+# (the cause's name, what is wrong on this link, the fix): the cause is one of causes.BY_NAME,
+# whose fix is used unless the rule words one with this link's specifics.
+Problem = tuple[str, str, str]
+
+
+def _problem(cause: str, problem: str, fix: str | None = None) -> Problem:
+    return (cause, problem, BY_NAME[cause].fix if fix is None else fix)
 
 
 def link_settings(decision: Decision, facts: LinkFacts) -> Problem | None:
     for key, value in decision.forced.items():
         actual = facts.effective.get(key, "")
         if actual != value:
-            return (
+            return _problem(
+                "settings",
                 f"libpq's effective {key} on this connection is {actual!r}, not the "
                 f"policy's {value!r}.",
-                "remove whatever sets it (pg_service.conf, PG* environment variables).",
             )
     return None
 
 
 def link_gssapi(decision: Decision, facts: LinkFacts) -> Problem | None:
     if facts.used_gssapi:
-        return (
-            "the connection is encrypted with GSSAPI instead of TLS; no certificate was checked.",
-            "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and "
-            "pg_service.conf).",
-        )
+        return _problem("gssapi", BY_NAME["gssapi"].problem)
     return None
 
 
@@ -142,28 +145,28 @@ def link_transport(decision: Decision, facts: LinkFacts) -> Problem | None:
     if facts.unix_socket:
         if decision.allow_unix_socket:
             return None
-        return (
+        return _problem(
+            "socket",
             f"libpq connected over a Unix-domain socket ({facts.host!r}), without TLS.",
             CHECKS["E004"].fix,  # the settings rule's own fix: the same cause
         )
     if not facts.ssl_in_use:
-        return (
-            "the connection is not using TLS.",
-            "enable ssl on the server and check that nothing rewrites sslmode.",
-        )
+        return _problem("not_tls", BY_NAME["not_tls"].problem)
     return None
 
 
 def _local_proxy_transport(facts: LinkFacts) -> Problem | None:
     """The settings named a loopback address (E019); the socket must really end there."""
     if facts.unix_socket:
-        return (
+        return _problem(
+            "local_proxy",
             f"libpq connected over a Unix-domain socket ({facts.host!r}), not to the local "
             "proxy's loopback TCP address.",
             CHECKS["E019"].fix,
         )
     if facts.peer is None or not loopback_address(facts.peer):
-        return (
+        return _problem(
+            "local_proxy",
             f"the connection's peer is {facts.peer or 'unknown'}, not a loopback address, "
             "although OPTIONS['allow_local_proxy'] permits plaintext to a local proxy only.",
             CHECKS["E019"].fix,
@@ -175,9 +178,9 @@ def link_protocol(decision: Decision, facts: LinkFacts) -> Problem | None:
     if not facts.ssl_in_use:
         return None
     if PROTOCOL_RANK.get(facts.protocol or "", 0) < PROTOCOL_RANK[decision.min_protocol]:
-        return (
+        return _problem(
+            "protocol",
             f"the server negotiated {facts.protocol}, below the minimum {decision.min_protocol}.",
-            "upgrade the server's TLS configuration (ssl_min_protocol_version).",
         )
     return None
 
@@ -187,12 +190,10 @@ def link_cipher(decision: Decision, facts: LinkFacts) -> Problem | None:
         return None
     if cipher_is_strong(facts.protocol, facts.cipher):
         return None
-    return (
+    return _problem(
+        "cipher",
         f"the server negotiated the cipher {facts.cipher} over {facts.protocol}, which "
         "lacks forward secrecy or authenticated encryption.",
-        "configure the server's ssl_ciphers for ECDHE with AES-GCM or CHACHA20-POLY1305 "
-        "(or TLS 1.3); for a legacy server you cannot change, opt out of this rule only "
-        "with OPTIONS['allow_legacy_ciphers'] = True.",
     )
 
 
@@ -201,11 +202,10 @@ def link_alpn(decision: Decision, facts: LinkFacts) -> Problem | None:
         return None
     if facts.alpn == ALPN:
         return None
-    return (
+    return _problem(
+        "alpn",
         f"direct TLS negotiation ended with ALPN {facts.alpn!r}, not {ALPN!r}: the peer is "
         "not known to be a PostgreSQL server (cross-protocol attacks).",
-        "connect to a PostgreSQL 17+ server (or a proxy that negotiates ALPN 'postgresql'), "
-        "or set OPTIONS['sslnegotiation'] = 'postgres' (the SSLRequest first).",
     )
 
 
@@ -315,7 +315,7 @@ def cannot_do_direct(exc: BaseException) -> bool:
     """A direct attempt failed the way a peer that cannot negotiate TLS directly fails.
 
     Never for a refusal libpq made on what it saw (an untrusted certificate, another host
-    name, no ALPN 'postgresql', a root file): that stays a refusal (``errors.classify``).
+    name, no ALPN 'postgresql', a root file): that stays a refusal (``causes.classify``).
     """
     cause = classify(exc)
     if cause is not None and cause.kind == REFUSAL and cause.name != "protocol":

@@ -32,12 +32,10 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import certificates, files, handshake, libpq, lifecycle, policy, signals
+from .causes import TRANSIENT, Cause, classify
 from .errors import (
-    TRANSIENT,
-    Cause,
     ConnectionFileError,
     InsecureConnectionError,
-    classify,
     link_message,
     redact,
     secret_values,
@@ -455,8 +453,9 @@ def verify(plan: Plan, connection: Any) -> None:
     problem = handshake.check_link(decision, facts)
     if problem is not None:
         connection.close()
-        message = link_message(plan.alias, facts.host, *problem)
-        raise InsecureConnectionError(message, alias=plan.alias, host=facts.host)
+        cause, what, fix = problem
+        message = link_message(plan.alias, facts.host, what, fix)
+        raise InsecureConnectionError(message, alias=plan.alias, host=facts.host, cause=cause)
     setattr(connection, LINK_ATTR, (facts, decision))
     handshake.learn_direct(decision, connection.pgconn)
     lifecycle.track_connection(connection)  # a forked child must drop it unwritten

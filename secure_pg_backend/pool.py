@@ -7,7 +7,7 @@ This module is the one adapter of psycopg_pool's privates (``tests/test_pool.py`
 
 psycopg_pool retries failed connections in the background and lets ``getconn()`` wait;
 with a certificate problem every request then ends in a bare ``PoolTimeout`` after 30 s,
-hiding the reason. Here a *refusal* (``errors.classify``: TLS verification failed, a file libpq
+hiding the reason. Here a *refusal* (``causes.classify``: TLS verification failed, a file libpq
 needs is unusable, the post-handshake policy check) is handed to the waiting clients
 immediately. While refused and nothing is idle, the next request tries a new connection
 itself (one at a time; the others share its outcome), so the first attempt after the fix

@@ -16,7 +16,7 @@ so they must be quick and must not raise; exceptions are not caught for them.
 - ``connection_refused(sender, alias, error)``: the settings or the live link were
   refused (``SecurePolicyError`` or ``InsecureConnectionError``).
 - ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
-  connection failed for a transient cause (``errors.classify``) and is tried again in ``delay``
+  connection failed for a transient cause (``causes.classify``) and is tried again in ``delay``
   seconds; ``message`` is libpq's, the password removed.
 
 ``sender`` is the wrapper class.

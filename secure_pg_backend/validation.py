@@ -17,15 +17,20 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.validation import BaseDatabaseValidation
 from django.db.utils import DatabaseError
 
+from .checkids import CHECKS, explain_command
 from .errors import (
-    CHECKS,
+    CONFIGURATION,
+    FILE_UNUSABLE,
+    NO_CONNECTION,
+    SETTINGS_REFUSED,
+    TLS_REFUSED,
     ConnectionFileError,
-    CredentialProviderError,
     InsecureConnectionError,
     SecurePolicyError,
-    explain_command,
+    outcome,
     redact,
     secret_values,
+    without_alias,
 )
 
 __all__ = [
@@ -57,32 +62,8 @@ def _explained(code: str) -> str:
 
 # What kind of failure a connection attempt ended in: dbtls prints it, the checks choose
 # their message and hint by it.
-SETTINGS_REFUSED = "settings refused"
-FILE_UNUSABLE = "file unusable"
-TLS_REFUSED = "TLS refused"
-CONFIGURATION = "configuration"
-NO_CONNECTION = "could not connect"
-
-
-def failure_cause(exc: Exception) -> str:
-    """The cause of a failed connection attempt, by what raised it.
-
-    The policy's refusals are TLS problems. Any other ImproperlyConfigured is raised before
-    a server is asked anything (Django refusing a combination of settings, an optional
-    package missing): configuration. The rest (server down, wrong password, missing
-    database) is reported as what it is.
-    """
-    if isinstance(exc, SecurePolicyError):
-        return SETTINGS_REFUSED
-    if isinstance(exc, CredentialProviderError):  # the password provider failed, not TLS
-        return NO_CONNECTION
-    if isinstance(exc, ConnectionFileError):  # a file libpq opens, as it is now
-        return FILE_UNUSABLE
-    if isinstance(exc, InsecureConnectionError):
-        return TLS_REFUSED
-    if isinstance(exc, ImproperlyConfigured):
-        return CONFIGURATION
-    return NO_CONNECTION
+# The kinds of failure (each exception class carries its own: ``errors.outcome``).
+failure_cause = outcome
 
 
 class DatabaseValidation(BaseDatabaseValidation):
@@ -97,7 +78,8 @@ class DatabaseValidation(BaseDatabaseValidation):
         except (SecurePolicyError, ConnectionFileError):
             return issues  # the offline check already reported each broken rule
         except InsecureConnectionError as exc:
-            message = f"Database alias {alias!r}: {self._redact(exc)}"
+            # Django prints the object (DATABASES['alias']) before the message: named once.
+            message = without_alias(self._redact(exc, lines=True), alias, exc.host)
             return [
                 *issues,
                 checks.Error(message, hint=_explained("E010"), obj=where, id=E_REFUSED),
@@ -143,5 +125,11 @@ class DatabaseValidation(BaseDatabaseValidation):
             )
         return issues
 
-    def _redact(self, exc: Exception) -> str:
-        return redact(" ".join(str(exc).split()), secret_values(self.connection.settings_dict))
+    def _redact(self, exc: Exception, lines: bool = False) -> str:
+        """The message, whitespace collapsed (``lines``: within each of its lines)."""
+        text = str(exc)
+        if lines:
+            text = "\n  ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+        else:
+            text = " ".join(text.split())
+        return redact(text, secret_values(self.connection.settings_dict))

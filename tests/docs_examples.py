@@ -40,6 +40,7 @@ _DEPLOYMENT_PARTS = (
     (re.compile(r"expires \d{4}-\d\d-\d\d, in \d+ days"), "expires DATE, in N days"),
     (re.compile(r"http://127\.0\.0\.1:\d+"), "http://127.0.0.1:PORT"),
     (re.compile(r"\(host '[^']*'\)"), "(host 'HOST')"),
+    (re.compile(r"for host '[^']*'"), "for host 'HOST'"),
     (re.compile(r"^(secure_pg_backend_\w+\{[^}]*\}) \S+$"), r"\1 VALUE"),
 )
 

@@ -8,6 +8,7 @@ the page still shows what users get (ports, paths and dates normalised).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 
 from django.db.utils import ConnectionHandler
 
-from secure_pg_backend.testing import APP_USER, TestCA, TLSPostgres
+from secure_pg_backend.testing import APP_USER, LeafPair, TestCA, TLSPostgres
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,49 @@ EXPIRED = {
     "not_before": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
     "not_after": dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
 }
+NOT_YET_VALID = {
+    "not_before": dt.datetime(2031, 1, 1, tzinfo=dt.timezone.utc),
+    "not_after": dt.datetime(2032, 1, 1, tzinfo=dt.timezone.utc),
+}
+NAMED = "db.example.test"  # the one name on the "named" server's certificate
+
+
+def self_signed(*names: str) -> LeafPair:
+    """A certificate that signs itself (a server's default, Heroku's standard plans), valid
+    for ``names`` (DNS names or IP addresses) for 30 days."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = dt.datetime.now(dt.timezone.utc)
+    alts: list[x509.GeneralName] = []
+    for entry in names:
+        try:
+            alts.append(x509.IPAddress(ipaddress.ip_address(entry)))
+        except ValueError:
+            alts.append(x509.DNSName(entry))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alts), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return LeafPair(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
 SETTINGS, FILE, TLS, CONFIG, OTHER = (
     "settings refused",
     "file unusable",
@@ -112,6 +156,21 @@ CASES = (
     ),
     Case("Server without TLS", TLS, "plain", _fields()),
     Case("Expired certificate", TLS, "expired", _fields()),
+    Case("Certificate not valid yet", TLS, "future", _fields()),
+    Case("Self-signed certificate", TLS, "self-signed", _fields()),
+    Case("`HOST` an IP address the certificate does not name", TLS, "named", _fields()),
+    Case(
+        "A compose-style `HOST` (`db`)",
+        TLS,
+        "named",
+        lambda entry: _options(hostaddr="127.0.0.1")(_fields(HOST="db")(entry)),
+    ),
+    Case(
+        "A relative `sslrootcert`, from another directory",
+        FILE,
+        "good",
+        _options(sslrootcert="certs/ca.pem"),
+    ),
     Case(
         "Client key readable by others",
         FILE,
@@ -158,7 +217,12 @@ def outcome(case: Case, servers: dict[str, TLSPostgres], root_cert: str) -> tupl
 
 
 _VOLATILE = (
+    (re.compile(re.escape(os.getcwd()) + r"\b"), "/srv/app"),  # where the table was made
     (re.compile(r"/[^\s'\"]*/spb-client/"), "/path/to/"),
+    # trustme names its CAs and leaves at random, and after its version
+    (re.compile(r"(Testing (?:CA|cert)) #[\w-]+"), r"\1 #…"),
+    (re.compile(r"trustme v[\d.]+"), "trustme"),
+    (re.compile(r"(?:[0-9A-F]{2}:){31}[0-9A-F]{2}"), "AB:CD:…"),  # a SHA-256 fingerprint
     # libpq's rule on a client key depends on its owner; the table is made by root or a user
     (re.compile(r"owned by root\)"), "owned by the user)"),
     (re.compile(r"port \d+"), "port 5432"),
@@ -198,7 +262,10 @@ Every failure class, with the exact message a user gets (generated from real ser
   offline as `E005`, `E006`, `E016` or `E018`.
 - **TLS refused**: `InsecureConnectionError` (a subclass of Django's `OperationalError`)
   after libpq or the post-handshake check refused the link; `manage.py check --database`
-  reports it as `secure_pg_backend.E010`.
+  reports it as `secure_pg_backend.E010`. Its first line says what is wrong and the fix; the
+  lines below it (joined into one here) say what the server presented, fetched by a
+  diagnostic handshake after the refusal (the certificate's subject, issuer, names and
+  dates; nothing is sent after the TLS ClientHello), and libpq's own words.
 - **configuration**: an `ImproperlyConfigured` raised by Django itself when the connection
   opens, in Django's words: settings that conflict with each other (or an optional package that
   is missing), found before any server is contacted, so neither TLS, the server nor the
@@ -230,6 +297,9 @@ def main() -> int:
             "other-ca": TLSPostgres(other.issue("localhost", "127.0.0.1"), trust=ca),
             "plain": TLSPostgres(None, trust=ca, ssl=False),
             "expired": TLSPostgres(ca.issue("localhost", "127.0.0.1", **EXPIRED), trust=ca),
+            "future": TLSPostgres(ca.issue("localhost", "127.0.0.1", **NOT_YET_VALID), trust=ca),
+            "self-signed": TLSPostgres(self_signed("localhost", "127.0.0.1"), trust=ca),
+            "named": TLSPostgres(ca.issue(NAMED), trust=ca),
             "mtls": TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca, client_ca=ca),
         }
         client_files(ca, Path(stack.enter_context(tempfile.TemporaryDirectory())))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from secure_pg_backend import policy
-from secure_pg_backend.errors import CHECKS, Violation, markdown_table
+from secure_pg_backend.checkids import CHECKS, markdown_table
+from secure_pg_backend.errors import Violation
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "secure_pg_backend"

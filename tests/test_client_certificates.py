@@ -29,7 +29,7 @@ from django.core.management.base import CommandError
 from django.db import connections
 from health_check.exceptions import ServiceWarning
 
-from secure_pg_backend import certificates, errors, files, signals
+from secure_pg_backend import causes, certificates, checkids, files, signals
 from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, APP_USER, LeafPair, TestCA, TLSPostgres
@@ -249,8 +249,8 @@ KEY_MESSAGES = {  # measured against PostgreSQL 15 with psycopg[binary] 3.3 (lib
 
 @pytest.mark.parametrize(("name", "message"), KEY_MESSAGES.items())
 def test_key_and_certificate_failures_are_refusals(name: str, message: str) -> None:
-    cause = errors.classify(psycopg.OperationalError(message))
-    assert cause is not None and (cause.name, cause.kind) == (name, errors.REFUSAL)
+    cause = causes.classify(psycopg.OperationalError(message))
+    assert cause is not None and (cause.name, cause.kind) == (name, causes.REFUSAL)
 
 
 # -- against a server that demands a client certificate ---------------------------------------
@@ -376,7 +376,7 @@ def test_a_short_lived_certificate_near_its_end_warns_everywhere(
     assert warning.msg.startswith("The client certificate database alias 'mtls_soon' presents")
     assert f"CN={APP_USER}," in warning.msg
     assert f"expires {not_after:%Y-%m-%d %H:%M} UTC, in 1 hour" in warning.msg
-    assert warning.hint == errors.CHECKS["W002"].fix
+    assert warning.hint == checkids.CHECKS["W002"].fix
 
     (record,) = [r for r in caplog.records if "alias 'mtls_soon' connected" in r.getMessage()]
     assert record.levelname == "WARNING"  # the server certificate is fine: the client's decides

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import InsecureConnectionError, handshake, libpq
+from secure_pg_backend import InsecureConnectionError, diagnose, handshake, libpq
 from secure_pg_backend.policy import Decision
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
@@ -345,9 +345,12 @@ def test_a_refusal_under_direct_stays_a_refusal(
     settings = pg18.database_settings(
         PORT=str(proxy.port), options={"sslrootcert": str(impostor_ca.cert_path)}
     )
+    probes = diagnose.probes_made()
     with pytest.raises(InsecureConnectionError, match="certificate verify failed"):
         make_wrapper(settings).ensure_connection()
-    assert proxy.accepted == 2  # refused under direct (or the SSLRequest on libpq 15): no retry
+    # Refused under direct (or the SSLRequest on libpq 15): no retry. The refusal's diagnostic
+    # handshake (which completes no handshake) is the only other connection.
+    assert proxy.accepted == 2 + diagnose.probes_made() - probes
     assert handshake._DIRECT.get(("127.0.0.1", "", str(proxy.port))) is (
         True if LIBPQ_DIRECT else None
     )

@@ -11,7 +11,16 @@ import pytest
 from secure_pg_backend.testing import TestCA, TLSPostgres
 
 from .conftest import SECRETS
-from .error_table import CASES, HEADER, WRONG_SSLPASSWORD, client_files, rows
+from .error_table import (
+    CASES,
+    HEADER,
+    NAMED,
+    NOT_YET_VALID,
+    WRONG_SSLPASSWORD,
+    client_files,
+    rows,
+    self_signed,
+)
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -28,6 +37,9 @@ def servers(
     django_db_blocker: Any,
 ) -> Any:
     mtls = start_server(ca.issue("localhost", "127.0.0.1"), trust=ca, client_ca=ca)
+    future = start_server(ca.issue("localhost", "127.0.0.1", **NOT_YET_VALID), trust=ca)
+    lone = start_server(self_signed("localhost", "127.0.0.1"), trust=ca)
+    named = start_server(ca.issue(NAMED), trust=ca)
     client_files(ca, tmp_path)
     with django_db_blocker.unblock():
         yield {
@@ -36,6 +48,9 @@ def servers(
             "plain": plain_server,
             "expired": expired_server,
             "mtls": mtls,
+            "future": future,
+            "self-signed": lone,
+            "named": named,
         }
 
 

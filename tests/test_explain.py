@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from secure_pg_backend.errors import CAUSES, CHECKS, REFUSAL, explanation, explanation_index
+from secure_pg_backend.causes import BY_NAME
+from secure_pg_backend.checkids import CHECKS
+from secure_pg_backend.refusals import explanation, explanation_index
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "secure_pg_backend"
-REFUSALS = [cause for cause in CAUSES if cause.kind == REFUSAL]
+REFUSALS = list(BY_NAME.values())  # libpq's refusals, then the live link's
 
 
 def _run(*args: str, settings: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -138,3 +140,18 @@ def test_no_message_points_at_a_repository_path() -> None:
         if doc_path.search(text)
     ]
     assert offenders == []
+
+
+def test_every_post_handshake_refusal_has_its_own_cause_and_explanation() -> None:
+    # The link rules name a cause each (issue 29): explain covers them, and a refused link is
+    # no longer labelled "policy".
+    import inspect
+
+    from secure_pg_backend import handshake
+
+    source = inspect.getsource(handshake)
+    named = set(re.findall(r'_problem\(\s*"(\w+)"', source))
+    assert named >= {"gssapi", "socket", "not_tls", "settings", "protocol", "cipher", "alpn"}
+    for name in named:
+        assert name in BY_NAME
+        assert explanation(name).startswith(f"{name} (a refusal")

@@ -1,4 +1,4 @@
-"""Failed connect attempts (errors.classify): refusals, transient faults, the retry loop.
+"""Failed connect attempts (causes.classify): refusals, transient faults, the retry loop.
 
 No server: the messages are libpq's and OpenSSL's own, as captured from real failures
 (libpq 15 and 18); the retry loop runs on a fake clock.
@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import errors, pipeline, signals
+from secure_pg_backend import causes, pipeline, refusals, signals
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.policy import Request
 from secure_pg_backend.policy.rules import e017_connect_retry
@@ -47,29 +47,29 @@ UNKNOWN = {
 
 @pytest.mark.parametrize(("name", "message"), REFUSALS.items())
 def test_refusals_are_recognised(name: str, message: str) -> None:
-    cause = errors.classify(psycopg.OperationalError(message))
-    assert cause is not None and (cause.name, cause.kind) == (name, errors.REFUSAL)
+    cause = causes.classify(psycopg.OperationalError(message))
+    assert cause is not None and (cause.name, cause.kind) == (name, causes.REFUSAL)
 
 
 @pytest.mark.parametrize(("name", "message"), TRANSIENT.items())
 def test_transient_failures_are_recognised(name: str, message: str) -> None:
-    cause = errors.classify(psycopg.OperationalError(message))
-    assert cause is not None and (cause.name, cause.kind) == (name, errors.TRANSIENT)
+    cause = causes.classify(psycopg.OperationalError(message))
+    assert cause is not None and (cause.name, cause.kind) == (name, causes.TRANSIENT)
 
 
 @pytest.mark.parametrize("message", UNKNOWN.values())
 def test_anything_else_is_neither(message: str) -> None:
-    assert errors.classify(psycopg.OperationalError(message)) is None
-    assert errors.explain(psycopg.OperationalError(message), "default", "db") is None
+    assert causes.classify(psycopg.OperationalError(message)) is None
+    assert refusals.explain(psycopg.OperationalError(message), "default", "db") is None
 
 
 def test_an_eof_is_never_explained_as_a_tls_configuration_problem() -> None:
     # The blip of issue 16: "SSL error: unexpected eof" was once a TLS refusal.
-    assert errors.explain(psycopg.OperationalError(TRANSIENT["closed"]), "default", "db") is None
+    assert refusals.explain(psycopg.OperationalError(TRANSIENT["closed"]), "default", "db") is None
 
 
 def test_a_refusal_is_explained_with_the_fix_and_without_the_password() -> None:
-    error = errors.explain(
+    error = refusals.explain(
         psycopg.OperationalError(REFUSALS["untrusted"] + " pw-Secret-1"),
         "default",
         "db.example.com",
@@ -90,17 +90,17 @@ def _several(*messages: str) -> psycopg.OperationalError:
 
 
 def test_one_host_refused_makes_the_whole_attempt_a_refusal() -> None:
-    cause = errors.classify(_several(REFUSALS["untrusted"], TRANSIENT["refused"]))
-    assert cause is not None and cause.kind == errors.REFUSAL
+    cause = causes.classify(_several(REFUSALS["untrusted"], TRANSIENT["refused"]))
+    assert cause is not None and cause.kind == causes.REFUSAL
 
 
 def test_every_host_transient_is_transient() -> None:
-    cause = errors.classify(_several(TRANSIENT["refused"], TRANSIENT["standby"]))
-    assert cause is not None and cause.kind == errors.TRANSIENT
+    cause = causes.classify(_several(TRANSIENT["refused"], TRANSIENT["standby"]))
+    assert cause is not None and cause.kind == causes.TRANSIENT
 
 
 def test_one_host_unknown_is_not_retried() -> None:
-    assert errors.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
+    assert causes.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
 
 
 class _LoggedIn:
@@ -118,9 +118,9 @@ class _PasswordOnly:
 def test_after_the_login_only_the_servers_not_now_is_retried() -> None:
     logged_in: Any = _LoggedIn()  # psycopg's FinishedPGconn of the failed attempt
     closed = psycopg.OperationalError(TRANSIENT["closed"], pgconn=logged_in)
-    assert errors.classify(closed) is None
+    assert causes.classify(closed) is None
     busy = psycopg.OperationalError(TRANSIENT["too_many"], pgconn=logged_in)
-    assert errors.classify(busy) is not None
+    assert causes.classify(busy) is not None
 
 
 def test_a_restart_during_the_login_is_transient() -> None:
@@ -128,20 +128,20 @@ def test_a_restart_during_the_login_is_transient() -> None:
     closed = psycopg.OperationalError(
         HOST + "SSL connection has been closed unexpectedly", pgconn=_PasswordOnly()
     )
-    cause = errors.classify(closed)
-    assert cause is not None and cause.kind == errors.TRANSIENT
+    cause = causes.classify(closed)
+    assert cause is not None and cause.kind == causes.TRANSIENT
 
 
 def test_the_backends_own_refusals_are_refusals() -> None:
     files = ConnectionFileError("the root certificate does not exist", alias="a")
-    assert errors.classify(files) is errors.FILE and errors.FILE.kind == errors.REFUSAL
+    assert causes.classify(files) is causes.FILE and causes.FILE.kind == causes.REFUSAL
     replaced = ConnectionFileError.from_violations("a", None, (), replaced=True)
-    assert errors.classify(replaced) is errors.FILE_REPLACED
-    assert errors.FILE_REPLACED.kind == errors.TRANSIENT
-    assert errors.classify(replaced.copy()) is errors.FILE_REPLACED
+    assert causes.classify(replaced) is causes.FILE_REPLACED
+    assert causes.FILE_REPLACED.kind == causes.TRANSIENT
+    assert causes.classify(replaced.copy()) is causes.FILE_REPLACED
     policy = InsecureConnectionError("weak cipher", alias="a")
-    cause = errors.classify(policy)
-    assert cause is not None and cause.kind == errors.REFUSAL
+    cause = causes.classify(policy)
+    assert cause is not None and cause.kind == causes.REFUSAL
 
 
 # -- the budget -----------------------------------------------------------------------------------

@@ -119,9 +119,9 @@ def test_the_link_check_wants_a_loopback_peer() -> None:
         assert handshake.check_link(decision, facts(peer)) is None, peer
     for peer in ("10.0.0.1", "192.0.2.7", None):
         problem = handshake.check_link(decision, facts(peer))
-        assert problem is not None and "not a loopback address" in problem[0], peer
+        assert problem is not None and "not a loopback address" in problem[1], peer
     problem = handshake.check_link(decision, facts(None, unix=True))
-    assert problem is not None and "Unix-domain socket" in problem[0]
+    assert problem is not None and "Unix-domain socket" in problem[1]
 
 
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")

@@ -76,8 +76,11 @@ def test_health_view_reports_good_expiring_and_refused(server_url: str) -> None:
     assert status == 500
     assert result.startswith(
         "Unavailable: secure_pg_backend refused the connection for "
-        "DATABASES['ops_refused'] (host 'localhost'): the server's certificate is not signed"
+        "DATABASES['ops_refused'] (host 'localhost'): the server's certificate is issued by "
     )
+    # What the server presented, on the same line (the health check shows one line).
+    assert "which is not in your root certificate file" in result
+    assert " The server presented: subject " in result
     assert_no_secret(json.dumps(body))
 
 

@@ -27,13 +27,7 @@ from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from ..base import VerifiedTLSMixin
 from ..certificates import EXPIRY_WARNING_DAYS, certificate_text, expiring
-from ..errors import (
-    InsecureConnectionError,
-    SecurePolicyError,
-    location,
-    redact,
-    secret_values,
-)
+from ..errors import InsecureConnectionError, SecurePolicyError, location, redact, secret_values
 from ..tlsinfo import TLSInfo
 
 __all__ = ["VerifiedTLS"]

@@ -9,7 +9,8 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 
-from ..errors import ROOT_FIX, Violation, option_name, remove_hint
+from ..checkids import ROOT_FIX
+from ..errors import Violation, option_name, remove_hint
 from ..files import DIRECTORY, KEY, KEY_WITHOUT_PASSPHRASE, REGULAR, FileNeed, home_directory
 from .terms import (
     ACCEPTED_PROTOCOLS,

@@ -15,8 +15,9 @@ from django.db import DatabaseError, connections
 
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...certificates import certificate_text
-from ...errors import explanation, explanation_index, redact, secret_values
+from ...errors import InsecureConnectionError, redact, secret_values, without_alias
 from ...pipeline import attempt_once
+from ...refusals import explanation, explanation_index
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 
@@ -116,8 +117,16 @@ class Command(BaseCommand):
                 return wrapper.tls_info, ("", "")
         except (DatabaseError, ImproperlyConfigured) as exc:
             cause = failure_cause(exc)
-            text = redact(" ".join(str(exc).split()), secret_values(wrapper.settings_dict))
-            return None, (cause, certificate_text(text))  # libpq may quote a certificate
+            # Its lines kept (a refusal's details are indented below its first line), each
+            # on one line; the alias named once, by the label this command puts before it.
+            lines = (" ".join(line.split()) for line in str(exc).split("\n"))
+            text = "\n  ".join(line for line in lines if line)
+            host = getattr(exc, "host", None)
+            if host is not None or isinstance(exc, InsecureConnectionError):
+                text = without_alias(text, alias, host)
+            text = redact(text, secret_values(wrapper.settings_dict))
+            # libpq may quote a certificate: each line escaped (the line breaks are ours)
+            return None, (cause, "\n".join(certificate_text(x) for x in text.split("\n")))
         finally:
             # Leave a connection the caller already had (e.g. call_command in a request) open.
             if opened_here:
