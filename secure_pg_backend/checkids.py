@@ -3,7 +3,7 @@ reports it. The gate, the system checks, ``dbshell`` and the online checks repor
 ids and nowhere else define one: ``errors.Violation`` looks its id up here (an unknown id is a
 ``KeyError`` in the code that made it, not a silent new id) and takes the fix from here unless
 the fix names specifics of the settings at fault. ``docs/checks.md`` shows ``markdown_table()``
-verbatim (``tests/test_checkids.py`` keeps them equal).
+verbatim (``tests/unit/test_checkids.py`` keeps them equal).
 """
 
 from __future__ import annotations

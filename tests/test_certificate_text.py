@@ -38,8 +38,7 @@ from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import InsecureConnectionError
 from secure_pg_backend.testing import APP_USER, LeafPair, TestCA, TLSPostgres
 from secure_pg_backend.tlsinfo import ClientCertificate, PeerCertificate
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 needs_server = pytest.mark.needs_server
 UTC = dt.timezone.utc

@@ -16,8 +16,7 @@ from secure_pg_backend import libpq
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.errors import redact, secret_values
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 # Django warns that DATABASES overrides don't rebuild connections; these checks read settings only.
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")

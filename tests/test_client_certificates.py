@@ -34,8 +34,7 @@ from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, APP_USER, LeafPair, TestCA, TLSPostgres
 from secure_pg_backend.tlsinfo import ClientCertificate
-
-from .conftest import TCPRecorder, assert_no_secret
+from tests.conftest import TCPRecorder, assert_no_secret
 
 UTC = dt.timezone.utc
 HOUR = dt.timedelta(hours=1)

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from secure_pg_backend.testing import APP_USER, TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 

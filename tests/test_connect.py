@@ -17,8 +17,7 @@ from django.db.utils import OperationalError
 
 from secure_pg_backend import ConnectionFileError, InsecureConnectionError, TLSInfo, libpq, pipeline
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
-
-from .conftest import TCPRecorder, assert_no_secret
+from tests.conftest import TCPRecorder, assert_no_secret
 
 Wrapper = Callable[..., Any]
 

@@ -20,8 +20,7 @@ from django.db import OperationalError, connections
 from secure_pg_backend.client import DatabaseClient, psql_session
 from secure_pg_backend.errors import CredentialProviderError, SecurePolicyError
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 THREADS = 16
 

@@ -12,8 +12,7 @@ from example_project.settings import databases_from_env
 from secure_pg_backend import InsecureConnectionError, SecurePolicyError
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 
 def _url(server: TLSPostgres, query: str, host: str = "localhost", port: int = 0) -> str:

@@ -34,9 +34,8 @@ from secure_pg_backend.client import (
     target_arguments,
 )
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
-
-from .conftest import assert_no_secret
-from .hostile import HostileServer
+from tests.conftest import assert_no_secret
+from tests.support.hostile import HostileServer
 
 SSL_QUERY = "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()"
 

@@ -17,8 +17,7 @@ from django.core.management.base import CommandError
 from django.db import connections
 
 from secure_pg_backend.testing import APP_PASSWORD, TLSPostgres
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 REPO = Path(__file__).resolve().parent.parent
 

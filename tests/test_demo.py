@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from secure_pg_backend.testing import free_port
-
-from .conftest import assert_no_secret
-from .docs_examples import deployment_neutral, documented
+from tests.conftest import assert_no_secret
+from tests.support.docs_examples import deployment_neutral, documented
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ from django.core.checks import run_checks
 from django.test import override_settings
 
 from secure_pg_backend.checkids import CHECKS
+from tests.conftest import assert_no_secret
 
 from . import deploy_settings
-from .conftest import assert_no_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 W003 = CHECKS["W003"].id

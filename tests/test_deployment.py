@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from secure_pg_backend.testing import APP_DB, APP_PASSWORD, APP_USER, TestCA, TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 PAGE = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
 

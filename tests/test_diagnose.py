@@ -25,8 +25,8 @@ from cryptography.x509.oid import NameOID
 from secure_pg_backend import InsecureConnectionError, diagnose
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import assert_no_secret, leaf_certificate
-from tests.error_table import self_signed
-from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
+from tests.support.error_table import self_signed
+from tests.support.hostile import SSL_REQUEST, HostileServer, RecordingProxy
 
 pytestmark = pytest.mark.needs_server
 

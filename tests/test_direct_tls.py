@@ -26,10 +26,9 @@ from secure_pg_backend import InsecureConnectionError, diagnose, handshake, libp
 from secure_pg_backend.policy import Decision
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
-
-from .faultkit import FaultProxy
-from .test_policy import clean_environment, entry, judge, root_cert  # noqa: F401 (fixtures)
-from .test_server_versions import bin_dir
+from tests.support.faultkit import FaultProxy
+from tests.test_server_versions import bin_dir
+from tests.unit.test_policy import clean_environment, entry, judge, root_cert  # noqa: F401 (fixtures)
 
 Wrapper = Callable[..., Any]
 LIBPQ_DIRECT = "sslnegotiation" in libpq.keywords()  # libpq 17+ (the C/Python builds: 15)

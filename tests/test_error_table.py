@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from secure_pg_backend.testing import TestCA, TLSPostgres
-
-from .conftest import SECRETS
-from .error_table import (
+from tests.conftest import SECRETS
+from tests.support.error_table import (
     CASES,
     HEADER,
     NAMED,
@@ -58,7 +57,9 @@ def test_docs_error_table_matches_real_output(servers: dict[str, TLSPostgres], c
     produced = list(rows(servers, str(ca.cert_path)))
     assert len(produced) == len(CASES)
     page = PAGE.read_text()
-    assert page.startswith(HEADER), "regenerate: python -m tests.error_table > docs/errors.md"
+    assert page.startswith(HEADER), (
+        "regenerate: python -m tests.support.error_table > docs/errors.md"
+    )
     for row in produced:
         assert row in page, f"docs/errors.md is out of date; regenerate it. Missing:\n{row}"
         assert not any(secret in row for secret in (*SECRETS, WRONG_SSLPASSWORD))

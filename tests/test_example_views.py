@@ -12,8 +12,7 @@ from django.db import connections
 from django.test import Client, override_settings
 
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 TEMPLATES = [
     {

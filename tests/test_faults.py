@@ -1,7 +1,7 @@
 """Faults are not refusals: each fault under load, stock ENGINE and ours side by side.
 
 Every scenario runs the same load (threads doing Django-style requests, one acknowledged INSERT
-each; see ``tests/faultkit.py``) on the same real TLS server for stock
+each; see ``tests/support/faultkit.py``) on the same real TLS server for stock
 (``django.db.backends.postgresql`` with ``sslmode=verify-full`` + ``sslrootcert``) and for ours,
 plays the same fault, and asserts that ours is no worse: failures within ``SLACK`` of stock's,
 no acknowledged row lost by either, and ours recovered within ``RECOVERY`` of the cause going
@@ -25,7 +25,7 @@ from django.test import override_settings
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
-from tests.faultkit import (
+from tests.support.faultkit import (
     MODES,
     POOL,
     FaultProxy,

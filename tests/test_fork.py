@@ -237,7 +237,7 @@ def gunicorn(server: TLSPostgres, app_name: str) -> Iterator[tuple[str, subproce
             proc.wait()
 
 
-APP = "tests.gunicorn_app:application"
+APP = "tests.support.gunicorn_app:application"
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 A process that used a pool and exits without closing it used to abort now and then
 (``FATAL: exception not rethrown``, SIGABRT): a pool worker thread was importing
 ``cryptography`` (Rust) for the start-up log line when the interpreter finalized. The full
-stress run is ``python -m tests.exit_stress --runs 500``; this is its short version.
+stress run is ``python -m tests.support.exit_stress --runs 500``; this is its short version.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from django.db import connections
 
 from secure_pg_backend import base
 from secure_pg_backend.testing import TestCA, TLSPostgres
-from tests import exit_stress
+from tests.support import exit_stress
 from tests.test_signals import StallingServer
 
 

@@ -27,7 +27,7 @@ from django.db.utils import InterfaceError, OperationalError
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import LeafPair, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
-from tests.faultkit import VerifiedLog, app_sessions, capture_verified
+from tests.support.faultkit import VerifiedLog, app_sessions, capture_verified
 
 THREADS = 16
 QUERIES = 500

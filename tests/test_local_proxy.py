@@ -20,8 +20,7 @@ from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.checks import check_deploy_plaintext
 from secure_pg_backend.errors import InsecureConnectionError, SecurePolicyError
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import TCPRecorder, assert_no_secret
+from tests.conftest import TCPRecorder, assert_no_secret
 
 PROXY = {"allow_local_proxy": True}
 

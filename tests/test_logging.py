@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 Wrapper = Callable[..., Any]
 

@@ -4,7 +4,7 @@
 verify-full, treats a certificate failure on h1 like any other connection failure: it moves on
 to h2 (measured with libpq 18 here). Every host gets the full verification; ``tls_info`` and the
 log line say which host and port were reached. An impostor on h1 is a real recording TLS server
-(``tests/hostile.py``), so the tests also show it received nothing but the TLS handshake.
+(``tests/support/hostile.py``), so the tests also show it received nothing but the TLS handshake.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, LeafPair, TestCA, TLSPostgres, free_port
 from tests.conftest import assert_no_secret
-from tests.hostile import HostileServer
+from tests.support.hostile import HostileServer
 
 
 def fingerprint(leaf: LeafPair | None) -> str:

@@ -21,8 +21,7 @@ from secure_pg_backend.contrib.health_check import VerifiedTLS
 from secure_pg_backend.errors import InsecureConnectionError
 from secure_pg_backend.handshake import LinkFacts
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 pytestmark = pytest.mark.urls("tests.ops_urls")
 

@@ -21,8 +21,7 @@ from secure_pg_backend import certificates, signals
 from secure_pg_backend.handshake import cipher_is_strong
 from secure_pg_backend.testing import TLSPostgres
 from secure_pg_backend.tlsinfo import PeerCertificate, TLSInfo
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 Wrapper = Callable[..., Any]
 OTEL_PREFIXES = ("db.", "server.", "network.", "tls.")

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from secure_pg_backend import signals
 from secure_pg_backend.testing import TestCA, TLSPostgres
-
-from .conftest import leaf_certificate
+from tests.conftest import leaf_certificate
 
 
 def _sans(cert: x509.Certificate) -> set[str]:

@@ -1,7 +1,7 @@
 """The attempt pipeline is the choke point: what libpq is handed is judged, on every path.
 
 Issue 27's findings, each against a hostile server holding a certificate from the trusted CA
-for *another* name (``tests/hostile.py``: real TLS, every received byte recorded). With
+for *another* name (``tests/support/hostile.py``: real TLS, every received byte recorded). With
 ``sslmode=require`` libpq would accept that certificate and send the startup packet and the
 password; the stock ENGINE shows it does. Here the weakened parameters are refused before any
 connection is opened: the server records nothing at all.
@@ -22,7 +22,7 @@ from secure_pg_backend import InsecureConnectionError, SecurePolicyError, checks
 from secure_pg_backend.base import DatabaseWrapper, VerifiedTLSMixin
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
-from tests.hostile import HostileServer
+from tests.support.hostile import HostileServer
 from tests.weakening_engine.base import DatabaseWrapper as Weakening
 
 CONNECT_TIMEOUT = 3

@@ -15,8 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from secure_pg_backend import signals
 from secure_pg_backend.testing import APP_DB, TestCA, TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 Wrapper = Callable[..., Any]
 ENGINE = "secure_pg_backend.postgis"

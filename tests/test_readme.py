@@ -30,9 +30,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret
-from .docs_examples import (
+from tests.conftest import assert_no_secret
+from tests.support.docs_examples import (
     KINDS,
     TLSINFO_DEPLOYMENT_FIELDS,
     deployment_neutral,
@@ -122,7 +121,7 @@ def test_readme_logging_prints_the_readme_line(good_server: TLSPostgres) -> None
     assert done.stderr.splitlines() == [expected]
 
 
-# -- every documented example of output (tests/docs_examples.py finds them) -----------------
+# -- every documented example of output (tests/support/docs_examples.py finds them) ---------
 @pytest.fixture
 def live(
     good_server: TLSPostgres, make_wrapper: Callable[..., Any], caplog: pytest.LogCaptureFixture

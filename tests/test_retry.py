@@ -22,7 +22,7 @@ from django.db.utils import OperationalError
 from secure_pg_backend import ConnectionFileError, InsecureConnectionError, signals
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres, free_port
 from tests.conftest import assert_no_secret, connect_or_hang
-from tests.hostile import HostileServer
+from tests.support.hostile import HostileServer
 
 Wrapper = Callable[..., Any]
 

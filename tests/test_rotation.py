@@ -21,8 +21,7 @@ from django.db import OperationalError, connections
 from secure_pg_backend import Credentials, metrics, provider, signals
 from secure_pg_backend.client import psql_session
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 MODES = ["plain", "persistent", "pool"]
 

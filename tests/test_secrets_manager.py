@@ -25,8 +25,7 @@ from secure_pg_backend import credentials, provider, signals
 from secure_pg_backend.errors import CredentialProviderError
 from secure_pg_backend.testing import TLSPostgres
 from secure_pg_backend.testing.servers import free_port
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 pytestmark = pytest.mark.needs_server  # a moto server process (and PostgreSQL)
 pytest.importorskip("moto.server", reason="moto[server] is in the test extra")

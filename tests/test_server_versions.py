@@ -25,8 +25,7 @@ from django.db.utils import OperationalError
 
 from secure_pg_backend import InsecureConnectionError, handshake, libpq
 from secure_pg_backend.testing import TestCA, TLSPostgres, find_pg_bin
-
-from .conftest import refused_by_old_libpq
+from tests.conftest import refused_by_old_libpq
 
 pytestmark = pytest.mark.needs_server  # one PostgreSQL per version (module fixtures)
 

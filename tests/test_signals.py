@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 
 from secure_pg_backend.testing import TestCA, TLSPostgres
-from tests.hostile import CONNECTION_DEADLINE, SSL_REQUEST, Recording, _Conn, _LoopbackServer
+from tests.support.hostile import (
+    CONNECTION_DEADLINE,
+    SSL_REQUEST,
+    Recording,
+    _Conn,
+    _LoopbackServer,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEY = "SPB_SIGNAL_CHILD"

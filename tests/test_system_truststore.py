@@ -13,8 +13,7 @@ import pytest
 from secure_pg_backend import InsecureConnectionError, SecurePolicyError
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.truststore import system_trust_file
-
-from .conftest import assert_no_secret
+from tests.conftest import assert_no_secret
 
 SYSTEM = {"sslrootcert": "system"}
 

@@ -12,8 +12,7 @@ from django.core.management.base import SystemCheckError
 from django.db import connections
 
 from secure_pg_backend.testing import TLSPostgres
-
-from .conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate
 
 
 def test_certificate_expiring_within_30_days_is_w001(

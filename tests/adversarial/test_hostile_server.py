@@ -1,10 +1,10 @@
 """Threat: a machine-in-the-middle (or a rogue server) answering on the database's address.
 
-A real socket server speaking real TLS (``tests/hostile.py``) misbehaves in each way an attacker
-could, and records every byte the client sends, before and inside TLS. Each scenario asserts that
-Django's connection is refused with the real reason, in bounded time, and that the user name,
-database name and password never reach the hostile server. The user and database names are
-distinctive strings so that a search of the recorded bytes cannot match by accident.
+A real socket server speaking real TLS (``tests/support/hostile.py``) misbehaves in each way an
+attacker could, and records every byte the client sends, before and inside TLS. Each scenario
+asserts that Django's connection is refused with the real reason, in bounded time, and that the
+user name, database name and password never reach the hostile server. The user and database
+names are distinctive strings so that a search of the recorded bytes cannot match by accident.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from django.db.utils import ConnectionHandler, OperationalError
 from secure_pg_backend import InsecureConnectionError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret, refused_by_old_libpq
-from tests.hostile import SSL_REQUEST, HostileServer, RecordingProxy
+from tests.support.hostile import SSL_REQUEST, HostileServer, RecordingProxy
 
 PROBE_USER = "probe-user-5f2c9e"
 PROBE_DB = "probe-db-91ad37"

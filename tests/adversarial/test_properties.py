@@ -27,8 +27,7 @@ from hypothesis import strategies as st
 
 from secure_pg_backend import ConnectionFileError, libpq, pipeline, policy
 from secure_pg_backend.testing import TestCA, TLSPostgres
-
-from .conftest import examples
+from tests.conftest import examples
 
 # -- fixed files the strategies point at (made once; hypothesis needs no fixtures) --
 _FILES = Path(tempfile.mkdtemp(prefix="spb-props-"))

@@ -12,7 +12,7 @@ from secure_pg_backend import policy
 from secure_pg_backend.checkids import CHECKS, markdown_table
 from secure_pg_backend.errors import Violation
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "secure_pg_backend"
 ID = re.compile(r"\b[EW]0\d\d\b")
 

@@ -12,7 +12,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "secure_pg_backend"
+PACKAGE = Path(__file__).resolve().parents[2] / "secure_pg_backend"
 NAME = PACKAGE.name
 
 

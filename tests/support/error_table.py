@@ -1,6 +1,6 @@
 """Every failure class, produced for real, as the table in docs/errors.md.
 
-``python -m tests.error_table > docs/errors.md`` regenerates the page from real servers;
+``python -m tests.support.error_table > docs/errors.md`` regenerates the page from real servers;
 ``tests/test_error_table.py`` produces the same rows in the test suite and checks that
 the page still shows what users get (ports, paths and dates normalised).
 """
@@ -250,7 +250,7 @@ def rows(servers: dict[str, TLSPostgres], root_cert: str) -> Iterator[str]:
 HEADER = """# Errors and what they mean
 
 Every failure class, with the exact message a user gets (generated from real servers by
-`python -m tests.error_table`; ports, paths and dates normalised). Five causes:
+`python -m tests.support.error_table`; ports, paths and dates normalised). Five causes:
 
 - **settings refused**: `SecurePolicyError` (an `ImproperlyConfigured`) before any network
   I/O; `manage.py check` reports the same rule as `secure_pg_backend.E0xx`.

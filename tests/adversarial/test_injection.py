@@ -27,9 +27,8 @@ from hypothesis import strategies as st
 from secure_pg_backend import ConnectionFileError, SecurePolicyError, libpq, provider
 from secure_pg_backend.errors import CredentialProviderError
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
-
-from .conftest import TCPRecorder, assert_no_secret, connect_or_hang
-from .hostile import SSL_REQUEST, HostileServer
+from tests.conftest import TCPRecorder, assert_no_secret, connect_or_hang
+from tests.support.hostile import SSL_REQUEST, HostileServer
 
 Wrapper = Callable[..., Any]
 

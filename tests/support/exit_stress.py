@@ -1,7 +1,7 @@
 """The exit scenario of issue 12, run many times: a process that sets Django up, runs one
 query and exits without closing anything (as ``manage.py`` commands and cron jobs do).
 
-``python -m tests.exit_stress --runs 500 [--parallel 2]`` starts one throwaway TLS server,
+``python -m tests.support.exit_stress --runs 500 [--parallel 2]`` starts one throwaway TLS server,
 runs the scenario in fresh processes across the variants below (round-robin) and prints the
 abnormal exits (a non-zero status, a signal such as SIGABRT, or anything on stderr).
 ``--engine django.db.backends.postgresql`` compares with Django's stock backend under the same
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV_KEY = "SPB_EXIT_SCENARIO"
 
 # name -> (settings for the alias, level of the "secure_pg_backend" logger). The "receiver"
@@ -111,7 +111,7 @@ def run_once(database: dict[str, Any], variant: str, engine: str) -> Run:
     if engine != "secure_pg_backend":  # the stock backend, given the libpq TLS settings
         entry["OPTIONS"].update(sslmode="verify-full", gssencmode="disable")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.exit_stress", "--child"],
+        [sys.executable, "-m", "tests.support.exit_stress", "--child"],
         env=child_env(entry, variant),
         cwd=ROOT,
         capture_output=True,
