@@ -238,8 +238,7 @@ LINK_CAUSES = (
         REFUSAL,
         (),
         "the connection is encrypted with GSSAPI instead of TLS; no certificate was checked.",
-        "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and "
-        "pg_service.conf).",
+        "make sure gssencmode=disable reaches libpq (remove it from OPTIONS and pg_service.conf).",
     ),
     Cause(
         "socket",

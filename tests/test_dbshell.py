@@ -25,7 +25,7 @@ from django.core.management.base import CommandError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import client, libpq
+from secure_pg_backend import client, libpq, psql_child
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.client import (
     DatabaseClient,
@@ -224,7 +224,7 @@ def test_without_dev_fd_the_passfile_is_private_and_removed(
 ) -> None:
     """Where /dev/fd cannot carry the file (BSD, macOS): 0600 in a 0700 directory named after
     this process, removed afterwards; psql still connects."""
-    monkeypatch.setattr(client, "anonymous_file", lambda text: None)
+    monkeypatch.setattr(psql_child, "anonymous_file", lambda text: None)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = _psql(good_server.database_settings(options={"sslpassword": "ssl-Key-Pass-5ec2e7"}))
     assert result.returncode == 0, result.stderr
@@ -447,8 +447,8 @@ from django.conf import settings
 settings.configure(DATABASES={"default": settings_dict}, USE_TZ=True)
 django.setup()
 if mode == "directory":  # as where /dev/fd cannot carry the files (BSD, macOS)
-    from secure_pg_backend import client
-    client.anonymous_file = lambda text: None
+    from secure_pg_backend import psql_child
+    psql_child.anonymous_file = lambda text: None
 from django.core.management import execute_from_command_line
 execute_from_command_line(["manage.py", "dbshell", "--", *sys.argv[2:]])
 """

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from secure_pg_backend import InsecureConnectionError, diagnose
+from secure_pg_backend import InsecureConnectionError, diagnose, presented
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from tests.conftest import assert_no_secret, leaf_certificate
 from tests.support.error_table import self_signed
@@ -301,9 +301,9 @@ def test_nothing_is_probed_on_the_success_path(
 def test_certificate_text_cannot_forge_lines() -> None:
     hostile = "evil\nWARNING secure_pg_backend: all good\u202e"
     # The package's one rule (certificates.certificate_text): as OpenSSL escapes, per UTF-8 byte.
-    assert diagnose.shown(hostile) == "evil\\0AWARNING secure_pg_backend: all good\\E2\\80\\AE"
-    assert "\n" not in diagnose.shown(hostile)
-    assert len(diagnose.shown("x" * 1000)) == diagnose.MAX_FIELD
+    assert presented.shown(hostile) == "evil\\0AWARNING secure_pg_backend: all good\\E2\\80\\AE"
+    assert "\n" not in presented.shown(hostile)
+    assert len(presented.shown("x" * 1000)) == presented.MAX_FIELD
 
 
 def test_dbtls_and_the_health_check_show_the_description(
