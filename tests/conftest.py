@@ -83,8 +83,15 @@ NO_SERVERS_HELP = (
 )
 
 
+LONG_HELP = (
+    "also run the long scenarios (pytest.mark.long: the HA cluster, the 30-s outage, the storm;"
+    " make test-long); skipped otherwise"
+)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--no-servers", action="store_true", help=NO_SERVERS_HELP)
+    parser.addoption("--long", action="store_true", help=LONG_HELP)
 
 
 def _forbid_servers() -> None:
@@ -175,6 +182,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs_server: starts PostgreSQL (deselected by --no-servers / make test-fast)"
     )
+    config.addinivalue_line(
+        "markers", "long: a long scenario, run by make test-long (pytest --long) only"
+    )
     if config.getoption("no_servers"):
         _state["no_servers"] = True
         _forbid_servers()
@@ -221,7 +231,12 @@ def needs_server(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
+    # The long scenarios take minutes (make test-long runs them after make test): skipped,
+    # not deselected, so a plain run still lists them.
+    skip_long = pytest.mark.skip(reason="a long scenario: make test-long (pytest --long)")
     for item in items:
+        if item.get_closest_marker("long") and not config.getoption("long"):
+            item.add_marker(skip_long)
         if needs_server(item):
             item.add_marker(pytest.mark.needs_server)
             if item.get_closest_marker("timeout") is None:

@@ -117,20 +117,32 @@ class PgBouncer:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.running:
-            pid = self._pid()
-            if pid is not None:
-                self._signal(pid, signal.SIGTERM)  # immediate shutdown
-                deadline = time.monotonic() + timeout
-                for _ in range(int(timeout / 0.05) + 1):
-                    if not _alive(pid) or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                if _alive(pid):
-                    self._signal(pid, signal.SIGKILL)
+            self._terminate(timeout)
             self.running = False
             _untrack(self)
         shutil.rmtree(self.base, ignore_errors=True)
         _forget(self.base)
+
+    def restart(self, down: float = 0.0, timeout: float = 30.0) -> None:
+        """Stop (client connections cut), stay down ``down`` seconds, start again on the same
+        port with the same files: a deploy or a crash-restart, as the clients see it."""
+        self._terminate(10.0)
+        time.sleep(down)
+        self._run([str(self.binary), "-d", "-q", str(self.ini)])
+        self._wait_listening(timeout)
+
+    def _terminate(self, timeout: float) -> None:
+        pid = self._pid()
+        if pid is None:
+            return
+        self._signal(pid, signal.SIGTERM)  # immediate shutdown
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            if not _alive(pid) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if _alive(pid):
+            self._signal(pid, signal.SIGKILL)
 
     def reload(self) -> None:
         """Re-read the configuration and TLS files (SIGHUP), as after a certificate rotation."""

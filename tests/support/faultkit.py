@@ -381,7 +381,9 @@ class Load:
     lives on (the superuser reads it back over the Unix socket to count lost rows).
     """
 
-    def __init__(self, run: Run, alias: str, ledger: TLSPostgres) -> None:
+    def __init__(
+        self, run: Run, alias: str, ledger: TLSPostgres, deadline: float = RUN_DEADLINE
+    ) -> None:
         self.run = run
         self.alias = alias
         self.ledger = ledger
@@ -392,7 +394,8 @@ class Load:
             dbname="app",
         )
         self._stop = threading.Event()
-        self._deadline = time.monotonic() + RUN_DEADLINE
+        self._deadline = time.monotonic() + deadline
+        self._run_deadline = deadline
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self.ok_per_thread = [0] * run.threads
@@ -471,7 +474,7 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         for thread in self._workers:
-            thread.join(timeout=RUN_DEADLINE + 15)
+            thread.join(timeout=self._run_deadline + 15)
         assert not any(t.is_alive() for t in self._workers), "a load thread did not stop"
 
     def count(self, ledger: TLSPostgres | None = None) -> None:
@@ -551,10 +554,11 @@ def drive(
     threads: int = 4,
     retries: RetryCounter | None = None,
     count_on: Callable[[], TLSPostgres] | None = None,
+    deadline: float = RUN_DEADLINE,
 ) -> Run:
     """Run ``body`` (which starts the load and plays the fault) and collect one ``Run``."""
     run = Run(scenario=scenario, engine=engine, threads=threads)
-    load = Load(run, alias, ledger)
+    load = Load(run, alias, ledger, deadline)
     try:
         body(load)
         load.wait_recovered()
@@ -580,6 +584,7 @@ def side_by_side(
     threads: int = 4,
     before_each: Callable[[str], None] | None = None,
     count_on: Callable[[str], TLSPostgres] | None = None,
+    deadline: float = RUN_DEADLINE,
 ) -> dict[str, Run]:
     """The scenario for stock and for ours, one after the other; both results by ENGINE."""
     runs: dict[str, Run] = {}
@@ -600,6 +605,7 @@ def side_by_side(
                 threads=threads,
                 retries=retries,
                 count_on=(lambda e=engine: count_on(e)) if count_on else None,
+                deadline=deadline,
             )
     finally:
         retries.close()
