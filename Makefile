@@ -1,5 +1,6 @@
 # One command each: `make test` (what CI runs), `make test-fast` (the inner loop: every test that
-# needs no server, no PostgreSQL started), `make demo` (PORT=8001 to serve elsewhere), `make bench`.
+# needs no server, no PostgreSQL started), `make test-long` (the long fault scenarios, which CI
+# runs after `make test`), `make demo` (PORT=8001 to serve elsewhere), `make bench`.
 # Two main environments: Django 5.2 LTS on Python 3.11, Django 6.1 on Python 3.12.
 # The rest of the support matrix (docs/support.md) is `make test-matrix`, also part of `make test`.
 # Every step of `make test` is framed by scripts/stage: "== NAME ..." then "== NAME: ok in 12 s".
@@ -97,6 +98,16 @@ test-django-dj52: $(VENV_DJ52)/.installed system-deps
 test-django-dj61: $(VENV_DJ61)/.installed system-deps
 	@$(STAGE) "test-django-dj61: Django 6.1's own suite on this ENGINE" \
 		$(VENV_DJ61)/bin/python scripts/django-suite $(DJANGO_SUITE_ARGS)
+
+# The long fault scenarios (tests/test_long.py, a few minutes): a real HA cluster (Patroni,
+# etcd, HAProxy), a 30-s outage in a web-server model, a storm at a fixed rate, PgBouncer
+# restarts, stock and ours side by side; the table goes to build/reliability-long.md. Not part
+# of `make test` (which must stay under 20 minutes): .ci/run calls it after `make test`.
+.PHONY: test-long
+test-long: $(VENV_DJ52)/.installed
+	@scripts/system-deps long
+	@$(STAGE) "test-long: long fault scenarios, both ENGINEs (HA cluster, outage, storm)" \
+		$(VENV_DJ52)/bin/python -m pytest -q --long tests/test_long.py $(PYTEST_ARGS)
 
 bench: $(VENV_DJ52)/.installed system-deps
 	$(VENV_DJ52)/bin/python bench/run.py $(BENCH_ARGS)
