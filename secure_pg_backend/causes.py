@@ -15,8 +15,9 @@ A failed attempt to open a connection is one of three things:
   raised as the stock backend raises it, and not retried.
 
 How a failure is recognised: psycopg's exception class (``ConnectionTimeout``), the failed
-attempt's libpq state that psycopg keeps (``exc.pgconn``: whether the server had already
-accepted the login and started a session), the reasons OpenSSL gives for TLS failures (never
+attempt's libpq state that psycopg keeps (``exc.pgconn.used_password``: whether libpq sent
+the password; after that only the server's or PgBouncer's explicit "not now" is retried), the
+reasons OpenSSL gives for TLS failures (never
 translated), and libpq's and the server's sentences in English (a Python process runs libpq
 with ``LC_MESSAGES=C`` unless the application calls ``setlocale``). A failure not recognised
 falls in the third group, so an unknown or translated message can neither become a refusal nor
@@ -33,6 +34,7 @@ __all__ = [
     "FILE",
     "FILE_REPLACED",
     "LINK_CAUSES",
+    "NOT_NOW",
     "PGBOUNCER_PORT",
     "POLICY",
     "REFUSAL",
@@ -41,6 +43,7 @@ __all__ = [
     "attempts",
     "cause_of",
     "classify",
+    "password_sent",
 ]
 
 REFUSAL, TRANSIENT = "refusal", "transient"
@@ -182,6 +185,12 @@ CAUSES = (
             "the database system is starting up",
             "not yet accepting connections",
             "is in recovery mode",
+        ),
+    ),
+    Cause(
+        "stopping",
+        TRANSIENT,
+        (
             "the database system is shutting down",
             "terminating connection due to administrator command",
         ),
@@ -219,9 +228,13 @@ CAUSES = (
             "could not send data to server",
             "could not send ssl negotiation packet",
             "could not send startup packet",
-            "pgbouncer cannot connect to server",
-            "server login has been failing",
         ),
+    ),
+    Cause(
+        # PgBouncer's own "not now", after the client's login: its server is away
+        "pooler",
+        TRANSIENT,
+        ("pgbouncer cannot connect to server", "server login has been failing"),
     ),
     Cause(
         "network",
@@ -290,9 +303,11 @@ BY_NAME = {cause.name: cause for cause in (*CAUSES, *LINK_CAUSES) if cause.kind 
 FILE_REPLACED = Cause("file", TRANSIENT, ())
 FILE = Cause("file", REFUSAL, ())
 POLICY = Cause("policy", REFUSAL, ())
-# The server accepted the login and began a session: only its "not now" answers (which it
-# can give after authentication, e.g. slots reserved for superusers) are worth another try.
-_AFTER_LOGIN = frozenset({"starting", "too_many", "standby"})
+# Once libpq sent the password (its own state: PQconnectionUsedPassword, psycopg's
+# ``pgconn.used_password`` on the failed attempt), only an explicit "not now" from the server
+# or PgBouncer is tried again: starting up, too many clients (or slots reserved), a standby
+# while target_session_attrs wants a primary (a failover in progress), PgBouncer's server away.
+NOT_NOW = frozenset({"starting", "too_many", "standby", "pooler"})
 _ATTEMPTS_HEADER = "multiple connection attempts failed"
 
 
@@ -326,11 +341,19 @@ def classify(exc: BaseException) -> Cause | None:
         return None
     cause = causes[-1]
     assert cause is not None
-    pgconn = getattr(exc, "pgconn", None)
-    logged_in = getattr(pgconn, "backend_pid", 0) or getattr(pgconn, "server_version", 0)
-    if logged_in and cause.name not in _AFTER_LOGIN:
+    if cause.name not in NOT_NOW and password_sent(exc):
         return None
     return cause
+
+
+def password_sent(exc: BaseException) -> bool:
+    """libpq's own word on the failed attempt (the last host's, when several were tried):
+    the server asked for the password and libpq answered."""
+    pgconn = getattr(exc, "pgconn", None)
+    try:
+        return bool(getattr(pgconn, "used_password", False))
+    except Exception:  # a connection libpq has freed answers nothing: assume it was sent
+        return pgconn is not None
 
 
 def attempts(text: str) -> list[str]:

@@ -18,6 +18,9 @@ so they must be quick and must not raise; exceptions are not caught for them.
 - ``connection_retried(sender, alias, attempt, cause, delay, message)``: opening a
   connection failed for a transient cause (``causes.classify``) and is tried again in ``delay``
   seconds; ``message`` is libpq's, the password removed.
+- ``breaker_changed(sender, endpoint, state, openings)``: an endpoint's circuit breaker
+  (``pipeline.Breakers``, one per "host:port" for the whole process) opened or closed;
+  ``state`` is ``"open"`` or ``"closed"``, ``openings`` how many times it opened.
 
 ``sender`` is the wrapper class.
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:  # not at run time: the report is built only for a record that
 connection_verified = Signal()
 connection_refused = Signal()
 connection_retried = Signal()
+breaker_changed = Signal()
 
 # -- the start-up log line --------------------------------------------------------------------
 logger = logging.getLogger("secure_pg_backend")

@@ -30,7 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
-from secure_pg_backend import signals
+from secure_pg_backend import pipeline, signals
 from secure_pg_backend.testing import (
     APP_PASSWORD,
     SUPERUSER_PASSWORD,
@@ -406,6 +406,9 @@ def aliases(good_server: TLSPostgres, django_db_blocker: Any) -> Iterator[Callab
 @pytest.fixture(autouse=True)
 def _fresh_announcements() -> None:
     signals.reset_announced()
+    # Every breaker closed, the retry bucket full: what one test's outage left behind (an
+    # open breaker, tokens spent) must not change the next test's connects.
+    pipeline.reset()
 
 
 # -- network observation ---------------------------------------------------------

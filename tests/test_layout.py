@@ -34,7 +34,9 @@ PATH = {
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
-    "pipeline.retrying",
+    "pipeline._loop",  # the retry object's loop: breakers, budget, bucket
+    "pipeline.admit",  # the endpoints' breakers
+    "pipeline.params_for",  # the deadline: each libpq call gets what is left
     "pipeline.attempt",
     "pipeline.check_files",
     "pipeline._opened",

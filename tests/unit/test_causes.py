@@ -103,32 +103,53 @@ def test_one_host_unknown_is_not_retried() -> None:
     assert causes.classify(_several(TRANSIENT["refused"], UNKNOWN["password"])) is None
 
 
-class _LoggedIn:
-    used_password = True
-    backend_pid = 4242  # the server had started a session for this attempt
-    server_version = 150000
+class _PasswordSent:
+    """psycopg's FinishedPGconn of a failed attempt after libpq sent the password."""
 
-
-class _PasswordOnly:
     used_password = True
     backend_pid = 0
     server_version = 0
 
 
-def test_after_the_login_only_the_servers_not_now_is_retried() -> None:
-    logged_in: Any = _LoggedIn()  # psycopg's FinishedPGconn of the failed attempt
-    closed = psycopg.OperationalError(TRANSIENT["closed"], pgconn=logged_in)
-    assert causes.classify(closed) is None
-    busy = psycopg.OperationalError(TRANSIENT["too_many"], pgconn=logged_in)
-    assert causes.classify(busy) is not None
+class _NoPassword:
+    used_password = False
+    backend_pid = 0
+    server_version = 0
 
 
-def test_a_restart_during_the_login_is_transient() -> None:
-    # pg_ctl restart -m fast while the password exchange runs: no session was ever made.
-    closed = psycopg.OperationalError(
-        HOST + "SSL connection has been closed unexpectedly", pgconn=_PasswordOnly()
-    )
-    cause = causes.classify(closed)
+NOT_NOW = {
+    "starting": TRANSIENT["starting"],
+    "too_many": TRANSIENT["too_many"],
+    "too_many ": HOST + "FATAL:  remaining connection slots are reserved for roles with the "
+    "SUPERUSER attribute",
+    "standby": HOST + "session is read-only",
+    "pooler": HOST + "ERROR:  server login has been failing, try again later (server_login_retry)",
+    "pooler ": HOST + "ERROR:  pgbouncer cannot connect to server",
+}
+
+
+@pytest.mark.parametrize(("name", "message"), NOT_NOW.items())
+def test_after_the_password_an_explicit_not_now_is_retried(name: str, message: str) -> None:
+    sent: Any = _PasswordSent()
+    cause = causes.classify(psycopg.OperationalError(message, pgconn=sent))
+    assert cause is not None and cause.name == name.strip() and cause.kind == causes.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        TRANSIENT["closed"],
+        HOST + "SSL connection has been closed unexpectedly",  # a restart during SCRAM
+        HOST + "FATAL:  terminating connection due to administrator command",
+        TRANSIENT["refused"],
+    ],
+)
+def test_nothing_else_is_retried_once_the_password_was_sent(message: str) -> None:
+    sent: Any = _PasswordSent()
+    assert causes.classify(psycopg.OperationalError(message, pgconn=sent)) is None
+    # libpq's own state decides, not the message: before the password, the same is transient
+    before: Any = _NoPassword()
+    cause = causes.classify(psycopg.OperationalError(message, pgconn=before))
     assert cause is not None and cause.kind == causes.TRANSIENT
 
 
@@ -229,7 +250,7 @@ def test_transient_failures_are_retried_until_it_works(
 ) -> None:
     clock = FakeClock()
     connect = Flaky(psycopg.OperationalError(TRANSIENT["refused"] + " pw-S3"), 4, clock)
-    with caplog.at_level(logging.WARNING, logger="secure_pg_backend"):
+    with caplog.at_level(logging.DEBUG, logger="secure_pg_backend"):
         assert _retry(connect, clock, secrets="pw-S3") == "connected"
     assert connect.calls == 5
     assert [r["attempt"] for r in retried] == [1, 2, 3, 4]
@@ -241,7 +262,7 @@ def test_transient_failures_are_retried_until_it_works(
         ceiling = min(pipeline.FIRST_DELAY * 2**number, pipeline.MAX_DELAY)
         assert ceiling / 2 <= delay <= ceiling
     assert [r["delay"] for r in retried] == clock.sleeps
-    assert len(caplog.records) == 4 and all(r.levelno == logging.WARNING for r in caplog.records)
+    assert len(caplog.records) == 4 and all(r.levelno == logging.DEBUG for r in caplog.records)
     assert "attempt 1 failed (refused)" in caplog.records[0].getMessage()
     assert all("pw-S3" not in r.getMessage() for r in caplog.records)
     assert all("pw-S3" not in r["message"] for r in retried)
