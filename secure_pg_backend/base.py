@@ -163,7 +163,7 @@ class VerifiedTLSMixin(_WrapperBase):
                 connection = super().get_new_connection(conn_params)
             else:
                 open_ = super().get_new_connection  # ends in Database.connect: judged there
-                connection = pipeline.connect(self._plan(), conn_params, open_)
+                connection = pipeline.connect(self._plan(), conn_params, open_, self._settle)
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:
@@ -174,6 +174,13 @@ class VerifiedTLSMixin(_WrapperBase):
             raise refusal from exc
         lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
         return connection
+
+    def _settle(self, connection: Any) -> None:
+        """Django's session setup (``_configure_connection``: time zone, role) inside the
+        attempt, committed as Django would; its own call in ``init_connection_state`` then
+        finds nothing to do. See ``pipeline.connect``."""
+        if self._configure_connection(connection):  # type: ignore[attr-defined]
+            connection.commit()
 
     def _plan(self) -> pipeline.Plan:
         """The pipeline's plan for the current decision (judged again if a subclass's

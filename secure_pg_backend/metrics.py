@@ -10,9 +10,12 @@ already export::
     secure_pg_backend_tls_info{alias,protocol,cipher}       1 for what was last negotiated
     secure_pg_backend_connection_retries_total{alias,cause}  transient failures retried, and
         provider credentials asked for again after a 28P01 (cause "rotated")
+    secure_pg_backend_breaker_open{endpoint}                 1 while open, 0 once closed
+    secure_pg_backend_breaker_openings_total{endpoint}       times the breaker opened
 
-Driven by the ``connection_verified``, ``connection_refused`` and ``connection_retried``
-signals. A verified connection is recorded from what the post-handshake check already read
+Driven by the ``connection_verified``, ``connection_refused``, ``connection_retried`` and
+``breaker_changed`` signals (an endpoint is "host:port", shared by every alias using it).
+A verified connection is recorded from what the post-handshake check already read
 (``facts``: protocol, cipher, host) and its certificate's notAfter as the session's OpenSSL
 decodes it (``not_after``, shared with the log line), and the client certificate's validity
 read the same way (``client_validity``: two ctypes calls that return NULL on a connection
@@ -104,6 +107,13 @@ def _on_retried(sender: object, alias: str, cause: str, **_: Any) -> None:
     _metrics["retries"].labels(alias=alias, cause=cause).inc()
 
 
+def _on_breaker(sender: object, endpoint: str, state: str, **_: Any) -> None:
+    is_open = state == "open"
+    _metrics["breaker"].labels(endpoint=endpoint).set(1 if is_open else 0)
+    if is_open:
+        _metrics["openings"].labels(endpoint=endpoint).inc()
+
+
 def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) -> bool:
     """Create the metrics and connect the receivers (once); False without prometheus_client.
 
@@ -152,6 +162,22 @@ def install(aliases: Callable[[], Iterable[str]] = tuple, registry: Any = None) 
                 ["alias", "cause"],
                 **kwargs,
             )
+            _metrics["breaker"] = prometheus_client.Gauge(
+                "secure_pg_backend_breaker_open",
+                "1 while the endpoint's circuit breaker is open (connects fail at once, one "
+                "probe at a time), 0 once closed.",
+                ["endpoint"],
+                multiprocess_mode="max",  # across workers: open in any of them
+                **kwargs,
+            )
+            _metrics["openings"] = prometheus_client.Counter(
+                "secure_pg_backend_breaker_openings",
+                "Times the endpoint's circuit breaker opened (a connect spent its whole retry "
+                "budget without reaching it).",
+                ["endpoint"],
+                **kwargs,
+            )
+            signals.breaker_changed.connect(_on_breaker, weak=False, dispatch_uid=__name__)
             signals.connection_verified.connect(_on_verified, weak=False, dispatch_uid=__name__)
             signals.connection_retried.connect(_on_retried, weak=False, dispatch_uid=__name__)
             signals.connection_refused.connect(_on_refused, weak=False, dispatch_uid=__name__)

@@ -204,6 +204,7 @@ class Retry:
         "delay",
         "drawn",
         "endpoints",
+        "exhausted",
         "limit",
         "probe",
         "span",
@@ -227,6 +228,7 @@ class Retry:
         self.crowded = CROWDED_FIRST_DELAY
         self.attempt = 1
         self.drawn = 0.0
+        self.exhausted = False
         self.endpoints = endpoints
         self.probe = False  # this connect probes open breakers: one attempt, no retry
 
@@ -244,13 +246,12 @@ class Retry:
         ceiling = self.crowded if crowded else self.delay
         wait = random.uniform(ceiling / 2, ceiling)  # jitter: restarts hit many clients at once
         starts = self.clock() + wait
-        if starts >= self.deadline:
-            return None
-        if self.limit is not None and self.limit - starts < self.room:
+        if starts >= self.deadline or (self.limit is not None and self.limit - starts < self.room):
+            self.exhausted = True  # the budget (or the deadline) is spent
             return None
         cost = CROWDED_COST if crowded else RETRY_COST
         if not BUCKET.take(cost):
-            return None
+            return None  # not spent: the process is retrying too much, this one fails as stock
         self.drawn += cost
         return wait
 
@@ -267,7 +268,9 @@ class Retry:
         return float(MIN_ATTEMPT * max(len(self.endpoints), 1))
 
     def spent(self) -> bool:
-        """The budget (or the deadline) is used up: no further retry could start."""
+        """The budget (or the deadline) is used up: no further retry could start in it."""
+        if self.exhausted:
+            return True
         now = self.clock()
         if now >= self.deadline:
             return True
@@ -698,10 +701,20 @@ _CURRENT: contextvars.ContextVar[Plan | None] = contextvars.ContextVar(
 )
 
 
-def connect(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, Any]], T]) -> T:
+def connect(
+    plan: Plan,
+    params: Mapping[str, Any],
+    open_: Callable[[dict[str, Any]], T],
+    settle: Callable[[T], None] | None = None,
+) -> T:
     """Open one verified connection with ``open_`` (Django's ``get_new_connection``, or
     psycopg's ``Connection.connect`` for the pool): retried within the alias's budget, ended
-    by its deadline, through the endpoints' breakers."""
+    by its deadline, through the endpoints' breakers.
+
+    ``settle``: Django's session setup (its time zone and role), run inside the attempt. Through
+    PgBouncer it is the first statement that needs a server, and PgBouncer's "not now" to it
+    ("server login has been failing", "cannot connect to server": it then hangs up) is retried
+    like a connect's: nothing of a request ran. (A pool runs it itself, as ``configure``.)"""
     options = plan.settings_dict.get("OPTIONS")
     timeout = params.get("connect_timeout")
     endpoints = endpoints_of(params)
@@ -713,7 +726,7 @@ def connect(plan: Plan, params: Mapping[str, Any], open_: Callable[[dict[str, An
     with _one_connect(plan):  # a provider's second chance: at most once per connect
         return _loop(
             retry,
-            lambda shaped: attempt(plan, shaped, open_, retry),
+            lambda shaped: attempt(plan, shaped, open_, retry, settle),
             params,
             alias=plan.alias,
             sender=plan.sender,
@@ -727,8 +740,10 @@ def attempt(
     params: Mapping[str, Any],
     open_: Callable[[dict[str, Any]], T],
     retry: Retry | None = None,
+    settle: Callable[[T], None] | None = None,
 ) -> T:
-    """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link."""
+    """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link, the
+    session set up."""
     check_files(plan)
 
     def negotiate(fresh: Mapping[str, Any]) -> T:
@@ -738,15 +753,24 @@ def attempt(
         )
 
     if not policy.has_provider(plan.settings_dict):  # a static PASSWORD: nothing to ask
-        return negotiate(params)
-    from . import provider  # only with a provider: not on every connection's path
+        connection = negotiate(params)
+    else:
+        from . import provider  # only with a provider: not on every connection's path
 
-    return provider.second_chance(  # its second libpq call within the deadline too (_opened)
-        lambda: negotiate(provider.with_credentials(plan.alias, plan.settings_dict, params)),
-        alias=plan.alias,
-        sender=plan.sender,
-        secrets=lambda: secret_values(plan.settings_dict),
-    )
+        connection = provider.second_chance(  # its second libpq call: in the deadline too
+            lambda: negotiate(provider.with_credentials(plan.alias, plan.settings_dict, params)),
+            alias=plan.alias,
+            sender=plan.sender,
+            secrets=lambda: secret_values(plan.settings_dict),
+        )
+    if settle is not None:
+        try:
+            settle(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.close()  # type: ignore[attr-defined]
+            raise
+    return connection
 
 
 def _one_connect(plan: Plan) -> contextlib.AbstractContextManager[None]:

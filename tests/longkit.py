@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from django.db import connections, transaction
 
-from tests.faultkit import percentile
+from tests.faultkit import failed_stage, percentile
 
 ARRIVALS_CAP = 20_000  # per run: a fixed rate for a bounded time never gets near it
 
@@ -92,14 +92,15 @@ class WebRun:
     def lost(self) -> int:
         return len(self.acknowledged - self.present)
 
-    def max_queue(self) -> int:
-        """The longest queue: requests arrived and not yet taken by a worker."""
+    def max_queue(self, since: float = float("-inf")) -> int:
+        """The longest queue (requests arrived and not yet taken by a worker), from ``since``."""
         events = [(r.arrived, 1) for r in self.requests]
         events += [(r.started, -1) for r in self.requests if r.started is not None]
         length = longest = 0
-        for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        for moment, step in sorted(events, key=lambda e: (e[0], e[1])):
             length += step
-            longest = max(longest, length)
+            if moment >= since:
+                longest = max(longest, length)
         return longest
 
     def responses(
@@ -233,7 +234,7 @@ class WebServer:
         except Exception as exc:
             request.error = f"{type(exc).__module__}.{type(exc).__qualname__}"
             request.message = (str(exc).strip().splitlines() or [""])[0]
-            request.stage = stage
+            request.stage = failed_stage(stage, exc)
             request.ended = time.monotonic()
             return
         request.ended = time.monotonic()

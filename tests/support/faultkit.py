@@ -39,6 +39,7 @@ from typing import Any
 
 from django.db import connections, transaction
 
+from secure_pg_backend.errors import password_sent
 from secure_pg_backend.testing import SUPERUSER, TLSPostgres
 from secure_pg_backend.testing.servers import _chown_tree, _pg_owner, _run_as_owner
 
@@ -251,8 +252,10 @@ class Request:
     ok: bool
     error: str = ""  # exception class, module-qualified
     message: str = ""  # its first line
-    # Where it failed: "connect" (opening or getting a connection), "init" (Django's session
-    # setup on a connection just opened) or "query".
+    # Where it failed: "connect" (opening or getting a connection), "login" (a connect that
+    # failed after libpq sent the password: never retried, except the server's or PgBouncer's
+    # explicit "not now", see errors.classify), "init" (Django's session setup on a
+    # connection just opened) or "query".
     stage: str = ""
 
 
@@ -337,6 +340,14 @@ class Run:
 
     def failures_after(self, moment: float) -> list[Request]:
         return [r for r in self.failures if r.start >= moment]
+
+
+def failed_stage(stage: str, exc: BaseException) -> str:
+    """A connect that failed after libpq sent the password is a "login" failure (libpq's own
+    state on psycopg's exception, which Django's wraps as its ``__cause__``)."""
+    if stage == "connect" and password_sent(exc.__cause__ or exc):
+        return "login"
+    return stage
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -443,6 +454,7 @@ class Load:
             ended = time.monotonic()
             message = (str(exc).strip().splitlines() or [""])[0]
             error = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            stage = failed_stage(stage, exc)
             with self._lock:
                 self.run.requests.append(Request(index, began, ended, False, error, message, stage))
             time.sleep(BACKOFF)

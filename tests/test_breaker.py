@@ -1,0 +1,289 @@
+"""The retry object's mechanisms (issue 30): a breaker per endpoint, the deadline, the bucket.
+
+Real servers and real listeners on loopback where a connection is made; the host order, the
+deadline's shares and the bucket also on their own (no server). The long scenarios that
+measure them against the stock ENGINE are in tests/test_long.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from django.db.utils import OperationalError
+
+from secure_pg_backend import pipeline, signals
+from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres, free_port
+from tests.conftest import assert_no_secret
+
+Wrapper = Callable[..., Any]
+
+
+def _entry(ca: TestCA, host: str, port: str, **options: Any) -> dict[str, Any]:
+    return {
+        "ENGINE": "secure_pg_backend",
+        "NAME": "app",
+        "USER": "app",
+        "PASSWORD": APP_PASSWORD,
+        "HOST": host,
+        "PORT": port,
+        "OPTIONS": {"sslrootcert": str(ca.cert_path), **options},
+    }
+
+
+@pytest.fixture
+def changes() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: object, **kwargs: Any) -> None:
+        seen.append(kwargs)
+
+    signals.breaker_changed.connect(receiver, weak=False, dispatch_uid="test_breaker")
+    yield seen
+    signals.breaker_changed.disconnect(dispatch_uid="test_breaker")
+
+
+class Silent:
+    """A loopback listener that accepts and never answers (a black-holed host); counts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for _ in range(1000):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.held.append(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[Callable[[], Silent]]:
+    made: list[Silent] = []
+
+    def make() -> Silent:
+        made.append(Silent())
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.close()
+
+
+def _held(wrapper: Any) -> tuple[float, BaseException | None]:
+    begin = time.monotonic()
+    try:
+        wrapper.ensure_connection()
+    except Exception as exc:
+        return time.monotonic() - begin, exc
+    return time.monotonic() - begin, None
+
+
+def _state(endpoint: str) -> dict[str, Any]:
+    [state] = [b for b in pipeline.breakers() if b["endpoint"] == endpoint]
+    return state
+
+
+# -- the breaker, on a real server ---------------------------------------------------------
+def test_a_spent_budget_opens_the_breaker_and_a_probe_closes_it(
+    ca: TestCA,
+    start_server: Callable[..., TLSPostgres],
+    make_wrapper: Wrapper,
+    changes: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from secure_pg_backend import metrics
+
+    assert metrics.install()
+    server = start_server(ca.issue("localhost", "127.0.0.1"), trust=ca)
+    entry = server.database_settings(options={"connect_retry": 0.6})
+    endpoint = f"127.0.0.1:{server.port}"
+    caplog.set_level(logging.DEBUG, logger="secure_pg_backend")
+    server.kill()
+
+    first, error = _held(make_wrapper(entry, alias="first"))
+    assert isinstance(error, OperationalError) and "Connection refused" in str(error)
+    assert 0.3 <= first < 2.0  # the budget was spent retrying
+    assert _state(endpoint)["state"] == pipeline.OPEN and _state(endpoint)["openings"] == 1
+    assert [c["state"] for c in changes] == [pipeline.OPEN]
+    opened = [r for r in caplog.records if getattr(r, "breaker_state", None) == pipeline.OPEN]
+    assert len(opened) == 1 and opened[0].levelno == logging.WARNING  # one line, not per retry
+    assert REGISTRY.get_sample_value("secure_pg_backend_breaker_open", {"endpoint": endpoint}) == 1
+
+    # Open: one attempt (a probe), no retry, no wait; the same class and words as before.
+    retried: list[object] = []
+    signals.connection_retried.connect(
+        lambda **kw: retried.append(kw), weak=False, dispatch_uid="b"
+    )
+    try:
+        second, again = _held(make_wrapper(entry, alias="second"))
+    finally:
+        signals.connection_retried.disconnect(dispatch_uid="b")
+    assert isinstance(again, OperationalError) and str(again) == str(error)
+    assert second < 0.25 and retried == []
+    assert _state(endpoint)["openings"] == 1  # a failed probe keeps it open, not a new opening
+
+    server.start_again()
+    _, ok = _held(make_wrapper(entry, alias="third"))  # the probe that succeeds
+    assert ok is None
+    assert _state(endpoint)["state"] == pipeline.CLOSED
+    assert [c["state"] for c in changes] == [pipeline.OPEN, pipeline.CLOSED]
+    assert REGISTRY.get_sample_value("secure_pg_backend_breaker_open", {"endpoint": endpoint}) == 0
+    openings = "secure_pg_backend_breaker_openings_total"
+    assert REGISTRY.get_sample_value(openings, {"endpoint": endpoint}) == 1
+    assert_no_secret(*(r.getMessage() for r in caplog.records))
+
+
+def test_one_probe_at_a_time_the_others_fail_at_once(
+    ca: TestCA, make_wrapper: Wrapper, silent: Callable[[], Silent]
+) -> None:
+    """A black-holed endpoint: the probe waits for its timeout, everyone else fails at once
+    and sends nothing."""
+    hole = silent()
+    entry = _entry(ca, "127.0.0.1", str(hole.port), connect_timeout=2, connect_retry=0.2)
+    held, error = _held(make_wrapper(entry, alias="opener"))
+    assert isinstance(error, OperationalError) and "timeout expired" in str(error)
+    assert held <= 2.5  # one attempt, bounded by the deadline
+    assert _state(f"127.0.0.1:{hole.port}")["state"] == pipeline.OPEN
+    accepted = hole.accepted
+
+    outcome: list[BaseException | None] = []
+    probe = threading.Thread(target=lambda: outcome.append(_held(make_wrapper(entry))[1]))
+    probe.start()
+    for _ in range(100):  # until the probe's TCP connection is in
+        if hole.accepted > accepted:
+            break
+        time.sleep(0.02)
+    fast, refused = _held(make_wrapper(entry, alias="meanwhile"))
+    probe.join(10)
+    assert isinstance(refused, OperationalError) and "timeout expired" in str(refused)
+    assert fast < 0.2
+    assert hole.accepted == accepted + 1  # the probe only
+    assert isinstance(outcome[0], OperationalError)
+
+
+def test_the_breaker_is_shared_by_the_pool(
+    ca: TestCA, start_server: Callable[..., TLSPostgres], make_wrapper: Wrapper
+) -> None:
+    server = start_server(ca.issue("localhost", "127.0.0.1"), trust=ca)
+    entry = server.database_settings(options={"connect_retry": 0.4})
+    server.kill()
+    _, error = _held(make_wrapper(entry, alias="plain"))
+    assert error is not None
+    pool = {"min_size": 1, "max_size": 2, "timeout": 5}
+    pooled = {**entry, "OPTIONS": {**entry["OPTIONS"], "pool": pool}}
+    wrapper = make_wrapper(pooled, alias="pooled")
+    server.start_again()
+    wrapper.ensure_connection()  # the pool's connect is the probe: it closes the breaker
+    assert _state(f"127.0.0.1:{server.port}")["state"] == pipeline.CLOSED
+
+
+def test_a_forked_child_starts_with_every_breaker_closed(ca: TestCA, make_wrapper: Wrapper) -> None:
+    entry = _entry(ca, "127.0.0.1", str(free_port()), connect_retry=0.2)
+    _, error = _held(make_wrapper(entry))
+    assert error is not None and pipeline.breakers()[0]["state"] == pipeline.OPEN
+    pipeline.BUCKET.take(pipeline.RETRY_COST)
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh state, the parent's untouched
+        fresh = not pipeline.breakers() and pipeline.BUCKET.tokens == pipeline.BUCKET.capacity
+        os._exit(0 if fresh else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pipeline.breakers()[0]["state"] == pipeline.OPEN
+
+
+# -- the deadline ------------------------------------------------------------------------
+def test_two_black_holed_hosts_end_by_the_deadline(
+    ca: TestCA, make_wrapper: Wrapper, silent: Callable[[], Silent]
+) -> None:
+    """connect_timeout=4 and two hosts that never answer: libpq would give each host 4 s
+    (8 s in all, as stock takes); the pipeline ends the connect by 4 s, 2 s a host."""
+    holes = [silent(), silent()]
+    entry = _entry(
+        ca, "127.0.0.1,127.0.0.1", ",".join(str(h.port) for h in holes), connect_timeout=4
+    )
+    held, error = _held(make_wrapper(entry))
+    assert isinstance(error, OperationalError)
+    assert held <= pipeline.deadline(4, 2) + 0.5  # type: ignore[operator]
+    assert [h.accepted for h in holes] == [1, 1]  # both hosts were tried
+
+
+def test_the_deadline_and_the_shares() -> None:
+    assert pipeline.deadline("10") == 10.0
+    assert pipeline.deadline("1") == 2.0  # libpq reads 1 as 2
+    assert pipeline.deadline("3", hosts=3) == 6.0  # 2 s for each host at least
+    assert pipeline.deadline("0") is None and pipeline.deadline(None) is None
+    now = [100.0]
+    endpoints = (("a", "1"), ("b", "2"), ("c", "3"))
+    retry = pipeline.Retry(5.0, lambda: now[0], limit=10.0, endpoints=endpoints)
+    params = {"host": "a,b,c", "port": "1,2,3", "connect_timeout": "10"}
+    first = retry.params_for(params)
+    assert first is not None and first["connect_timeout"] == "3"  # 3 hosts x 3 s <= 10 s
+    now[0] += 3.5
+    later = retry.params_for(params)
+    assert later is not None and later["connect_timeout"] == "2"  # 6.5 s left for 3: 2 each
+    now[0] += 1.0
+    assert retry.params_for(params) is None  # 5.5 s left: not 2 s for each of the 3
+    assert retry.spent()
+
+
+def test_open_breakers_and_recent_timeouts_go_last() -> None:
+    endpoints = (("a", "1"), ("b", "2"), ("c", "3"))
+    params = {"host": "a,b,c", "port": "1,2,3", "hostaddr": "10.0.0.1,10.0.0.2,10.0.0.3"}
+    assert pipeline.order_hosts(params, endpoints) == params  # nothing known: as given
+    pipeline.BREAKERS.trip((("a", "1"),), psycopg.OperationalError("Connection refused"), 5.0)
+    timeout = psycopg.OperationalError(
+        "connection timeout expired\nMultiple connection attempts failed. All failures were:\n"
+        "- host: 'b', port: '2', hostaddr: '10.0.0.2': connection timeout expired"
+    )
+    pipeline.BREAKERS.note(endpoints, timeout)
+    assert pipeline.order_hosts(params, endpoints) == {
+        "host": "c,b,a",
+        "port": "3,2,1",
+        "hostaddr": "10.0.0.3,10.0.0.2,10.0.0.1",
+    }
+    one_port = {"host": "a,b,c", "port": "5432"}
+    shaped = pipeline.order_hosts(one_port, tuple((h, "5432") for h in "abc"))
+    assert shaped["port"] == "5432"
+
+
+# -- the bucket ----------------------------------------------------------------------------
+def test_retries_draw_from_the_bucket_and_successes_refill_it() -> None:
+    pipeline.BUCKET.tokens = pipeline.RETRY_COST  # one retry left
+    retry = pipeline.Retry(5.0)
+    refused = pipeline.classify(psycopg.OperationalError("Connection refused"))
+    assert retry.wait(refused) is not None  # drawn
+    assert retry.wait(refused) is None  # empty: no retry, the failure is raised as stock
+    crowded = pipeline.classify(psycopg.OperationalError("FATAL:  sorry, too many clients"))
+    pipeline.BUCKET.tokens = pipeline.CROWDED_COST
+    wait = retry.wait(crowded)
+    assert wait is not None and wait >= pipeline.CROWDED_FIRST_DELAY / 2  # a longer delay
+    assert pipeline.BUCKET.tokens == 0
+    retry.succeeded()  # refunds what this connect drew, and one more
+    assert pipeline.BUCKET.tokens == pipeline.RETRY_COST + pipeline.CROWDED_COST + 1
+    assert pipeline.BUCKET_CAPACITY / pipeline.RETRY_COST >= 100  # a 1-s restart, 8 threads
