@@ -287,3 +287,26 @@ def test_retries_draw_from_the_bucket_and_successes_refill_it() -> None:
     retry.succeeded()  # refunds what this connect drew, and one more
     assert pipeline.BUCKET.tokens == pipeline.RETRY_COST + pipeline.CROWDED_COST + 1
     assert pipeline.BUCKET_CAPACITY / pipeline.RETRY_COST >= 100  # a 1-s restart, 8 threads
+
+
+# -- the health check ----------------------------------------------------------------------
+def test_the_health_check_names_the_open_breaker(
+    ca: TestCA, start_server: Callable[..., TLSPostgres], aliases: Callable[..., None]
+) -> None:
+    from health_check.exceptions import ServiceUnavailable
+
+    from secure_pg_backend.contrib.health_check import VerifiedTLS
+
+    server = start_server(ca.issue("localhost", "127.0.0.1"), trust=ca)
+    aliases(hc_down=server.database_settings(options={"connect_retry": 0.3}))
+    server.kill()
+    with pytest.raises(ServiceUnavailable) as first:
+        VerifiedTLS(alias="hc_down").run()  # spends the budget: the breaker opens
+    begin = time.monotonic()
+    with pytest.raises(ServiceUnavailable) as second:
+        VerifiedTLS(alias="hc_down").run()  # a probe: one attempt, at once
+    assert time.monotonic() - begin < 0.25
+    for failed in (first.value, second.value):  # the first check's failure opened it
+        assert "Connection refused" in str(failed)
+        assert f"circuit breaker: 127.0.0.1:{server.port} open for" in str(failed)
+    assert_no_secret(str(first.value), str(second.value))

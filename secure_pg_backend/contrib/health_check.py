@@ -46,7 +46,8 @@ def _endpoints(settings_dict: Any) -> frozenset[str]:
 
 def _open_breakers(endpoints: frozenset[str]) -> list[str]:
     return [
-        f"{b['endpoint']} open for {b['for']:.0f} s after {b['last'] or 'a failure'}"
+        f"{b['endpoint']} open for {b['for']:.0f} s, connects to it fail at once, one probe "
+        "at a time"
         for b in pipeline.breakers()
         if b["endpoint"] in endpoints and b["state"] == "open"
     ]
@@ -65,9 +66,9 @@ class VerifiedTLS(HealthCheck):  # type: ignore[misc]  # health_check is untyped
         others = _open_breakers(self._endpoints)
         if others:
             raise ServiceWarning(
-                f"{location(self.alias, info.host)}: connected, but "
+                f"{location(self.alias, info.host)}: connected, but circuit breaker: "
                 + "; ".join(others)
-                + " (circuit breaker open)."
+                + "."
             )
         # The session's notAfter, judged by the rule the log line, checks and metrics share.
         not_after = info.not_after
