@@ -310,3 +310,32 @@ def test_the_health_check_names_the_open_breaker(
         assert "Connection refused" in str(failed)
         assert f"circuit breaker: 127.0.0.1:{server.port} open for" in str(failed)
     assert_no_secret(str(first.value), str(second.value))
+
+
+# -- the docs state the code's numbers ---------------------------------------------------------
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 0.5 else f"{value:g} s"
+
+
+def test_the_docs_state_the_codes_numbers() -> None:
+    """docs/reliability.md states every bound as the code enforces it (issue 30)."""
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).parents[1] / "docs" / "reliability.md").read_text().split())
+    stated = [
+        f"double from {_seconds(pipeline.FIRST_DELAY)} to at most {_seconds(pipeline.MAX_DELAY)}",
+        f'after "too many clients" from {_seconds(pipeline.CROWDED_FIRST_DELAY)} to at most '
+        f"{_seconds(pipeline.CROWDED_MAX_DELAY)}",
+        f"(default {pipeline.DEFAULT_RETRY_BUDGET:g},",
+        f"D = max(connect_timeout, {pipeline.MIN_ATTEMPT} \N{MULTIPLICATION SIGN} H)",
+        f"reads less than {pipeline.MIN_ATTEMPT} as {pipeline.MIN_ATTEMPT}",
+        f"within the last {pipeline.RECENT_TIMEOUT:g} s",
+        f"{pipeline.BUCKET_CAPACITY:g} tokens",
+        f'A retry costs {pipeline.RETRY_COST:g} tokens, a retry after "too many clients" '
+        f"{pipeline.CROWDED_COST:g}",
+        f"plus {pipeline.SUCCESS_REFILL:g}.",
+        f"pays for {pipeline.BUCKET_CAPACITY / pipeline.RETRY_COST:g} retries",
+    ]
+    missing = [claim for claim in stated if claim not in text]
+    assert not missing, missing
+    assert "to at most 1 s" not in text and "doubling to 1 s" not in text

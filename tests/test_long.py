@@ -400,12 +400,20 @@ def behind_pgbouncer(
 ) -> dict[str, Run]:
     server, pgbouncer = bouncer
     pipeline.reset()
+
+    def down_for_a_second() -> None:
+        # Long enough for PgBouncer's login to its server to fail and its server_login_retry
+        # (1 s) to answer clients "try again later"; a quick restart -m fast often misses it.
+        server.kill()
+        time.sleep(1.0)
+        server.start_again()
+
     runs = side_by_side(
-        "server behind PgBouncer restarted (-m fast), CONN_MAX_AGE=0",
+        "server behind PgBouncer down 1 s (immediate stop), CONN_MAX_AGE=0",
         adding(module_aliases),
         lambda engine: bouncer_settings(pgbouncer, engine),
         server,
-        lambda load: play(load, server.restart),
+        lambda load: play(load, down_for_a_second),
     )
     record_load(runs, LOADS)
     return runs
@@ -641,6 +649,12 @@ def test_patroni_switchover_under_load(
     assert runs["ours"].failed <= runs["stock"].failed + SLACK, summary(runs)
 
 
+def outside_the_window(run: Run) -> list[Any]:
+    """Failures of requests that ended before the fault or started once it was removed."""
+    assert run.fault_at is not None and run.removed_at is not None
+    return [r for r in run.failures if r.end < run.fault_at or r.start >= run.removed_at]
+
+
 @pytest.fixture(scope="module")
 def killed_leader(cluster: PatroniCluster, module_aliases: Callable[..., str]) -> dict[str, Run]:
     killed: list[Node] = []
@@ -675,7 +689,13 @@ def test_patroni_killed_leader_under_load(killed_leader: dict[str, Run]) -> None
     assert runs["stock"].failed > 0, f"the failover was not observed: {summary(runs)}"
     for engine, run in runs.items():
         assert first_write(run) is not None, f"{engine}: no write after the failover"
-    assert runs["ours"].failed <= runs["stock"].failed + SLACK, summary(runs)
+    # While no leader exists every request fails, with either ENGINE; how many a closed loop
+    # makes then only says how fast each fails (the next test). Before and after: no worse.
+    assert (
+        len(outside_the_window(runs["ours"])) <= len(outside_the_window(runs["stock"])) + SLACK
+    ), summary(runs)
+    ours = runs["ours"]
+    assert len(ours.failures_after(ours.removed_at or 0.0)) <= SLACK, summary(runs)
     stock_write, ours_write = first_write(runs["stock"]), first_write(runs["ours"])
     assert stock_write is not None and ours_write is not None
     # Waiting inside a retry delays no write: ours writes as soon as stock does (the time to
