@@ -67,6 +67,7 @@ __all__ = [
 SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # length 8, code 80877103
 ALPN = "postgresql"
 PROBE_TIMEOUT = 2.0  # seconds, at most: the whole diagnostic exchange
+MIN_PROBE = 0.05  # seconds: with less left of the refused connect's deadline, no probe
 TTL = 10.0  # seconds an endpoint's answer is reused: a rotated certificate is seen soon
 FEW_CAS = 5  # a root certificate file with this many CAs or fewer has them named
 MAX_FIELD = 200  # characters of any one certificate field shown (the peer chose them)
@@ -302,7 +303,11 @@ def _timeout(params: Mapping[str, Any]) -> float:
         connect_timeout = float(params.get("connect_timeout") or 0)
     except (TypeError, ValueError):
         connect_timeout = 0.0
-    return min(PROBE_TIMEOUT, connect_timeout) if connect_timeout > 0 else PROBE_TIMEOUT
+    timeout = min(PROBE_TIMEOUT, connect_timeout) if connect_timeout > 0 else PROBE_TIMEOUT
+    from .pipeline import time_left  # the refused connect's deadline (issue 30): it fits in it
+
+    left = time_left()
+    return timeout if left is None else min(timeout, left)
 
 
 def _direct(decision: Decision | None, params: Mapping[str, Any]) -> bool:
@@ -329,8 +334,11 @@ def diagnose(
     endpoint = endpoint_of(segment, params, _direct(decision, params))
     if endpoint is None:
         return None
+    timeout = _timeout(params)
+    if timeout < MIN_PROBE:  # the connect's deadline is spent: no closer look
+        return None
     try:
-        der = presented_der(endpoint, _timeout(params))
+        der = presented_der(endpoint, timeout)
     except ProbeError as exc:
         return Diagnosis(
             "",

@@ -339,6 +339,20 @@ def retrying(
     )
 
 
+# The deadline of this thread's last connect that failed (monotonic seconds): a refusal's
+# diagnostic handshake (``diagnose``), made right after on the same thread, fits in it.
+_FAILED_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "secure_pg_backend_failed_by", default=None
+)
+
+
+def time_left() -> float | None:
+    """Seconds left of the deadline of this thread's last failed connect (None: no deadline,
+    or none failed)."""
+    limit = _FAILED_BY.get()
+    return None if limit is None else max(limit - time.monotonic(), 0.0)
+
+
 def _loop(
     retry: Retry,
     connect: Callable[[dict[str, Any]], T],
@@ -351,6 +365,7 @@ def _loop(
     before_attempt: Callable[[], None] = NO_HOOKS.before_attempt,
 ) -> T:
     endpoints = retry.endpoints
+    _FAILED_BY.set(None)
     if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
         retry.probe, refused = BREAKERS.admit(endpoints)
         if refused is not None:
@@ -366,6 +381,7 @@ def _loop(
                 cause = retry.cause(exc)
                 wait = retry.wait(cause) if cause is not None else None
                 if cause is None or wait is None:
+                    _FAILED_BY.set(retry.limit)
                     if retry.probe:  # still unreachable, or it answered (a refusal, a password)
                         BREAKERS.probed(endpoints, exc, retry.budget)
                     elif cause is not None and endpoints and retry.spent():

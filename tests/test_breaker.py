@@ -339,3 +339,14 @@ def test_the_docs_state_the_codes_numbers() -> None:
     missing = [claim for claim in stated if claim not in text]
     assert not missing, missing
     assert "to at most 1 s" not in text and "doubling to 1 s" not in text
+
+
+def test_a_refusals_diagnosis_fits_in_what_is_left_of_the_deadline() -> None:
+    from secure_pg_backend import diagnose
+
+    token = pipeline._FAILED_BY.set(time.monotonic() + 0.5)
+    try:
+        assert diagnose._timeout({"connect_timeout": "10"}) <= 0.5
+    finally:
+        pipeline._FAILED_BY.reset(token)
+    assert diagnose._timeout({"connect_timeout": "10"}) == diagnose.PROBE_TIMEOUT
