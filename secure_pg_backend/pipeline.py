@@ -594,6 +594,7 @@ def reset() -> None:
     _lock = threading.Lock()  # one held by a parent thread at the fork stays held in the child
     BREAKERS.clear()
     BUCKET.tokens = BUCKET.capacity
+    _FAILED_BY.set(None)
 
 
 lifecycle.reset_in_child(reset)
