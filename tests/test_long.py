@@ -3,7 +3,7 @@
 Beyond what ``tests/test_faults.py`` covers in seconds: a 30-s outage in a web-server model,
 a 1-s restart with 8 threads, a storm past ``max_connections`` at a fixed arrival rate, a path
 that resets connections then stalls, PgBouncer restarted and the server behind it restarted,
-and a real HA cluster (Patroni, etcd, HAProxy: ``tests/ha_cluster.py``): a switchover and a
+and a real HA cluster (Patroni, etcd, HAProxy: ``tests/support/ha_cluster.py``): a switchover and a
 killed leader. Assertions count requests and rows; durations are reported (the table printed
 after the module and written to build/reliability-long.md), not asserted tightly.
 
@@ -29,7 +29,7 @@ from secure_pg_backend import pipeline
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
 from tests.conftest import assert_no_secret
-from tests.faultkit import (
+from tests.support.faultkit import (
     Load,
     Run,
     engine_order,
@@ -39,8 +39,8 @@ from tests.faultkit import (
     side_by_side,
     summary,
 )
-from tests.ha_cluster import Node, PatroniCluster, have_tools, low_port
-from tests.longkit import (
+from tests.support.ha_cluster import Node, PatroniCluster, have_tools, low_port
+from tests.support.longkit import (
     WEB_HEADER,
     ResetThenStall,
     WebRun,

@@ -39,7 +39,7 @@ from typing import Any
 
 from django.db import connections, transaction
 
-from secure_pg_backend.errors import password_sent
+from secure_pg_backend.causes import password_sent
 from secure_pg_backend.testing import SUPERUSER, TLSPostgres
 from secure_pg_backend.testing.servers import _chown_tree, _pg_owner, _run_as_owner
 
@@ -254,7 +254,7 @@ class Request:
     message: str = ""  # its first line
     # Where it failed: "connect" (opening or getting a connection), "login" (a connect that
     # failed after libpq sent the password: never retried, except the server's or PgBouncer's
-    # explicit "not now", see errors.classify), "init" (Django's session setup on a
+    # explicit "not now", see causes.classify), "init" (Django's session setup on a
     # connection just opened) or "query".
     stage: str = ""
 

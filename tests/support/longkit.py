@@ -1,7 +1,7 @@
 """The long scenarios' harness: a web-server model, connection attempts counted by the server,
 and a path that resets connections, then stalls them.
 
-``tests/faultkit.py`` drives closed loops (each thread sends its next request when the last
+``tests/support/faultkit.py`` drives closed loops (each thread sends its next request when the last
 one ended), which hide what a slow failure costs a real site: there, requests keep arriving
 whatever happens to the ones in progress. ``WebServer`` is the open loop: requests arrive at a
 fixed rate into one queue, a fixed number of workers (a WSGI server's threads) take them in
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from django.db import connections, transaction
 
-from tests.faultkit import failed_stage, percentile
+from tests.support.faultkit import failed_stage, percentile
 
 ARRIVALS_CAP = 20_000  # per run: a fixed rate for a bounded time never gets near it
 
