@@ -304,7 +304,7 @@ def _timeout(params: Mapping[str, Any]) -> float:
     except (TypeError, ValueError):
         connect_timeout = 0.0
     timeout = min(PROBE_TIMEOUT, connect_timeout) if connect_timeout > 0 else PROBE_TIMEOUT
-    from .pipeline import time_left  # the refused connect's deadline (issue 30): it fits in it
+    from .retry import time_left  # the refused connect's deadline (issue 30): it fits in it
 
     left = time_left()
     return timeout if left is None else min(timeout, left)

@@ -30,7 +30,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
-from secure_pg_backend import pipeline, signals
+from secure_pg_backend import retry as retries
+from secure_pg_backend import signals
 from secure_pg_backend.testing import (
     APP_PASSWORD,
     SUPERUSER_PASSWORD,
@@ -408,7 +409,7 @@ def _fresh_announcements() -> None:
     signals.reset_announced()
     # Every breaker closed, the retry bucket full: what one test's outage left behind (an
     # open breaker, tokens spent) must not change the next test's connects.
-    pipeline.reset()
+    retries.reset()
 
 
 # -- network observation ---------------------------------------------------------

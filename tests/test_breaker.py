@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from django.db.utils import OperationalError
 
-from secure_pg_backend import pipeline, signals
+from secure_pg_backend import causes, signals
+from secure_pg_backend import retry as retries
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres, free_port
 from tests.conftest import assert_no_secret
 
@@ -103,7 +104,7 @@ def _held(wrapper: Any) -> tuple[float, BaseException | None]:
 
 
 def _state(endpoint: str) -> dict[str, Any]:
-    [state] = [b for b in pipeline.breakers() if b["endpoint"] == endpoint]
+    [state] = [b for b in retries.breakers() if b["endpoint"] == endpoint]
     return state
 
 
@@ -129,9 +130,9 @@ def test_a_spent_budget_opens_the_breaker_and_a_probe_closes_it(
     first, error = _held(make_wrapper(entry, alias="first"))
     assert isinstance(error, OperationalError) and "Connection refused" in str(error)
     assert 0.3 <= first < 2.0  # the budget was spent retrying
-    assert _state(endpoint)["state"] == pipeline.OPEN and _state(endpoint)["openings"] == 1
-    assert [c["state"] for c in changes] == [pipeline.OPEN]
-    opened = [r for r in caplog.records if getattr(r, "breaker_state", None) == pipeline.OPEN]
+    assert _state(endpoint)["state"] == retries.OPEN and _state(endpoint)["openings"] == 1
+    assert [c["state"] for c in changes] == [retries.OPEN]
+    opened = [r for r in caplog.records if getattr(r, "breaker_state", None) == retries.OPEN]
     assert len(opened) == 1 and opened[0].levelno == logging.WARNING  # one line, not per retry
     assert REGISTRY.get_sample_value("secure_pg_backend_breaker_open", {"endpoint": endpoint}) == 1
 
@@ -151,8 +152,8 @@ def test_a_spent_budget_opens_the_breaker_and_a_probe_closes_it(
     server.start_again()
     _, ok = _held(make_wrapper(entry, alias="third"))  # the probe that succeeds
     assert ok is None
-    assert _state(endpoint)["state"] == pipeline.CLOSED
-    assert [c["state"] for c in changes] == [pipeline.OPEN, pipeline.CLOSED]
+    assert _state(endpoint)["state"] == retries.CLOSED
+    assert [c["state"] for c in changes] == [retries.OPEN, retries.CLOSED]
     assert REGISTRY.get_sample_value("secure_pg_backend_breaker_open", {"endpoint": endpoint}) == 0
     openings = "secure_pg_backend_breaker_openings_total"
     assert REGISTRY.get_sample_value(openings, {"endpoint": endpoint}) == 1
@@ -169,7 +170,7 @@ def test_one_probe_at_a_time_the_others_fail_at_once(
     held, error = _held(make_wrapper(entry, alias="opener"))
     assert isinstance(error, OperationalError) and "timeout expired" in str(error)
     assert held <= 2.5  # one attempt, bounded by the deadline
-    assert _state(f"127.0.0.1:{hole.port}")["state"] == pipeline.OPEN
+    assert _state(f"127.0.0.1:{hole.port}")["state"] == retries.OPEN
     accepted = hole.accepted
 
     outcome: list[BaseException | None] = []
@@ -200,21 +201,21 @@ def test_the_breaker_is_shared_by_the_pool(
     wrapper = make_wrapper(pooled, alias="pooled")
     server.start_again()
     wrapper.ensure_connection()  # the pool's connect is the probe: it closes the breaker
-    assert _state(f"127.0.0.1:{server.port}")["state"] == pipeline.CLOSED
+    assert _state(f"127.0.0.1:{server.port}")["state"] == retries.CLOSED
 
 
 def test_a_forked_child_starts_with_every_breaker_closed(ca: TestCA, make_wrapper: Wrapper) -> None:
     entry = _entry(ca, "127.0.0.1", str(free_port()), connect_retry=0.2)
     _, error = _held(make_wrapper(entry))
-    assert error is not None and pipeline.breakers()[0]["state"] == pipeline.OPEN
-    pipeline.BUCKET.take(pipeline.RETRY_COST)
+    assert error is not None and retries.breakers()[0]["state"] == retries.OPEN
+    retries.BUCKET.take(retries.RETRY_COST)
     pid = os.fork()
     if pid == 0:  # the child: a fresh state, the parent's untouched
-        fresh = not pipeline.breakers() and pipeline.BUCKET.tokens == pipeline.BUCKET.capacity
+        fresh = not retries.breakers() and retries.BUCKET.tokens == retries.BUCKET.capacity
         os._exit(0 if fresh else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert pipeline.breakers()[0]["state"] == pipeline.OPEN
+    assert retries.breakers()[0]["state"] == retries.OPEN
 
 
 # -- the deadline ------------------------------------------------------------------------
@@ -229,18 +230,18 @@ def test_two_black_holed_hosts_end_by_the_deadline(
     )
     held, error = _held(make_wrapper(entry))
     assert isinstance(error, OperationalError)
-    assert held <= pipeline.deadline(4, 2) + 0.5  # type: ignore[operator]
+    assert held <= retries.deadline(4, 2) + 0.5  # type: ignore[operator]
     assert [h.accepted for h in holes] == [1, 1]  # both hosts were tried
 
 
 def test_the_deadline_and_the_shares() -> None:
-    assert pipeline.deadline("10") == 10.0
-    assert pipeline.deadline("1") == 2.0  # libpq reads 1 as 2
-    assert pipeline.deadline("3", hosts=3) == 6.0  # 2 s for each host at least
-    assert pipeline.deadline("0") is None and pipeline.deadline(None) is None
+    assert retries.deadline("10") == 10.0
+    assert retries.deadline("1") == 2.0  # libpq reads 1 as 2
+    assert retries.deadline("3", hosts=3) == 6.0  # 2 s for each host at least
+    assert retries.deadline("0") is None and retries.deadline(None) is None
     now = [100.0]
     endpoints = (("a", "1"), ("b", "2"), ("c", "3"))
-    retry = pipeline.Retry(5.0, lambda: now[0], limit=10.0, endpoints=endpoints)
+    retry = retries.Retry(5.0, lambda: now[0], limit=10.0, endpoints=endpoints)
     params = {"host": "a,b,c", "port": "1,2,3", "connect_timeout": "10"}
     first = retry.params_for(params)
     assert first is not None and first["connect_timeout"] == "3"  # 3 hosts x 3 s <= 10 s
@@ -255,38 +256,38 @@ def test_the_deadline_and_the_shares() -> None:
 def test_open_breakers_and_recent_timeouts_go_last() -> None:
     endpoints = (("a", "1"), ("b", "2"), ("c", "3"))
     params = {"host": "a,b,c", "port": "1,2,3", "hostaddr": "10.0.0.1,10.0.0.2,10.0.0.3"}
-    assert pipeline.order_hosts(params, endpoints) == params  # nothing known: as given
-    pipeline.BREAKERS.trip((("a", "1"),), psycopg.OperationalError("Connection refused"), 5.0)
+    assert retries.order_hosts(params, endpoints) == params  # nothing known: as given
+    retries.BREAKERS.trip((("a", "1"),), psycopg.OperationalError("Connection refused"), 5.0)
     timeout = psycopg.OperationalError(
         "connection timeout expired\nMultiple connection attempts failed. All failures were:\n"
         "- host: 'b', port: '2', hostaddr: '10.0.0.2': connection timeout expired"
     )
-    pipeline.BREAKERS.note(endpoints, timeout)
-    assert pipeline.order_hosts(params, endpoints) == {
+    retries.BREAKERS.note(endpoints, timeout)
+    assert retries.order_hosts(params, endpoints) == {
         "host": "c,b,a",
         "port": "3,2,1",
         "hostaddr": "10.0.0.3,10.0.0.2,10.0.0.1",
     }
     one_port = {"host": "a,b,c", "port": "5432"}
-    shaped = pipeline.order_hosts(one_port, tuple((h, "5432") for h in "abc"))
+    shaped = retries.order_hosts(one_port, tuple((h, "5432") for h in "abc"))
     assert shaped["port"] == "5432"
 
 
 # -- the bucket ----------------------------------------------------------------------------
 def test_retries_draw_from_the_bucket_and_successes_refill_it() -> None:
-    pipeline.BUCKET.tokens = pipeline.RETRY_COST  # one retry left
-    retry = pipeline.Retry(5.0)
-    refused = pipeline.classify(psycopg.OperationalError("Connection refused"))
+    retries.BUCKET.tokens = retries.RETRY_COST  # one retry left
+    retry = retries.Retry(5.0)
+    refused = causes.classify(psycopg.OperationalError("Connection refused"))
     assert retry.wait(refused) is not None  # drawn
     assert retry.wait(refused) is None  # empty: no retry, the failure is raised as stock
-    crowded = pipeline.classify(psycopg.OperationalError("FATAL:  sorry, too many clients"))
-    pipeline.BUCKET.tokens = pipeline.CROWDED_COST
+    crowded = causes.classify(psycopg.OperationalError("FATAL:  sorry, too many clients"))
+    retries.BUCKET.tokens = retries.CROWDED_COST
     wait = retry.wait(crowded)
-    assert wait is not None and wait >= pipeline.CROWDED_FIRST_DELAY / 2  # a longer delay
-    assert pipeline.BUCKET.tokens == 0
+    assert wait is not None and wait >= retries.CROWDED_FIRST_DELAY / 2  # a longer delay
+    assert retries.BUCKET.tokens == 0
     retry.succeeded()  # refunds what this connect drew, and one more
-    assert pipeline.BUCKET.tokens == pipeline.RETRY_COST + pipeline.CROWDED_COST + 1
-    assert pipeline.BUCKET_CAPACITY / pipeline.RETRY_COST >= 100  # a 1-s restart, 8 threads
+    assert retries.BUCKET.tokens == retries.RETRY_COST + retries.CROWDED_COST + 1
+    assert retries.BUCKET_CAPACITY / retries.RETRY_COST >= 100  # a 1-s restart, 8 threads
 
 
 # -- the health check ----------------------------------------------------------------------
@@ -323,18 +324,18 @@ def test_the_docs_state_the_codes_numbers() -> None:
 
     text = " ".join((Path(__file__).parents[1] / "docs" / "reliability.md").read_text().split())
     stated = [
-        f"double from {_seconds(pipeline.FIRST_DELAY)} to at most {_seconds(pipeline.MAX_DELAY)}",
-        f'after "too many clients" from {_seconds(pipeline.CROWDED_FIRST_DELAY)} to at most '
-        f"{_seconds(pipeline.CROWDED_MAX_DELAY)}",
-        f"(default {pipeline.DEFAULT_RETRY_BUDGET:g},",
-        f"D = max(connect_timeout, {pipeline.MIN_ATTEMPT} \N{MULTIPLICATION SIGN} H)",
-        f"reads less than {pipeline.MIN_ATTEMPT} as {pipeline.MIN_ATTEMPT}",
-        f"within the last {pipeline.RECENT_TIMEOUT:g} s",
-        f"{pipeline.BUCKET_CAPACITY:g} tokens",
-        f'A retry costs {pipeline.RETRY_COST:g} tokens, a retry after "too many clients" '
-        f"{pipeline.CROWDED_COST:g}",
-        f"plus {pipeline.SUCCESS_REFILL:g}.",
-        f"pays for {pipeline.BUCKET_CAPACITY / pipeline.RETRY_COST:g} retries",
+        f"double from {_seconds(retries.FIRST_DELAY)} to at most {_seconds(retries.MAX_DELAY)}",
+        f'after "too many clients" from {_seconds(retries.CROWDED_FIRST_DELAY)} to at most '
+        f"{_seconds(retries.CROWDED_MAX_DELAY)}",
+        f"(default {retries.DEFAULT_RETRY_BUDGET:g},",
+        f"D = max(connect_timeout, {retries.MIN_ATTEMPT} \N{MULTIPLICATION SIGN} H)",
+        f"reads less than {retries.MIN_ATTEMPT} as {retries.MIN_ATTEMPT}",
+        f"within the last {retries.RECENT_TIMEOUT:g} s",
+        f"{retries.BUCKET_CAPACITY:g} tokens",
+        f'A retry costs {retries.RETRY_COST:g} tokens, a retry after "too many clients" '
+        f"{retries.CROWDED_COST:g}",
+        f"plus {retries.SUCCESS_REFILL:g}.",
+        f"pays for {retries.BUCKET_CAPACITY / retries.RETRY_COST:g} retries",
     ]
     missing = [claim for claim in stated if claim not in text]
     assert not missing, missing
@@ -344,9 +345,9 @@ def test_the_docs_state_the_codes_numbers() -> None:
 def test_a_refusals_diagnosis_fits_in_what_is_left_of_the_deadline() -> None:
     from secure_pg_backend import diagnose
 
-    token = pipeline._FAILED_BY.set(time.monotonic() + 0.5)
+    token = retries._FAILED_BY.set(time.monotonic() + 0.5)
     try:
         assert diagnose._timeout({"connect_timeout": "10"}) <= 0.5
     finally:
-        pipeline._FAILED_BY.reset(token)
+        retries._FAILED_BY.reset(token)
     assert diagnose._timeout({"connect_timeout": "10"}) == diagnose.PROBE_TIMEOUT

@@ -22,6 +22,7 @@ from secure_pg_backend.testing import TLSPostgres
 PATH = {
     "base",
     "pipeline",
+    "retry",
     "policy",
     "files",
     "certificates",
@@ -34,9 +35,9 @@ PATH = {
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
-    "pipeline._loop",  # the retry object's loop: breakers, budget, bucket
-    "pipeline.admit",  # the endpoints' breakers
-    "pipeline.params_for",  # the deadline: each libpq call gets what is left
+    "retry.loop",  # the retry object's loop: breakers, budget, bucket
+    "retry.admit",  # the endpoints' breakers
+    "retry.params_for",  # the deadline: each libpq call gets what is left
     "pipeline.attempt",
     "pipeline.check_files",
     "pipeline._opened",

@@ -7,7 +7,7 @@ and a real HA cluster (Patroni, etcd, HAProxy: ``tests/support/ha_cluster.py``):
 killed leader. Assertions count requests and rows; durations are reported (the table printed
 after the module and written to build/reliability-long.md), not asserted tightly.
 
-What issue 30's mechanisms (``pipeline.Retry``: a breaker per endpoint, an honest deadline, a
+What issue 30's mechanisms (``retries.Retry``: a breaker per endpoint, an honest deadline, a
 retry budget against storms, PgBouncer's "not now" retried) must achieve is asserted against
 stock's numbers from the same run.
 """
@@ -25,7 +25,7 @@ import pytest
 from django.db import connections
 from django.db.utils import OperationalError
 
-from secure_pg_backend import pipeline
+from secure_pg_backend import retry as retries
 from secure_pg_backend.testing import TestCA, TLSPostgres
 from secure_pg_backend.testing.pgbouncer import PgBouncer
 from tests.conftest import assert_no_secret
@@ -162,7 +162,7 @@ def outage(ca: TestCA, module_aliases: Callable[..., str]) -> dict[str, WebRun]:
     runs: dict[str, WebRun] = {}
     try:
         for engine in engine_order():
-            pipeline.reset()  # closed breakers, a full bucket: each run starts as a process
+            retries.reset()  # closed breakers, a full bucket: each run starts as a process
             alias = module_aliases(engine_settings(server, engine, "CONN_MAX_AGE=0"))
             run = WebRun(f"30-s outage, {WORKERS} workers at {RATE:.0f}/s", engine, WORKERS, RATE)
             web = WebServer(run, alias, server, deadline=120)
@@ -243,7 +243,7 @@ def storm(ca: TestCA, module_aliases: Callable[..., str]) -> dict[str, WebRun]:
     runs: dict[str, WebRun] = {}
     try:
         for engine in engine_order():
-            pipeline.reset()
+            retries.reset()
             alias = module_aliases(engine_settings(server, engine, "CONN_MAX_AGE=0"))
             run = WebRun(
                 f"storm: {STORM_WORKERS} workers at {STORM_RATE:.0f}/s, 7 slots, 0.1 s each",
@@ -399,7 +399,7 @@ def behind_pgbouncer(
     bouncer: tuple[TLSPostgres, PgBouncer], module_aliases: Callable[..., str]
 ) -> dict[str, Run]:
     server, pgbouncer = bouncer
-    pipeline.reset()
+    retries.reset()
 
     def down_for_a_second() -> None:
         # Long enough for PgBouncer's login to its server to fail and its server_login_retry
@@ -459,7 +459,7 @@ SINGLE_HEADER = (
     "|---|---|---|---|---|---|"
 )
 # The honest deadline: one connect, over every host and attempt, ends within
-# pipeline.deadline(connect_timeout, hosts): connect_timeout, at least 2 s a host. 6 s leaves
+# retries.deadline(connect_timeout, hosts): connect_timeout, at least 2 s a host. 6 s leaves
 # room for the resets to be retried before the stall (no retry starts without 2 s a host left).
 CONNECT_TIMEOUT = 6
 DEADLINE_SLACK = 0.5  # the post-handshake check and a shared machine's scheduling
@@ -492,7 +492,7 @@ def stalls(
     results: dict[tuple[int, str], tuple[float, int, BaseException | None]] = {}
     for hosts in (1, 2):
         for engine in engine_order():
-            pipeline.reset()
+            retries.reset()
             paths = [ResetThenStall(resets=RESETS) for _ in range(hosts)]
             try:
                 held, error = reset_then_stall(paths, engine, good_server, module_aliases)
@@ -526,7 +526,7 @@ def test_reset_then_stall_ends_by_the_deadline(
     hosts: int, stalls: dict[tuple[int, str], tuple[float, int, BaseException | None]]
 ) -> None:
     held, tcp, _ = stalls[(hosts, "ours")]
-    bound = pipeline.deadline(CONNECT_TIMEOUT, hosts)
+    bound = retries.deadline(CONNECT_TIMEOUT, hosts)
     assert bound is not None and held <= bound + DEADLINE_SLACK, f"{hosts} host(s): {held:.2f} s"
     assert tcp > hosts * RESETS, f"the stall was not reached: {tcp} connections"
 
@@ -600,7 +600,7 @@ def ha_side_by_side(
         if after_each is not None:
             after_each()
         cluster.wait_healthy()
-        pipeline.reset()
+        retries.reset()
 
     runs = side_by_side(
         scenario,

@@ -53,9 +53,7 @@ ALLOW_LEGACY_CIPHERS = "allow_legacy_ciphers"
 # verified TLS to the server; this process talks plaintext TCP to it over loopback (E019).
 ALLOW_LOCAL_PROXY = "allow_local_proxy"
 PASSWORD_PROVIDER = "password_provider"
-CONNECT_RETRY = (
-    "connect_retry"  # seconds of retries for transient connect failures (pipeline.Retry)
-)
+CONNECT_RETRY = "connect_retry"  # seconds of retries for transient connect failures (retry.Retry)
 BACKEND_OPTIONS = frozenset(
     {ALLOW_UNIX_SOCKET, ALLOW_LEGACY_CIPHERS, ALLOW_LOCAL_PROXY, PASSWORD_PROVIDER, CONNECT_RETRY}
 )

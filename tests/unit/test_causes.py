@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from secure_pg_backend import causes, pipeline, refusals, signals
+from secure_pg_backend import causes, refusals, signals
+from secure_pg_backend import retry as retries
 from secure_pg_backend.errors import ConnectionFileError, InsecureConnectionError
 from secure_pg_backend.policy import Request
 from secure_pg_backend.policy.rules import e017_connect_retry
@@ -178,7 +179,7 @@ def test_the_backends_own_refusals_are_refusals() -> None:
     ],
 )
 def test_budget(options: dict[str, Any], timeout: str | None, budget: float) -> None:
-    assert pipeline.retry_budget(options, timeout) == budget
+    assert retries.retry_budget(options, timeout) == budget
 
 
 @pytest.mark.parametrize("value", [-1, "5", True, None, float("nan"), 1e9])
@@ -234,7 +235,7 @@ def retried() -> Iterator[list[dict[str, Any]]]:
 
 
 def _retry(connect: Flaky, clock: FakeClock, budget: float = 5.0, secrets: str = "") -> Any:
-    return pipeline.retrying(
+    return retries.retrying(
         connect,
         alias="default",
         budget=budget,
@@ -259,7 +260,7 @@ def test_transient_failures_are_retried_until_it_works(
     }
     # jittered exponential backoff: each delay within [d/2, d], d doubling from 50 ms
     for number, delay in enumerate(clock.sleeps):
-        ceiling = min(pipeline.FIRST_DELAY * 2**number, pipeline.MAX_DELAY)
+        ceiling = min(retries.FIRST_DELAY * 2**number, retries.MAX_DELAY)
         assert ceiling / 2 <= delay <= ceiling
     assert [r["delay"] for r in retried] == clock.sleeps
     assert len(caplog.records) == 4 and all(r.levelno == logging.DEBUG for r in caplog.records)
@@ -293,7 +294,7 @@ def test_refusals_and_unknown_failures_fail_on_the_first_attempt(
 def test_a_probe_attempts_once(retried: list[dict[str, Any]]) -> None:
     clock = FakeClock()
     connect = Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock)
-    with pipeline.attempt_once(), pytest.raises(psycopg.OperationalError):
+    with retries.attempt_once(), pytest.raises(psycopg.OperationalError):
         _retry(connect, clock)
     assert connect.calls == 1 and retried == []
     assert _retry(Flaky(psycopg.OperationalError(TRANSIENT["refused"]), 1, clock), clock)

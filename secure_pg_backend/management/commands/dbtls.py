@@ -16,8 +16,8 @@ from django.db import DatabaseError, connections
 from ...base import VerifiedTLSMixin, verified_aliases
 from ...certificates import certificate_text
 from ...errors import InsecureConnectionError, redact, secret_values, without_alias
-from ...pipeline import attempt_once
 from ...refusals import explanation, explanation_index
+from ...retry import attempt_once
 from ...tlsinfo import TLSInfo
 from ...validation import failure_cause
 

@@ -1,0 +1,645 @@
+"""The retry state of one connect, and what every connect of the process shares.
+
+* ``Retry`` (as psycopg_pool's ``AttemptWithBackoff``): the budget, the deadline, the next
+  delay, the attempt number; only a transient failure is retried, never a refusal, and after the
+  password was sent only the server's (or PgBouncer's) explicit "not now".
+* ``Bucket``: a per-process token bucket retries draw on, refilled by successful connects, so
+  retries cannot multiply an overload.
+* ``Breakers``: one per endpoint (host, port): after a connect spent its whole budget without
+  reaching it, later connects fail at once with the last cause, one caller at a time probes,
+  and its success closes it for everyone. Hosts with an open breaker or a recent timeout are
+  tried last.
+
+The attempt itself (files, credentials, TLS, the parameters judged, the link) is ``pipeline``'s;
+``docs/reliability.md`` states every bound as the code here enforces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import psycopg
+
+from . import certificates, lifecycle, policy, signals
+from .causes import TRANSIENT, Cause, classify
+from .errors import redact
+
+__all__ = [
+    "BREAKERS",
+    "BUCKET",
+    "DEFAULT_RETRY_BUDGET",
+    "Breakers",
+    "Bucket",
+    "Retry",
+    "attempt_once",
+    "breakers",
+    "deadline",
+    "endpoints_of",
+    "loop",
+    "order_hosts",
+    "reset",
+    "retry_budget",
+    "retrying",
+    "time_left",
+]
+
+logger = logging.getLogger("secure_pg_backend")
+
+T = TypeVar("T")
+
+
+def _nothing() -> None:
+    return None
+
+
+# -- the retry state of one connect ----------------------------------------------------------
+DEFAULT_RETRY_BUDGET = 5.0  # seconds: a fast restart or a failover takes one or two
+FIRST_DELAY, MAX_DELAY = 0.05, 0.5  # a fault that clears is noticed within half a second
+# "Too many clients": the server is up and full. A retry costs it a fork, a TLS handshake and
+# often a SCRAM exchange, so it waits longer (0.5 s doubling to 2 s, jittered) and draws more
+# from the bucket: a storm is not fed by the clients it turned away.
+CROWDED_FIRST_DELAY, CROWDED_MAX_DELAY = 0.5, 2.0
+# libpq (and psycopg, which enforces it) reads connect_timeout in whole seconds, 1 as 2: no
+# attempt is started with less than this left before the deadline.
+MIN_ATTEMPT = 2
+# The retry budget against storms: one bucket per process, shared by every alias and pool.
+# A retry draws RETRY_COST (CROWDED_COST after "too many clients"); a successful connect puts
+# back SUCCESS_REFILL and whatever its own retries drew. Full, it pays for 100 retries: eight
+# threads riding out a 1-s restart use about 60 and get them back as they reconnect.
+BUCKET_CAPACITY, RETRY_COST, CROWDED_COST, SUCCESS_REFILL = 500.0, 5.0, 10.0, 1.0
+
+
+def retry_budget(options: Mapping[str, Any] | None, connect_timeout: object) -> float:
+    """Seconds during which a retry may start: OPTIONS['connect_retry'] (validated by the
+    gate), capped by libpq's connect_timeout, which bounds the whole connect (``deadline``)."""
+    value = options.get(policy.CONNECT_RETRY, DEFAULT_RETRY_BUDGET) if options else None
+    budget = float(DEFAULT_RETRY_BUDGET if value is None else value)
+    try:
+        timeout = float(connect_timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return budget
+    return min(budget, timeout) if timeout > 0 else budget
+
+
+def deadline(connect_timeout: object, hosts: int = 1) -> float | None:
+    """Seconds one connect may take, over every host and attempt: ``connect_timeout`` read
+    as libpq reads it (whole seconds), and at least ``MIN_ATTEMPT`` for each host (libpq's
+    floor); None when it is 0 or absent (libpq's own: no bound)."""
+    try:
+        seconds = int(float(connect_timeout))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return float(max(seconds, MIN_ATTEMPT * max(hosts, 1))) if seconds > 0 else None
+
+
+class Bucket:
+    """Tokens that pay for retries (see ``BUCKET_CAPACITY``); a lock held for a few
+    instructions (replaced in a forked child, see ``reset``)."""
+
+    __slots__ = ("capacity", "tokens")
+
+    def __init__(self, capacity: float = BUCKET_CAPACITY) -> None:
+        self.capacity = capacity
+        self.tokens = capacity
+
+    def take(self, cost: float) -> bool:
+        with _lock:
+            if self.tokens < cost:
+                return False
+            self.tokens -= cost
+            return True
+
+    def give(self, amount: float) -> None:
+        with _lock:
+            self.tokens = min(self.capacity, self.tokens + amount)
+
+
+class Retry:
+    """The retry state of one connect (as psycopg_pool's ``AttemptWithBackoff``).
+
+    - ``budget``: no retry starts after it (``OPTIONS['connect_retry']``);
+    - ``limit``: the deadline: every attempt ends by it, because each host is given an equal
+      share of what is left (``params_for``), in libpq's whole seconds, and no retry starts
+      with less than ``MIN_ATTEMPT`` left for each host (``room``);
+    - the delay before the next attempt (jittered exponential backoff, longer after "too many
+      clients"), paid for by the process's ``BUCKET``;
+    - ``endpoints``: what it connects to, for the breakers and the order of the hosts.
+    """
+
+    __slots__ = (
+        "attempt",
+        "budget",
+        "clock",
+        "crowded",
+        "deadline",
+        "delay",
+        "drawn",
+        "endpoints",
+        "exhausted",
+        "limit",
+        "probe",
+        "span",
+    )
+
+    def __init__(
+        self,
+        budget: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        limit: float | None = None,
+        endpoints: tuple[Endpoint, ...] = (),
+    ) -> None:
+        self.budget = 0.0 if _ONCE.get() else budget
+        self.clock = clock
+        now = clock()
+        self.deadline = now + self.budget
+        self.span = limit
+        self.limit: float | None = None  # span seconds from the first libpq call (params_for)
+        self.delay = FIRST_DELAY
+        self.crowded = CROWDED_FIRST_DELAY
+        self.attempt = 1
+        self.drawn = 0.0
+        self.exhausted = False
+        self.endpoints = endpoints
+        self.probe = False  # this connect probes open breakers: one attempt, no retry
+
+    def cause(self, exc: BaseException) -> Cause | None:
+        """The transient cause worth another attempt, or None."""
+        if self.budget <= 0 or self.probe:
+            return None
+        cause = classify(exc)
+        return cause if cause is not None and cause.kind == TRANSIENT else None
+
+    def wait(self, cause: Cause | None = None) -> float | None:
+        """The delay before the next attempt, or None: past the budget, no honest attempt
+        left before the deadline, or no token in the bucket."""
+        crowded = cause is not None and cause.name == "too_many"
+        ceiling = self.crowded if crowded else self.delay
+        wait = random.uniform(ceiling / 2, ceiling)  # jitter: restarts hit many clients at once
+        starts = self.clock() + wait
+        if starts >= self.deadline or (self.limit is not None and self.limit - starts < self.room):
+            self.exhausted = True  # the budget (or the deadline) is spent
+            return None
+        cost = CROWDED_COST if crowded else RETRY_COST
+        if not BUCKET.take(cost):
+            return None  # not spent: the process is retrying too much, this one fails as stock
+        self.drawn += cost
+        return wait
+
+    def advance(self, cause: Cause | None = None) -> None:
+        self.attempt += 1
+        if cause is not None and cause.name == "too_many":
+            self.crowded = min(self.crowded * 2, CROWDED_MAX_DELAY)
+        else:
+            self.delay = min(self.delay * 2, MAX_DELAY)
+
+    @property
+    def room(self) -> float:
+        """Seconds an attempt needs: ``MIN_ATTEMPT`` for each host it tries."""
+        return float(MIN_ATTEMPT * max(len(self.endpoints), 1))
+
+    def spent(self) -> bool:
+        """The budget (or the deadline) is used up: no further retry could start in it."""
+        if self.exhausted:
+            return True
+        now = self.clock()
+        if now >= self.deadline:
+            return True
+        return self.limit is not None and self.limit - now < self.room
+
+    def succeeded(self) -> None:
+        BUCKET.give(SUCCESS_REFILL + self.drawn)
+
+    def params_for(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``params`` for one libpq call starting now: the hosts in the breakers' order and
+        ``connect_timeout`` each host's equal share of what is left, in whole seconds (libpq
+        and psycopg give every host that much). None when a share would be under
+        ``MIN_ATTEMPT`` (a direct-TLS fallback that finds the deadline near)."""
+        shaped = order_hosts(params, self.endpoints)
+        if self.span is None:
+            return shaped
+        now = self.clock()
+        if self.limit is None:  # the first libpq call: the deadline counts from here
+            self.limit = now + self.span
+        share = int((self.limit - now) // max(len(self.endpoints), 1))
+        if share < MIN_ATTEMPT:
+            return None
+        shaped["connect_timeout"] = str(share)
+        return shaped
+
+
+_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "secure_pg_backend_once", default=False
+)
+
+
+@contextlib.contextmanager
+def attempt_once() -> Iterator[None]:
+    """No retries inside: a probe (``dbtls``) reports the state now; its caller retries."""
+    token = _ONCE.set(True)
+    try:
+        yield
+    finally:
+        _ONCE.reset(token)
+
+
+def retrying(
+    connect: Callable[[], T],
+    *,
+    alias: str,
+    budget: float,
+    sender: type,
+    secrets: Callable[[], object] = tuple,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    before_attempt: Callable[[], None] = _nothing,
+) -> T:
+    """``connect()``, tried again after transient failures until ``budget`` seconds are spent;
+    the last failure is raised unchanged. (No endpoint, so no breaker and no deadline: what
+    ``connect`` uses, with both.)"""
+    retry = Retry(budget, clock)
+    return loop(
+        retry,
+        lambda _params: connect(),
+        {},
+        alias=alias,
+        sender=sender,
+        secrets=secrets,
+        sleep=sleep,
+        before_attempt=before_attempt,
+    )
+
+
+# The deadline of this thread's last connect that failed (monotonic seconds): a refusal's
+# diagnostic handshake (``diagnose``), made right after on the same thread, fits in it.
+_FAILED_BY: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "secure_pg_backend_failed_by", default=None
+)
+
+
+def time_left() -> float | None:
+    """Seconds left of the deadline of this thread's last failed connect (None: no deadline,
+    or none failed)."""
+    limit = _FAILED_BY.get()
+    return None if limit is None else max(limit - time.monotonic(), 0.0)
+
+
+def loop(
+    retry: Retry,
+    connect: Callable[[dict[str, Any]], T],
+    params: Mapping[str, Any],
+    *,
+    alias: str,
+    sender: type,
+    secrets: Callable[[], object],
+    sleep: Callable[[float], None] = time.sleep,
+    before_attempt: Callable[[], None] = _nothing,
+) -> T:
+    endpoints = retry.endpoints
+    _FAILED_BY.set(None)
+    if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
+        retry.probe, refused = BREAKERS.admit(endpoints)
+        if refused is not None:
+            raise refused  # the last cause, at once: another caller's probe is on its way
+    try:
+        while True:
+            before_attempt()
+            try:
+                result = connect(dict(params))
+            except Exception as exc:
+                if endpoints:
+                    BREAKERS.note(endpoints, exc)
+                cause = retry.cause(exc)
+                wait = retry.wait(cause) if cause is not None else None
+                if cause is None or wait is None:
+                    _FAILED_BY.set(retry.limit)
+                    if retry.probe:  # still unreachable, or it answered (a refusal, a password)
+                        BREAKERS.probed(endpoints, exc, retry.budget)
+                    elif cause is not None and endpoints and retry.spent():
+                        BREAKERS.trip(endpoints, exc, retry.budget)
+                    raise
+                _announce(sender, alias, retry.attempt, cause, wait, exc, secrets)
+                sleep(wait)
+                retry.advance(cause)
+            else:
+                retry.succeeded()
+                if endpoints:
+                    BREAKERS.reached(endpoints, result)
+                return result
+    finally:
+        if retry.probe:
+            BREAKERS.release(endpoints)
+
+
+def _announce(
+    sender: type,
+    alias: str,
+    attempt: int,
+    cause: Cause,
+    delay: float,
+    exc: Exception,
+    secrets: Callable[[], object],
+) -> None:
+    # One DEBUG record per retry; what an operator needs is the breakers' one line per change
+    # of state (a 30-s outage used to log hundreds of WARNINGs from one process). Secrets
+    # gathered only when sent; the server's words shown under the one text rule.
+    words = certificates.certificate_text(redact(" ".join(str(exc).split()), secrets()))
+    logger.debug(
+        "database alias %r: connection attempt %d failed (%s), retrying in %.2f s: %s",
+        alias,
+        attempt,
+        cause.name,
+        delay,
+        words,
+        extra={"db_alias": alias, "retry_attempt": attempt, "retry_cause": cause.name},
+    )
+    signals.connection_retried.send(
+        sender, alias=alias, attempt=attempt, cause=cause.name, delay=delay, message=words
+    )
+
+
+# -- the endpoints: a breaker each, shared by every connection of the process -----------------
+Endpoint = tuple[str, str]  # (host, port), as HOST and PORT give them
+CLOSED, OPEN = "closed", "open"
+RECENT_TIMEOUT = 30.0  # a host whose attempt timed out this recently is tried last
+
+# One lock for the breakers and the bucket, held for a few dictionary operations (never
+# around I/O or a signal); a forked child gets a new one (``reset``).
+_lock = threading.Lock()
+
+
+class Breaker:
+    """One endpoint's circuit breaker.
+
+    Closed: connects go through. Opened when a connect spent its whole retry budget without
+    reaching the endpoint (or a probe failed): from then on a connect whose every endpoint is
+    open fails at once with the last cause, while one caller at a time probes with a single
+    attempt; a probe's success (or any connect reaching the endpoint) closes it for everyone.
+    """
+
+    __slots__ = ("endpoint", "last", "openings", "probing", "since", "state", "timed_out")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.state = CLOSED
+        self.since = 0.0
+        self.last: BaseException | None = None
+        self.openings = 0
+        self.probing = False
+        self.timed_out = float("-inf")
+
+    @property
+    def name(self) -> str:
+        return f"{self.endpoint[0]}:{self.endpoint[1]}"
+
+
+class Breakers:
+    """Every endpoint's breaker in this process: plain, persistent and pooled connections of
+    every alias share them."""
+
+    def __init__(self) -> None:
+        self._by_endpoint: dict[Endpoint, Breaker] = {}
+
+    def _get(self, endpoint: Endpoint) -> Breaker:
+        breaker = self._by_endpoint.get(endpoint)
+        if breaker is None:
+            breaker = self._by_endpoint[endpoint] = Breaker(endpoint)
+        return breaker
+
+    def admit(self, endpoints: tuple[Endpoint, ...]) -> tuple[bool, BaseException | None]:
+        """(probe, refused): go ahead unless every endpoint is open; then this caller probes
+        (one attempt) if nobody else does, else it gets the last cause to raise at once."""
+        with _lock:
+            breakers = [self._by_endpoint.get(e) for e in endpoints]
+            opened = [b for b in breakers if b is not None and b.state == OPEN]
+            if len(opened) < len(endpoints):
+                return False, None
+            if not any(b.probing for b in opened):
+                for b in opened:
+                    b.probing = True
+                return True, None
+            last = max(opened, key=lambda b: b.since).last
+        return False, _again(last)
+
+    def release(self, endpoints: tuple[Endpoint, ...]) -> None:
+        with _lock:
+            for endpoint in endpoints:
+                breaker = self._by_endpoint.get(endpoint)
+                if breaker is not None:
+                    breaker.probing = False
+
+    def note(self, endpoints: tuple[Endpoint, ...], exc: BaseException) -> None:
+        """Remember which hosts of a failed attempt timed out (tried last for a while)."""
+        timed_out = _timed_out(endpoints, exc)
+        if timed_out:
+            now = time.monotonic()
+            with _lock:
+                for endpoint in timed_out:
+                    self._get(endpoint).timed_out = now
+
+    def trip(self, endpoints: tuple[Endpoint, ...], exc: BaseException, budget: float) -> None:
+        """The budget was spent without reaching any of ``endpoints``: open their breakers."""
+        opened: list[Breaker] = []
+        now = time.monotonic()
+        with _lock:
+            for endpoint in endpoints:
+                breaker = self._get(endpoint)
+                breaker.last = exc
+                if breaker.state == CLOSED:
+                    breaker.state, breaker.since = OPEN, now
+                    breaker.openings += 1
+                    opened.append(breaker)
+        for breaker in opened:
+            _changed(breaker, exc, budget)
+
+    def probed(self, endpoints: tuple[Endpoint, ...], exc: BaseException, budget: float) -> None:
+        """A probe failed: open still if for a transient cause; an endpoint that answered
+        (a refusal, a wrong password) is reachable, so its breaker closes."""
+        cause = classify(exc)
+        if cause is not None and cause.kind == TRANSIENT:
+            self.trip(endpoints, exc, budget)
+            return
+        for endpoint in endpoints:
+            self._close(endpoint)
+
+    def reached(self, endpoints: tuple[Endpoint, ...], connection: Any) -> None:
+        """A connection was made: close the breaker of the endpoint it reached."""
+        endpoint = _endpoint_of(connection, endpoints)
+        if endpoint is not None:
+            self._close(endpoint)
+
+    def _close(self, endpoint: Endpoint) -> None:
+        with _lock:
+            breaker = self._by_endpoint.get(endpoint)
+            if breaker is None:
+                return
+            breaker.timed_out = float("-inf")
+            if breaker.state == CLOSED:
+                return
+            breaker.state, breaker.last = CLOSED, None
+            since = breaker.since
+        _changed(breaker, None, time.monotonic() - since)
+
+    def order(self, endpoints: tuple[Endpoint, ...]) -> list[int]:
+        """Indexes of ``endpoints``, open breakers and recent timeouts last (stable)."""
+        now = time.monotonic()
+        with _lock:
+            rank = []
+            for endpoint in endpoints:
+                b = self._by_endpoint.get(endpoint)
+                rank.append(
+                    0
+                    if b is None
+                    else (2 if b.state == OPEN else 0) + (now - b.timed_out < RECENT_TIMEOUT)
+                )
+        return sorted(range(len(endpoints)), key=lambda i: rank[i])
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every known endpoint's state (the health check, tests, an operator's shell)."""
+        now = time.monotonic()
+        with _lock:
+            breakers = list(self._by_endpoint.values())
+            return [
+                {
+                    "endpoint": b.name,
+                    "state": b.state,
+                    "for": now - b.since if b.state == OPEN else 0.0,
+                    "openings": b.openings,
+                    "probing": b.probing,
+                    "last": " ".join(str(b.last).split()) if b.last is not None else "",
+                }
+                for b in breakers
+            ]
+
+    def clear(self) -> None:
+        self._by_endpoint = {}
+
+
+BREAKERS = Breakers()
+BUCKET = Bucket()
+
+
+def reset() -> None:
+    """A fresh state: every breaker closed, the bucket full (a forked child; tests)."""
+    global _lock
+    _lock = threading.Lock()  # one held by a parent thread at the fork stays held in the child
+    BREAKERS.clear()
+    BUCKET.tokens = BUCKET.capacity
+    _FAILED_BY.set(None)
+
+
+lifecycle.reset_in_child(reset)
+
+
+def breakers() -> list[dict[str, Any]]:
+    """The state of every endpoint this process connected to (see ``Breakers.snapshot``)."""
+    return BREAKERS.snapshot()
+
+
+def _changed(breaker: Breaker, exc: BaseException | None, seconds: float) -> None:
+    """The one log line (and signal) per change of state."""
+    if exc is not None:
+        words = redact(" ".join(str(exc).split()), ())
+        logger.warning(
+            "database endpoint %s: no connection within the %.1f-s retry budget: connects "
+            "to it now fail at once with the last error, one probe at a time: %s",
+            breaker.name,
+            seconds,
+            words,
+            extra={"db_endpoint": breaker.name, "breaker_state": OPEN},
+        )
+    else:
+        logger.warning(
+            "database endpoint %s: reachable again after %.1f s: connects go through",
+            breaker.name,
+            seconds,
+            extra={"db_endpoint": breaker.name, "breaker_state": CLOSED},
+        )
+    signals.breaker_changed.send(
+        Breakers, endpoint=breaker.name, state=breaker.state, openings=breaker.openings
+    )
+
+
+def _again(last: BaseException | None) -> BaseException:
+    """A new exception like the last cause (same class and words), as stock would raise."""
+    if last is None:
+        return psycopg.OperationalError("connection failed")
+    try:
+        return type(last)(str(last))
+    except Exception:
+        return psycopg.OperationalError(str(last))
+
+
+def endpoints_of(params: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+    """(host, port) of each host libpq will try, as the parameters give them."""
+    host = params.get("host")
+    if not host:
+        return ()
+    hosts = [h.strip() for h in str(host).split(",")]
+    ports = [p.strip() for p in str(params.get("port") or "").split(",")]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):
+        return ()  # libpq refuses these itself
+    return tuple((h, p or "5432") for h, p in zip(hosts, ports, strict=True))
+
+
+_LISTS = ("host", "port", "hostaddr")
+
+
+def order_hosts(params: Mapping[str, Any], endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
+    """``params`` with the hosts (and their ports and addresses) in the breakers' order."""
+    shaped = dict(params)
+    if len(endpoints) < 2:
+        return shaped
+    order = BREAKERS.order(endpoints)
+    if order == sorted(order):
+        return shaped
+    return _pick(shaped, order, len(endpoints))
+
+
+def _pick(params: dict[str, Any], order: list[int], hosts: int) -> dict[str, Any]:
+    for key in _LISTS:
+        value = params.get(key)
+        if value is None or value == "":
+            continue
+        items = str(value).split(",")
+        if len(items) == hosts:  # a single port (or address) applies to every host: kept
+            params[key] = ",".join(items[i] for i in order)
+    return params
+
+
+_SEGMENT = re.compile(r"^- host: '([^']*)', port: '([^']*)'.*: (.*)$")
+
+
+def _timed_out(endpoints: tuple[Endpoint, ...], exc: BaseException) -> list[Endpoint]:
+    text = str(exc)
+    if "timeout expired" not in text:
+        return []
+    if len(endpoints) == 1:
+        return list(endpoints)
+    found = []
+    for line in text.splitlines():  # psycopg: "- host: 'h', port: 'p', hostaddr: ...: error"
+        match = _SEGMENT.match(line.strip())
+        if match and "timeout expired" in match.group(3):
+            found.append((match.group(1), match.group(2)))
+    return found
+
+
+def _endpoint_of(connection: Any, endpoints: tuple[Endpoint, ...]) -> Endpoint | None:
+    if len(endpoints) == 1:
+        return endpoints[0]
+    try:
+        pgconn = connection.pgconn
+        endpoint = (pgconn.host.decode(), pgconn.port.decode())
+    except Exception:
+        return None
+    return endpoint if endpoint in endpoints else None
