@@ -86,7 +86,7 @@ NO_SERVERS_HELP = (
 
 LONG_HELP = (
     "also run the long scenarios (pytest.mark.long: the HA cluster, the 30-s outage, the storm;"
-    " make test-long); skipped otherwise"
+    " make test-long); deselected otherwise"
 )
 
 
@@ -232,12 +232,14 @@ def needs_server(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
-    # The long scenarios take minutes (make test-long runs them after make test): skipped,
-    # not deselected, so a plain run still lists them.
-    skip_long = pytest.mark.skip(reason="a long scenario: make test-long (pytest --long)")
+    # The long scenarios take minutes: their own target runs them (make test-long, which CI runs
+    # after make test), every other run deselects them (reported as deselected, not skipped).
+    if not config.getoption("long"):
+        long = [item for item in items if item.get_closest_marker("long")]
+        if long:
+            config.hook.pytest_deselected(items=long)
+            items[:] = [item for item in items if not item.get_closest_marker("long")]
     for item in items:
-        if item.get_closest_marker("long") and not config.getoption("long"):
-            item.add_marker(skip_long)
         if needs_server(item):
             item.add_marker(pytest.mark.needs_server)
             if item.get_closest_marker("timeout") is None:

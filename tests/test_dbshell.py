@@ -494,7 +494,10 @@ class Dbshell:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pid in _children(self.process.pid):
-                if _comm(pid) == "psql" and b"--version" not in _cmdline(pid):  # not the probe
+                # Not the version probe: its command line is read first, so a probe that has
+                # just exited (an empty command line) is not taken for the session's psql.
+                command = _cmdline(pid)
+                if command and b"--version" not in command and _comm(pid) == "psql":
                     return pid
             assert self.process.poll() is None, self.err.read_text()
             time.sleep(0.05)
