@@ -177,10 +177,16 @@ class VerifiedTLSMixin(_WrapperBase):
 
     def _settle(self, connection: Any) -> None:
         """Django's session setup (``_configure_connection``: time zone, role) inside the
-        attempt, committed as Django would; its own call in ``init_connection_state`` then
-        finds nothing to do. See ``pipeline.connect``."""
-        if self._configure_connection(connection):  # type: ignore[attr-defined]
-            connection.commit()
+        attempt; its own call in ``init_connection_state`` then finds nothing to do. See
+        ``pipeline.connect``. In autocommit, as Django runs it (Django sets autocommit before
+        ``init_connection_state``): in a transaction it would add a BEGIN and a COMMIT, two
+        statements and two round trips per new connection that stock does not make."""
+        was = connection.autocommit
+        connection.autocommit = True  # a client-side switch while idle: nothing is sent
+        try:
+            self._configure_connection(connection)  # type: ignore[attr-defined]
+        finally:
+            connection.autocommit = was
 
     def _plan(self) -> pipeline.Plan:
         """The pipeline's plan for the current decision (judged again if a subclass's

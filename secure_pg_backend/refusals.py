@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import diagnose
 from .causes import BY_NAME, PGBOUNCER_PORT, REFUSAL, Cause, attempts, cause_of, classify
 from .certificates import certificate_text
 from .checkids import CHECKS, EXPLAIN, PREFIX, CheckId
@@ -128,7 +127,9 @@ def _diagnosis(text: str, cause: Cause, decision: Any, params: Mapping[str, Any]
     if cause.name not in ("untrusted", "hostname") or decision is None:
         return None
     segment = next((s for s in attempts(text) if cause_of(s) is cause), text)
-    try:  # only after a refusal: never on the success path
+    try:
+        from . import diagnose  # only after a refusal: the success path never imports it
+
         return diagnose.diagnose(segment, cause.name, decision, params or {})
     except Exception as exc:  # a bug in the diagnosis must not hide the refusal
         import logging  # only when the diagnosis itself failed

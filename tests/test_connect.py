@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,28 @@ def test_changed_environment_is_evaluated_again(
     monkeypatch.delenv("PGSSLROOTCERT")
     with pytest.raises(ConnectionFileError, match="sslrootcert"):
         wrapper.ensure_connection()
+
+
+@pytest.mark.needs_server
+def test_a_new_connection_sends_the_statements_stock_sends(ca: Any, make_wrapper: Any) -> None:
+    """The server's own log: a new connection through this ENGINE runs the same statements as
+    through the stock ENGINE (Django's session setup, nothing of ours), so no extra round trip
+    (bench/wire.py measures the bytes too)."""
+    from bench.wire import COUNTING_SETTINGS, statements_by_pid
+
+    server = TLSPostgres(ca.issue("localhost", "127.0.0.1"), trust=ca, settings=COUNTING_SETTINGS)
+    with server:
+        seen = {}
+        for engine in ("secure_pg_backend", "django.db.backends.postgresql"):
+            settings = server.database_settings(
+                engine=engine, TIME_ZONE="Europe/Paris", options={"sslmode": "verify-full"}
+            )
+            wrapper = make_wrapper(settings, alias=engine.replace(".", "_"))
+            wrapper.ensure_connection()
+            seen[engine] = wrapper.connection.info.backend_pid
+            wrapper.close()
+        time.sleep(0.2)  # the server writes its log asynchronously
+        by_pid = statements_by_pid(server.log_text())
+    secure, stock = (by_pid.get(seen[e], []) for e in seen)
+    assert stock, "the stock ENGINE's session setup (SET TIME ZONE) was not logged"
+    assert secure == stock
