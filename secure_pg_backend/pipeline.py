@@ -257,9 +257,13 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
     ``params`` are ``psycopg.connect``'s keyword arguments. The libpq keywords among them
     become the connection string psycopg builds, read back by libpq's parser (which skips
     spaces around a key, lets a later duplicate win and stops at a NUL byte, as when it
-    connects), and every forced value must be what libpq reads. A set already judged is
-    remembered without its password: psycopg quotes every value, so a password cannot add or
-    change a keyword, except by a NUL byte, which is never remembered.
+    connects), and every forced value must be what libpq reads.
+
+    What libpq reads for a forced keyword depends only on which keys there are (``" sslmode"``
+    is another key that libpq reads as ``sslmode``), on the forced keys' own values and on a NUL
+    byte anywhere: psycopg quotes every value, so no other value can add or change a keyword.
+    So a verdict is remembered by exactly that, and a new connection whose password, timeout
+    (the deadline shares what is left) or host order changed costs a lookup, not a parse.
     """
     if plan is None:
         raise InsecureConnectionError(
@@ -268,15 +272,12 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
             "DatabaseWrapper (ensure_connection, or Django's pool).",
             cause="policy",
         )
-    password = params.get("password")
-    key: tuple[Any, ...] | None = tuple(
-        (k, v) for k, v in params.items() if k != "password" and k not in policy.PSYCOPG_ARGUMENTS
-    )
-    try:
-        if key in plan.judged and not (isinstance(password, str) and "\x00" in password):
-            return
-    except TypeError:  # a value that cannot be hashed: judged every time
-        key = None
+    forced_keys = plan.decision.forced
+    names = tuple(k for k in params if k not in policy.PSYCOPG_ARGUMENTS)
+    nul = any(isinstance(v, str) and "\x00" in v for v in params.values())
+    key = None if nul else (names, tuple(str(params.get(k)) for k in forced_keys))
+    if key is not None and key in plan.judged:
+        return
     keywords = {k: v for k, v in params.items() if k not in policy.PSYCOPG_ARGUMENTS}
     try:
         parsed = libpq.parse(libpq.conninfo(keywords))
@@ -285,7 +286,7 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
         detail = f" (libpq: {' '.join(str(exc).split())})"
     else:
         detail = ""
-    for forced_key, forced in plan.decision.forced.items():
+    for forced_key, forced in forced_keys.items():
         if parsed.get(forced_key, "") != forced:
             raise _weakened(plan, forced_key, forced, parsed.get(forced_key), detail)
     if key is not None:
