@@ -176,15 +176,16 @@ class VerifiedTLSMixin(_WrapperBase):
         return connection
 
     def _settle(self, connection: Any) -> None:
-        """Django's session setup (``_configure_connection``: time zone, role) inside the
-        attempt; its own call in ``init_connection_state`` then finds nothing to do. See
-        ``pipeline.connect``. In autocommit, as Django runs it (Django sets autocommit before
-        ``init_connection_state``): in a transaction it would add a BEGIN and a COMMIT, two
-        statements and two round trips per new connection that stock does not make."""
+        """The first statement of Django's session setup, its time zone, inside the attempt
+        (``pipeline.connect``: PgBouncer's "not now" to it is retried like a connect's); Django's
+        own call in ``init_connection_state`` then finds it set and sends nothing. The role
+        (``assume_role``) stays Django's: its SQL is composed through this wrapper's cursor,
+        which needs ``self.connection`` set. In autocommit, as Django runs it: in a transaction
+        psycopg would add a BEGIN and a COMMIT that stock does not send."""
         was = connection.autocommit
         connection.autocommit = True  # a client-side switch while idle: nothing is sent
         try:
-            self._configure_connection(connection)  # type: ignore[attr-defined]
+            self._configure_timezone(connection)  # type: ignore[attr-defined]
         finally:
             connection.autocommit = was
 
