@@ -129,7 +129,11 @@ def test_a_spent_budget_opens_the_breaker_and_a_probe_closes_it(
 
     first, error = _held(make_wrapper(entry, alias="first"))
     assert isinstance(error, OperationalError) and "Connection refused" in str(error)
-    assert 0.3 <= first < 2.0  # the budget was spent retrying
+    # The budget was spent retrying (counted, not timed: the jittered delays end it anywhere
+    # in its last half), and no longer than the budget and a last attempt.
+    retries_logged = [r for r in caplog.records if getattr(r, "retry_attempt", None)]
+    assert len(retries_logged) >= 2
+    assert first < 2.0
     assert _state(endpoint)["state"] == retries.OPEN and _state(endpoint)["openings"] == 1
     assert [c["state"] for c in changes] == [retries.OPEN]
     opened = [r for r in caplog.records if getattr(r, "breaker_state", None) == retries.OPEN]
