@@ -22,11 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from secure_pg_backend import InsecureConnectionError, diagnose, presented
+from secure_pg_backend import InsecureConnectionError, diagnose, libpq, presented
 from secure_pg_backend.testing import TestCA, TLSPostgres
-from tests.conftest import assert_no_secret, leaf_certificate
+from tests.conftest import assert_no_secret, leaf_certificate, refused_by_old_libpq
 from tests.support.error_table import self_signed
 from tests.support.hostile import SSL_REQUEST, HostileServer, RecordingProxy
+
+# libpq 17+ knows sslnegotiation (psycopg's binary build); the C and pure-Python builds here
+# use the system's libpq 15, which only does the SSLRequest.
+LIBPQ_DIRECT = "sslnegotiation" in libpq.keywords()
 
 pytestmark = pytest.mark.needs_server
 
@@ -48,6 +52,8 @@ def refuse(make_wrapper: Callable[..., Any], ca: TestCA) -> Callable[..., Insecu
     """Connect with these settings (trusting the session CA) and return the refusal."""
 
     def connect(entry: dict[str, Any], **options: Any) -> InsecureConnectionError:
+        if options.get("sslnegotiation") == "postgres" and not LIBPQ_DIRECT:
+            del options["sslnegotiation"]  # a libpq before 17 only knows the SSLRequest
         entry = {**entry, "OPTIONS": {**entry["OPTIONS"], **options}}
         with pytest.raises(InsecureConnectionError) as caught:
             make_wrapper(entry).ensure_connection()
@@ -176,9 +182,15 @@ def test_the_diagnostic_handshake_never_completes_and_sends_nothing_after_the_cl
 
 
 def test_a_direct_endpoint_is_probed_directly_with_alpn(
-    refuse: Callable[..., InsecureConnectionError], good_server: TLSPostgres
+    refuse: Callable[..., InsecureConnectionError],
+    good_server: TLSPostgres,
+    make_wrapper: Callable[..., Any],
 ) -> None:
     entry = good_server.database_settings()
+    if not LIBPQ_DIRECT:  # the setting is refused before any I/O, naming the libpq it needs
+        direct = {**entry, "OPTIONS": {**entry["OPTIONS"], "sslnegotiation": "direct"}}
+        assert refused_by_old_libpq(make_wrapper(direct), "sslnegotiation")
+        return
     with HostileServer("tls", self_signed("db.direct.test")) as hostile:
         entry["PORT"] = str(hostile.port)
         error = refuse(entry, sslnegotiation="direct")
@@ -232,7 +244,8 @@ def test_a_refusing_endpoint_under_load_is_probed_once(
     entry = good_server.database_settings()
     with HostileServer("silent", self_signed("db.load.test")) as hostile:
         entry["PORT"] = str(hostile.port)
-        entry["OPTIONS"]["sslnegotiation"] = "postgres"
+        if LIBPQ_DIRECT:
+            entry["OPTIONS"]["sslnegotiation"] = "postgres"
         wrappers = [make_wrapper(entry, alias=f"w{i}") for i in range(8)]
         errors: list[BaseException] = []
         start = threading.Barrier(len(wrappers))
