@@ -184,10 +184,11 @@ class VerifiedTLSMixin(_WrapperBase):
         psycopg would add a BEGIN and a COMMIT that stock does not send."""
         was = connection.autocommit
         connection.autocommit = True  # a client-side switch while idle: nothing is sent
-        try:
-            self._configure_timezone(connection)  # type: ignore[attr-defined]
-        finally:
-            connection.autocommit = was
+        # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the
+        # switch on it would raise "the connection is lost" in place of the "not now" the
+        # retry recognises.
+        self._configure_timezone(connection)  # type: ignore[attr-defined]
+        connection.autocommit = was
 
     def _plan(self) -> pipeline.Plan:
         """The pipeline's plan for the current decision (judged again if a subclass's
