@@ -398,10 +398,6 @@ def verify(plan: Plan, connection: Any) -> None:
     )
 
 
-def verified(connection: Any) -> bool:
-    return getattr(connection, LINK_ATTR, None) is not None
-
-
 def tls_info_of(connection: Any) -> Any:
     """The TLSInfo of a verified connection, built once while its TLS session is live.
 
