@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from secure_pg_backend.__main__ import main
 from secure_pg_backend.causes import BY_NAME
 from secure_pg_backend.checkids import CHECKS
 from secure_pg_backend.refusals import explanation, explanation_index
@@ -38,10 +39,26 @@ def _run(*args: str, settings: str | None = None) -> subprocess.CompletedProcess
     )
 
 
-def test_explain_prints_meaning_and_fix_from_the_table() -> None:
+def _explain(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The module's entry point in this process (one subprocess below shows `-m` runs it)."""
+    code = main(["explain", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_python_m_secure_pg_backend_runs_the_entry_point() -> None:
     proc = _run("-m", "secure_pg_backend", "explain", "E010")
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    assert proc.stdout == explanation("E010")
+    unknown = _run("-m", "secure_pg_backend", "explain", "E099")
+    assert (unknown.returncode, unknown.stdout) == (2, "")
+    assert "'E099' is neither a check id nor a refusal cause" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
+def test_explain_prints_meaning_and_fix_from_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _explain(capsys, "E010")
+    assert code == 0, err
     assert out.startswith("secure_pg_backend.E010: Error (online)\n")
     assert "What it means: the link was refused under the policy" in out
     assert f"Fix: {CHECKS['E010'].fix}\n" in out
@@ -50,35 +67,32 @@ def test_explain_prints_meaning_and_fix_from_the_table() -> None:
         assert f"  {cause.name}: {cause.problem} Fix: {cause.fix}\n" in out
     # Every spelling a user copies from check output or types names the same entry.
     for spelling in ("secure_pg_backend.E010", "e010", "SECURE_PG_BACKEND.e010"):
-        again = _run("-m", "secure_pg_backend", "explain", spelling)
-        assert (again.returncode, again.stdout) == (0, out), spelling
+        assert _explain(capsys, spelling)[:2] == (0, out), spelling
 
 
-def test_explain_a_refusal_cause_by_name() -> None:
-    proc = _run("-m", "secure_pg_backend", "explain", "untrusted")
-    assert proc.returncode == 0, proc.stderr
+def test_explain_a_refusal_cause_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _explain(capsys, "untrusted")
+    assert code == 0, err
     untrusted = next(cause for cause in REFUSALS if cause.name == "untrusted")
-    assert f"What it means: {untrusted.problem}\nFix: {untrusted.fix}\n" in proc.stdout
+    assert f"What it means: {untrusted.problem}\nFix: {untrusted.fix}\n" in out
 
 
-def test_explain_without_an_id_lists_each_one_line() -> None:
-    proc = _run("-m", "secure_pg_backend", "explain")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    names = [line.split()[0] for line in lines]
+def test_explain_without_an_id_lists_each_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _explain(capsys)
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
     assert names == [entry.id for entry in CHECKS.values()] + [c.name for c in REFUSALS]
-    assert proc.stdout == explanation_index()
+    assert out == explanation_index()
 
 
-def test_an_unknown_id_fails_clearly() -> None:
-    proc = _run("-m", "secure_pg_backend", "explain", "E099")
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert "'E099' is neither a check id nor a refusal cause" in proc.stderr
-    assert "'python -m secure_pg_backend explain' lists them all" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    typo = _run("-m", "secure_pg_backend", "explain", "untrsted")
-    assert typo.returncode == 2 and "did you mean untrusted?" in typo.stderr
+def test_an_unknown_id_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _explain(capsys, "E099")
+    assert (code, out) == (2, "")
+    assert "'E099' is neither a check id nor a refusal cause" in err
+    assert "'python -m secure_pg_backend explain' lists them all" in err
+    assert "Traceback" not in err
+    code, _, err = _explain(capsys, "untrsted")
+    assert code == 2 and "did you mean untrusted?" in err
 
 
 def test_no_django_settings_needed() -> None:
@@ -92,16 +106,24 @@ def test_no_django_settings_needed() -> None:
 
 
 def test_manage_py_dbtls_explain_prints_the_same_text() -> None:
-    module = _run("-m", "secure_pg_backend", "explain", "W003")
-    # Settings whose database exists nowhere: --explain connects nothing.
-    proc = _run("-m", "django", "dbtls", "--explain", "W003", settings="tests.deploy_settings")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == module.stdout
-    listed = _run("-m", "django", "dbtls", "--explain", settings="tests.deploy_settings")
-    assert (listed.returncode, listed.stdout) == (0, explanation_index())
-    unknown = _run("-m", "django", "dbtls", "--explain", "W999", settings="tests.deploy_settings")
-    assert unknown.returncode == 2
-    assert "'W999' is neither a check id nor a refusal cause" in unknown.stderr
+    # Settings whose database exists nowhere: --explain connects nothing. One process runs the
+    # three cases through Django's own command-line entry point.
+    code = (
+        "import sys\n"
+        "from django.core.management import ManagementUtility\n"
+        "for args in (['W003'], [], ['W999']):\n"
+        "    try:\n"
+        "        ManagementUtility(['django-admin', 'dbtls', '--explain', *args]).execute()\n"
+        "    except SystemExit as exc:\n"
+        "        print(f'exit {exc.code}')\n"
+        "    print('----', flush=True)\n"
+    )
+    proc = _run("-c", code, settings="tests.deploy_settings")
+    one, listed, unknown, _ = proc.stdout.split("----\n")
+    assert one == explanation("W003")
+    assert listed == explanation_index()
+    assert unknown == "exit 2\n"
+    assert "'W999' is neither a check id nor a refusal cause" in proc.stderr
 
 
 @pytest.mark.parametrize("code", list(CHECKS))

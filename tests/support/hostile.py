@@ -154,7 +154,8 @@ class HostileServer(_LoopbackServer):
     ``behaviour``:
       - ``"downgrade"``: answer ``N`` to the SSLRequest (no TLS), then record whatever follows;
       - ``"tls"``: complete TLS with ``leaf`` (any CA, any name) then ask for the password in
-        cleartext (``AuthenticationCleartextPassword``), the phishing a MITM would do;
+        cleartext (``AuthenticationCleartextPassword``), the phishing a MITM would do, and
+        answer it with "password authentication failed";
       - ``"garbage"``: complete TLS, then answer the startup packet with random bytes;
       - ``"silent"``: complete TLS, then say nothing (the client must time out).
     A client that opens TLS directly (``sslnegotiation=direct``) is served the same way.
@@ -315,6 +316,12 @@ class HostileServer(_LoopbackServer):
                 conn.record.closed_by_client = True
                 return
             conn.record.decrypted += data
+            if answered and self.behaviour == "tls":
+                # The password is in: refuse it as a real server would, so the client is told
+                # at once instead of waiting out its connect_timeout.
+                tls.write(_authentication_failed())
+                flush()
+                return
             if not answered and self.behaviour in {"tls", "garbage"}:
                 answered = True
                 if self.behaviour == "tls":
@@ -322,6 +329,12 @@ class HostileServer(_LoopbackServer):
                 else:  # no valid message type, and a huge length to tempt a long read
                     tls.write(b"\xff\x7f\xff\xff\xf0" + os.urandom(64))
                 flush()
+
+
+def _authentication_failed() -> bytes:
+    # ErrorResponse: FATAL, SQLSTATE 28P01 (invalid_password), then the message.
+    fields = b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed\0\0"
+    return b"E" + struct.pack("!i", 4 + len(fields)) + fields
 
 
 def _cleartext_password_request() -> bytes:
