@@ -206,15 +206,19 @@ def _asn1_time(fns: _TimeFunctions, asn1_time: int | None) -> dt.datetime | None
 # break lines there) and the bidirectional overrides ("Trojan Source"); and to lone surrogates,
 # which no UTF-8 output could print. Backslashes are left alone: both OpenSSL's and
 # cryptography's RFC 2253/4514 strings escape them already, so the rule is idempotent.
-_UNSAFE_TEXT = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
-)
+@functools.cache
+def _unsafe_text() -> re.Pattern[str]:
+    # Compiled on first use, not at import: its ranges beyond Latin-1 make this one of the
+    # dearest compiles in the package, and most processes never show certificate text.
+    return re.compile(
+        r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+    )
 
 
 def certificate_text(text: str) -> str:
     """``text`` (a certificate's name, or a message quoting one) with every control character,
     line separator and bidirectional override escaped as OpenSSL escapes them (``\\0A``)."""
-    return _UNSAFE_TEXT.sub(_hex_bytes, text)
+    return _unsafe_text().sub(_hex_bytes, text)
 
 
 def _hex_bytes(match: re.Match[str]) -> str:
