@@ -1,3 +1,4 @@
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,6 @@ class SecurePgBackendConfig(AppConfig):
     default = True
 
     def ready(self) -> None:
-        from . import metrics
         from .base import verified_aliases
 
         # Tagged "security" (not "database"): these run offline on every `check`.
@@ -25,8 +25,12 @@ class SecurePgBackendConfig(AppConfig):
         checks.register(_check_deploy_aliases, checks.Tags.security, deploy=True)
         # Aliases whose own link goes without TLS by an opt-in (W004): a decision to review.
         checks.register(_check_deploy_plaintext, checks.Tags.security, deploy=True)
-        # Prometheus metrics when prometheus_client is installed (extra [metrics]).
-        metrics.install(verified_aliases)
+        # Prometheus metrics when prometheus_client is installed (extra [metrics]); without
+        # it, the metrics module is not even imported.
+        if importlib.util.find_spec("prometheus_client") is not None:
+            from . import metrics
+
+            metrics.install(verified_aliases)
 
 
 def _check_databases(

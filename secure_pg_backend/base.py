@@ -14,7 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 
-from . import libpq, lifecycle, pipeline, policy, refusals, signals
+from . import libpq, lifecycle, pipeline, policy, signals
 from .aliases import standalone_wrapper
 from .client import DatabaseClient
 from .errors import ConnectionFileError, InsecureConnectionError, SecurePolicyError, secret_values
@@ -210,7 +210,9 @@ class VerifiedTLSMixin(_WrapperBase):
         decision = self._decision
         host = decision.host_display if decision else self.settings_dict.get("HOST")
         params = self._verdict.params if self._verdict is not None else None
-        return refusals.explain(
+        from .refusals import explain  # a refusal's wording: imported by the first failure
+
+        return explain(
             exc,
             self.alias,
             host,

@@ -34,19 +34,15 @@ from . import certificates, libpq
 from .compat import NEWER_KEYWORDS
 from .errors import location, redact, secret_values
 from .policy import control_character
-from .provider import credentials_for
-from .psql_child import StopTogether, anonymous_file, handed_over, sweep_stale_directories
 
 __all__ = [
     "DatabaseClient",
     "PsqlCommand",
     "PsqlSession",
-    "anonymous_file",
     "private_files",
     "psql_command",
     "psql_major_version",
     "psql_session",
-    "sweep_stale_directories",
     "target_arguments",
 ]
 
@@ -276,6 +272,8 @@ def psql_command(
     password = secrets.pop("password", None)
     # OPTIONS['password_provider'], asked only now that the policy has passed. The user it
     # returns, if any, is psql's and the passfile entry's (bound to it below).
+    from .provider import credentials_for  # dbshell only: not on every process's start-up
+
     answer = credentials_for(wrapper.alias, wrapper.settings_dict)
     if answer is not None:
         password = answer.password
@@ -360,6 +358,8 @@ def private_files(command: PsqlCommand) -> Iterator[tuple[dict[str, str], tuple[
     (closed, or removed, afterwards)."""
     env = {k: v for k, v in os.environ.items() if k != _NOT_INHERITED}
     env.update(command.environment)
+    from .psql_child import handed_over, sweep_stale_directories  # dbshell only
+
     sweep_stale_directories()
     if command.password is None and not command.secrets:
         yield env, ()  # the user's own passfile (~/.pgpass, PGPASSFILE) works as in stock
@@ -418,6 +418,8 @@ class DatabaseClient(postgresql.DatabaseClient):
     connection: VerifiedTLSMixin
 
     def runshell(self, parameters: Iterable[str]) -> None:
+        from .psql_child import StopTogether  # dbshell only: not on every process's start-up
+
         parameters = list(parameters)
         # psql_command probes psql's version (cached) before run() ignores SIGINT.
         with (

@@ -90,7 +90,18 @@ from django.db import connection, connections
 print("wrappers after setup:", [c.alias for c in connections.all(initialized_only=True)])
 with connection.cursor() as cursor:
     cursor.execute("SELECT 1")
-light = ("secure_pg_backend.tlsinfo", "secure_pg_backend.checks", "cryptography")
+# Each used only by what names it: the report, the checks, the metrics (prometheus_client
+# installed), a refusal's wording and diagnosis, dbshell, a password provider.
+light = (
+    "secure_pg_backend.tlsinfo",
+    "secure_pg_backend.checks",
+    "secure_pg_backend.metrics",
+    "secure_pg_backend.refusals",
+    "secure_pg_backend.diagnose",
+    "secure_pg_backend.psql_child",
+    "secure_pg_backend.provider",
+    "cryptography",
+)
 print("imported:", [name for name in light if name in sys.modules])
 print("tls_info:", connection.tls_info.protocol)
 print("imported:", [name for name in light if name in sys.modules])
@@ -213,6 +224,6 @@ def test_metrics_read_the_checks_facts_not_the_report(good_server: TLSPostgres) 
     )
     assert proc.returncode == 0, proc.stderr
     _, before, _, _, expiry = proc.stdout.splitlines()
-    assert before == "imported: []"
+    assert before == "imported: ['secure_pg_backend.metrics']"  # and still no report
     expected = leaf_certificate(good_server).not_valid_after_utc.timestamp()
     assert expiry == f"expiry: {expected}"

@@ -25,7 +25,7 @@ from django.core.management.base import CommandError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secure_pg_backend import client, libpq, psql_child
+from secure_pg_backend import libpq, psql_child
 from secure_pg_backend.base import standalone_wrapper
 from secure_pg_backend.client import (
     DatabaseClient,
@@ -698,7 +698,7 @@ def test_the_sweep_removes_only_this_users_dead_directories(tmp_path: Path) -> N
     link.symlink_to(elsewhere)
     plain = tmp_path / "spb-dbshell-2-file"
     plain.write_text("not ours to judge\n")
-    removed = client.sweep_stale_directories(str(tmp_path))
+    removed = psql_child.sweep_stale_directories(str(tmp_path))
     assert sorted(removed) == sorted([str(legacy), str(of_the_dead)])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [alive.name, elsewhere.name, link.name, plain.name]
