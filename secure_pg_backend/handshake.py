@@ -249,7 +249,9 @@ def read_facts(pgconn: Any, peer: bool = False) -> LinkFacts:
         protocol=protocol,
         cipher=cipher,
         used_gssapi=libpq.used_gssapi(pgconn),
-        unix_socket=libpq.socket_family(pgconn) == socket.AF_UNIX,
+        # libpq never starts TLS over a Unix-domain socket (it skips the SSLRequest there), so
+        # a link in TLS is TCP; only a link without TLS needs its socket's family read.
+        unix_socket=not ssl_in_use and libpq.socket_family(pgconn) == socket.AF_UNIX,
         effective=effective,
         alpn=alpn,
         peer=libpq.peer_address(pgconn) if peer else None,

@@ -273,9 +273,10 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
             cause="policy",
         )
     forced_keys = plan.decision.forced
-    names = tuple(k for k in params if k not in policy.PSYCOPG_ARGUMENTS)
-    nul = any(isinstance(v, str) and "\x00" in v for v in params.values())
-    key = None if nul else (names, tuple(str(params.get(k)) for k in forced_keys))
+    # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
+    # forced keys' values. Built by C-level iteration: this runs on every new connection.
+    nul = "\x00" in "".join([v for v in params.values() if type(v) is str])
+    key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
         return
     keywords = {k: v for k, v in params.items() if k not in policy.PSYCOPG_ARGUMENTS}

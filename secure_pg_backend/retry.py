@@ -118,6 +118,8 @@ class Bucket:
             return True
 
     def give(self, amount: float) -> None:
+        if self.tokens >= self.capacity:  # the usual case (no retries lately): no lock taken
+            return
         with _lock:
             self.tokens = min(self.capacity, self.tokens + amount)
 
@@ -376,6 +378,9 @@ RECENT_TIMEOUT = 30.0  # a host whose attempt timed out this recently is tried l
 _lock = threading.Lock()
 
 
+_NEVER = float("-inf")
+
+
 class Breaker:
     """One endpoint's circuit breaker.
 
@@ -394,7 +399,7 @@ class Breaker:
         self.last: BaseException | None = None
         self.openings = 0
         self.probing = False
-        self.timed_out = float("-inf")
+        self.timed_out = _NEVER
 
     @property
     def name(self) -> str:
@@ -407,6 +412,9 @@ class Breakers:
 
     def __init__(self) -> None:
         self._by_endpoint: dict[Endpoint, Breaker] = {}
+        # Breakers now open: while none is, admitting a connect takes no lock (every connect
+        # asks). Read without the lock: a breaker opening at that instant is seen by the next.
+        self.open_count = 0
 
     def _get(self, endpoint: Endpoint) -> Breaker:
         breaker = self._by_endpoint.get(endpoint)
@@ -417,6 +425,8 @@ class Breakers:
     def admit(self, endpoints: tuple[Endpoint, ...]) -> tuple[bool, BaseException | None]:
         """(probe, refused): go ahead unless every endpoint is open; then this caller probes
         (one attempt) if nobody else does, else it gets the last cause to raise at once."""
+        if not self.open_count:
+            return False, None
         with _lock:
             breakers = [self._by_endpoint.get(e) for e in endpoints]
             opened = [b for b in breakers if b is not None and b.state == OPEN]
@@ -456,6 +466,7 @@ class Breakers:
                 if breaker.state == CLOSED:
                     breaker.state, breaker.since = OPEN, now
                     breaker.openings += 1
+                    self.open_count += 1
                     opened.append(breaker)
         for breaker in opened:
             _changed(breaker, exc, budget)
@@ -477,14 +488,18 @@ class Breakers:
             self._close(endpoint)
 
     def _close(self, endpoint: Endpoint) -> None:
+        known = self._by_endpoint.get(endpoint)
+        if known is None or (known.state == CLOSED and known.timed_out == _NEVER):
+            return  # the usual case, every connect: nothing to change, no lock taken
         with _lock:
             breaker = self._by_endpoint.get(endpoint)
             if breaker is None:
                 return
-            breaker.timed_out = float("-inf")
+            breaker.timed_out = _NEVER
             if breaker.state == CLOSED:
                 return
             breaker.state, breaker.last = CLOSED, None
+            self.open_count -= 1
             since = breaker.since
         _changed(breaker, None, time.monotonic() - since)
 
@@ -521,6 +536,7 @@ class Breakers:
 
     def clear(self) -> None:
         self._by_endpoint = {}
+        self.open_count = 0
 
 
 BREAKERS = Breakers()
