@@ -55,6 +55,10 @@ else:
     _WrapperBase = object
 
 
+# The settings fields, besides OPTIONS and the password, that the verdict depends on.
+_KEY_FIELDS = ("HOST", "PORT", "NAME", "USER")
+
+
 class VerifiedTLSMixin(_WrapperBase):
     """The whole TLS policy, on top of any wrapper derived from Django's postgresql one.
 
@@ -152,7 +156,7 @@ class VerifiedTLSMixin(_WrapperBase):
         options = self.settings_dict.get("OPTIONS") or {}
         if "service" in options or "PGSERVICE" in os.environ:
             return None
-        fields = tuple(self.settings_dict.get(f) for f in ("HOST", "PORT", "NAME", "USER"))
+        fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
         password = self.settings_dict.get("PASSWORD")
         return (fields, password, repr(options), libpq.environment_snapshot())
 

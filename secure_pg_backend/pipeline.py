@@ -79,7 +79,16 @@ class Plan:
     (a subclass's ``get_connection_params``/``get_new_connection``), named in a refusal.
     """
 
-    __slots__ = ("alias", "changers", "decision", "hooks", "judged", "sender", "settings_dict")
+    __slots__ = (
+        "alias",
+        "changers",
+        "decision",
+        "file_paths",
+        "hooks",
+        "judged",
+        "sender",
+        "settings_dict",
+    )
 
     def __init__(
         self,
@@ -100,6 +109,7 @@ class Plan:
         # password aside, see ``judge``): a new connection with the same parameters costs a
         # dict lookup, not a second parse of what psycopg parses anyway.
         self.judged: dict[tuple[Any, ...], None] = {}
+        self.file_paths = tuple(need.path for need in decision.files)
 
     def with_hooks(self, hooks: Hooks) -> Plan:
         return Plan(
@@ -232,7 +242,7 @@ def check_files(plan: Plan) -> None:
     needs = plan.decision.files
     problems = files.file_problems(needs)
     if not problems:
-        _SEEN_FILES.update(need.path for need in needs)
+        _SEEN_FILES.update(plan.file_paths)
         return
     raise ConnectionFileError.from_violations(
         plan.alias,

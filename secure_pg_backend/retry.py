@@ -225,7 +225,7 @@ class Retry:
         ``connect_timeout`` each host's equal share of what is left, in whole seconds (libpq
         and psycopg give every host that much). None when a share would be under
         ``MIN_ATTEMPT`` (a direct-TLS fallback that finds the deadline near)."""
-        shaped = order_hosts(params, self.endpoints)
+        shaped = order_hosts(params, self.endpoints) if len(self.endpoints) > 1 else dict(params)
         if self.span is None:
             return shaped
         now = self.clock()
@@ -307,7 +307,9 @@ def loop(
 ) -> T:
     endpoints = retry.endpoints
     _FAILED_BY.set(None)
-    if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
+    # The breakers and the bucket are asked only when they hold something: on the usual
+    # connect (nothing open, no retry drawn) they cost one attribute read each.
+    if endpoints and retry.budget > 0 and BREAKERS.open_count:  # no breaker without retries
         retry.probe, refused = BREAKERS.admit(endpoints)
         if refused is not None:
             raise refused  # the last cause, at once: another caller's probe is on its way
@@ -332,8 +334,9 @@ def loop(
                 sleep(wait)
                 retry.advance(cause)
             else:
-                retry.succeeded()
-                if endpoints:
+                if retry.drawn or BUCKET.tokens < BUCKET.capacity:
+                    retry.succeeded()
+                if endpoints and BREAKERS.known:
                     BREAKERS.reached(endpoints, result)
                 return result
     finally:
@@ -415,6 +418,11 @@ class Breakers:
         # Breakers now open: while none is, admitting a connect takes no lock (every connect
         # asks). Read without the lock: a breaker opening at that instant is seen by the next.
         self.open_count = 0
+
+    @property
+    def known(self) -> bool:
+        """Whether any endpoint has a breaker yet (one failed connect made it)."""
+        return bool(self._by_endpoint)
 
     def _get(self, endpoint: Endpoint) -> Breaker:
         breaker = self._by_endpoint.get(endpoint)
@@ -599,8 +607,11 @@ def endpoints_of(params: Mapping[str, Any]) -> tuple[Endpoint, ...]:
     host = params.get("host")
     if not host:
         return ()
-    hosts = [h.strip() for h in str(host).split(",")]
-    ports = [p.strip() for p in str(params.get("port") or "").split(",")]
+    port = str(params.get("port") or "")
+    if "," not in (text := str(host)) and "," not in port:  # one host: every connect's case
+        return ((text.strip(), port.strip() or "5432"),)
+    hosts = [h.strip() for h in text.split(",")]
+    ports = [p.strip() for p in port.split(",")]
     if len(ports) == 1:
         ports *= len(hosts)
     if len(ports) != len(hosts):
