@@ -35,8 +35,7 @@ PATH = {
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
-    "retry.loop",  # the retry object's loop: breakers, budget, bucket
-    "retry.admit",  # the endpoints' breakers
+    "retry.loop",  # the retry object's loop: breakers (asked once one is open), budget, bucket
     "retry.params_for",  # the deadline: each libpq call gets what is left
     "pipeline.attempt",
     "pipeline.check_files",
