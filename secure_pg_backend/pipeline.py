@@ -285,7 +285,7 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
     forced_keys = plan.decision.forced
     # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
     # forced keys' values. Built by C-level iteration: this runs on every new connection.
-    nul = "\x00" in "".join([v for v in params.values() if type(v) is str])
+    nul = "\x00" in "".join([v for v in params.values() if isinstance(v, str)])
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
         return

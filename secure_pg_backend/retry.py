@@ -118,8 +118,6 @@ class Bucket:
             return True
 
     def give(self, amount: float) -> None:
-        if self.tokens >= self.capacity:  # the usual case (no retries lately): no lock taken
-            return
         with _lock:
             self.tokens = min(self.capacity, self.tokens + amount)
 

@@ -19,7 +19,13 @@ from django.db.backends.postgresql import base as postgresql
 from django.db.utils import ConnectionHandler, OperationalError
 from django.test import override_settings
 
-from secure_pg_backend import InsecureConnectionError, SecurePolicyError, checks, diagnose
+from secure_pg_backend import (
+    InsecureConnectionError,
+    SecurePolicyError,
+    checks,
+    diagnose,
+    pipeline,
+)
 from secure_pg_backend.base import DatabaseWrapper, VerifiedTLSMixin
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres
 from tests.conftest import assert_no_secret
@@ -145,6 +151,24 @@ def test_a_nul_byte_ahead_of_the_policy_is_refused(evil: HostileServer, ca: Test
     assert isinstance(error, InsecureConnectionError) and "Nothing was sent" in str(error)
     evil.settle()
     assert evil.recordings == []
+
+
+class _Text(str):
+    """A str subclass, as settings loaders and Django's SafeString hand out."""
+
+
+@pytest.mark.parametrize("text", [str, _Text])
+def test_a_remembered_verdict_never_covers_a_nul_byte(ca: TestCA, text: type[str]) -> None:
+    # A verdict is remembered by the keys and the forced values; a NUL anywhere (a str subclass
+    # too) is judged afresh, since libpq would stop reading at it.
+    wrapper = _wrapper(DatabaseWrapper, _entry(5432, ca))
+    params = wrapper.get_connection_params()
+    plan = wrapper._plan()
+    pipeline.judge(plan, params)  # judged and remembered
+    pipeline.judge(plan, params)  # remembered: no parse
+    cut = {"user": text("app\x00"), **{k: v for k, v in params.items() if k != "user"}}
+    with pytest.raises(InsecureConnectionError, match="Nothing was sent"):
+        pipeline.judge(plan, cut)
 
 
 def test_a_subclass_that_weakens_a_pool_is_refused_too(evil: HostileServer, ca: TestCA) -> None:
