@@ -439,7 +439,9 @@ def test_wrong_ca_is_explained_without_the_connection_string(
 
 SSL_SECRET = "ssl-Key-Pass-28d3b1"  # sslpassword: travels in the service file
 _DRIVER = """
-import json, os, sys
+import json, os, signal, sys
+# SIGHUP as a shell's or kubectl's child has it, even under a test run started with nohup.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 with os.fdopen(int(sys.argv[1])) as settings_pipe:
     settings_dict, mode = json.loads(settings_pipe.readline())
 import django
