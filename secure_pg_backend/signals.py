@@ -19,7 +19,7 @@ so they must be quick and must not raise; exceptions are not caught for them.
   connection failed for a transient cause (``causes.classify``) and is tried again in ``delay``
   seconds; ``message`` is libpq's, the password removed.
 - ``breaker_changed(sender, endpoint, state, openings)``: an endpoint's circuit breaker
-  (``retry.Breakers``, one per "host:port" for the whole process) opened or closed;
+  (``breakers.Breakers``, one per "host:port" for the whole process) opened or closed;
   ``state`` is ``"open"`` or ``"closed"``, ``openings`` how many times it opened.
 
 ``sender`` is the wrapper class.

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from django.db.utils import OperationalError
 
-from secure_pg_backend import causes, signals
+from secure_pg_backend import breakers, causes, signals
 from secure_pg_backend import retry as retries
 from secure_pg_backend.testing import APP_PASSWORD, TestCA, TLSPostgres, free_port
 from tests.conftest import assert_no_secret
@@ -338,7 +338,7 @@ def test_the_docs_state_the_codes_numbers() -> None:
         f"(default {retries.DEFAULT_RETRY_BUDGET:g},",
         f"D = max(connect_timeout, {retries.MIN_ATTEMPT} \N{MULTIPLICATION SIGN} H)",
         f"reads less than {retries.MIN_ATTEMPT} as {retries.MIN_ATTEMPT}",
-        f"within the last {retries.RECENT_TIMEOUT:g} s",
+        f"within the last {breakers.RECENT_TIMEOUT:g} s",
         f"{retries.BUCKET_CAPACITY:g} tokens",
         f'A retry costs {retries.RETRY_COST:g} tokens, a retry after "too many clients" '
         f"{retries.CROWDED_COST:g}",

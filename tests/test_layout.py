@@ -23,6 +23,7 @@ PATH = {
     "base",
     "pipeline",
     "retry",
+    "breakers",
     "policy",
     "files",
     "certificates",

@@ -13,7 +13,7 @@ Healthy when a connection for the alias passes the policy and answers ``SELECT 1
 a warning when the server certificate expires within ``warn_days``, or the client certificate
 this side presents has less than a third of its lifetime and fewer than ``warn_days`` left
 (0 turns both warnings off), or another of the alias's hosts has its circuit breaker open
-(``retry.breakers()``: a standby down, say); unavailable when the connection is refused or
+(``breakers.breakers()``: a standby down, say); unavailable when the connection is refused or
 fails, with the reason, and for an endpoint whose breaker is open, since when (connects to it
 fail at once, one probe at a time): the check answers at once during an outage instead of
 holding the worker that serves it for the retry budget.
@@ -29,7 +29,7 @@ from django.utils.connection import ConnectionDoesNotExist
 from health_check.base import HealthCheck
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
-from .. import retry
+from .. import breakers
 from ..base import VerifiedTLSMixin
 from ..certificates import EXPIRY_WARNING_DAYS, certificate_text, expiring
 from ..errors import InsecureConnectionError, SecurePolicyError, location, redact, secret_values
@@ -41,14 +41,14 @@ __all__ = ["VerifiedTLS"]
 def _endpoints(settings_dict: Any) -> frozenset[str]:
     """The alias's endpoints as the breakers name them ("host:port")."""
     params = {"host": settings_dict.get("HOST"), "port": settings_dict.get("PORT")}
-    return frozenset(f"{host}:{port}" for host, port in retry.endpoints_of(params))
+    return frozenset(f"{host}:{port}" for host, port in breakers.endpoints_of(params))
 
 
 def _open_breakers(endpoints: frozenset[str]) -> list[str]:
     return [
         f"{b['endpoint']} open for {b['for']:.0f} s, connects to it fail at once, one probe "
         "at a time"
-        for b in retry.breakers()
+        for b in breakers.breakers()
         if b["endpoint"] in endpoints and b["state"] == "open"
     ]
 
