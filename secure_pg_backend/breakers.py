@@ -86,11 +86,6 @@ class Breakers:
         # asks). Read without the lock: a breaker opening at that instant is seen by the next.
         self.open_count = 0
 
-    @property
-    def known(self) -> bool:
-        """Whether any endpoint has a breaker yet (one failed connect made it)."""
-        return bool(self._by_endpoint)
-
     def _get(self, endpoint: Endpoint) -> Breaker:
         breaker = self._by_endpoint.get(endpoint)
         if breaker is None:
@@ -158,6 +153,8 @@ class Breakers:
 
     def reached(self, endpoints: tuple[Endpoint, ...], connection: Any) -> None:
         """A connection was made: close the breaker of the endpoint it reached."""
+        if not self._by_endpoint:  # no connect has failed yet: nothing to close
+            return
         endpoint = _endpoint_of(connection, endpoints)
         if endpoint is not None:
             self._close(endpoint)

@@ -227,14 +227,15 @@ class Retry:
         return self.limit is not None and self.limit - now < self.room
 
     def succeeded(self) -> None:
-        BUCKET.give(SUCCESS_REFILL + self.drawn)
+        if self.drawn or BUCKET.tokens < BUCKET.capacity:  # full and nothing drawn: no lock
+            BUCKET.give(SUCCESS_REFILL + self.drawn)
 
     def params_for(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """``params`` for one libpq call starting now: the hosts in the breakers' order and
         ``connect_timeout`` each host's equal share of what is left, in whole seconds (libpq
         and psycopg give every host that much). None when a share would be under
         ``MIN_ATTEMPT`` (a direct-TLS fallback that finds the deadline near)."""
-        shaped = order_hosts(params, self.endpoints) if len(self.endpoints) > 1 else dict(params)
+        shaped = order_hosts(params, self.endpoints)
         if self.span is None:
             return shaped
         now = self.clock()
@@ -316,9 +317,7 @@ def loop(
 ) -> T:
     endpoints = retry.endpoints
     _FAILED_BY.set(None)
-    # The breakers and the bucket are asked only when they hold something: on the usual
-    # connect (nothing open, no retry drawn) they cost one attribute read each.
-    if endpoints and retry.budget > 0 and BREAKERS.open_count:  # no breaker without retries
+    if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
         retry.probe, refused = BREAKERS.admit(endpoints)
         if refused is not None:
             raise refused  # the last cause, at once: another caller's probe is on its way
@@ -343,9 +342,8 @@ def loop(
                 sleep(wait)
                 retry.advance(cause)
             else:
-                if retry.drawn or BUCKET.tokens < BUCKET.capacity:
-                    retry.succeeded()
-                if endpoints and BREAKERS.known:
+                retry.succeeded()
+                if endpoints:
                     BREAKERS.reached(endpoints, result)
                 return result
     finally:

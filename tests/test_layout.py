@@ -36,7 +36,8 @@ PATH = {
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
-    "retry.loop",  # the retry object's loop: breakers (asked once one is open), budget, bucket
+    "retry.loop",  # the retry object's loop: breakers, budget, bucket
+    "breakers.admit",  # the endpoints' breakers
     "retry.params_for",  # the deadline: each libpq call gets what is left
     "pipeline.attempt",
     "pipeline.check_files",
