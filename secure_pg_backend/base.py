@@ -7,7 +7,6 @@ checks the live link. Forks and exits: ``lifecycle``.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from django.core.exceptions import ImproperlyConfigured
@@ -154,11 +153,12 @@ class VerifiedTLSMixin(_WrapperBase):
         is checked again before every physical connection (``_check_files``).
         """
         options = self.settings_dict.get("OPTIONS") or {}
-        if "service" in options or "PGSERVICE" in os.environ:
+        environment = libpq.environment_snapshot()
+        if "service" in options or libpq.service_in(environment):
             return None
         fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
         password = self.settings_dict.get("PASSWORD")
-        return (fields, password, repr(options), libpq.environment_snapshot())
+        return (fields, password, repr(options), environment)
 
     # -- every physical connection: the attempt pipeline ----------------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -186,6 +186,9 @@ class VerifiedTLSMixin(_WrapperBase):
         (``assume_role``) stays Django's: its SQL is composed through this wrapper's cursor,
         which needs ``self.connection`` set. In autocommit, as Django runs it: in a transaction
         psycopg would add a BEGIN and a COMMIT that stock does not send."""
+        timezone_name = self.timezone_name
+        if not timezone_name or connection.info.parameter_status("TimeZone") == timezone_name:
+            return  # Django's own test in _configure_timezone: it would send nothing
         was = connection.autocommit
         connection.autocommit = True  # a client-side switch while idle: nothing is sent
         # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the

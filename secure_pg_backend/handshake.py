@@ -228,14 +228,19 @@ def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:
     return None
 
 
-def read_facts(pgconn: Any, peer: bool = False) -> LinkFacts:
+def read_facts(
+    pgconn: Any, peer: bool = False, effective: Mapping[str, str] | None = None
+) -> LinkFacts:
     """The facts the post-handshake check needs, from libpq and the socket (no SQL).
 
     ``peer``: also the socket's peer address (one ``getpeername``), for a local proxy.
+    ``effective``: libpq's effective settings, already read from a connection opened with the
+    same judged parameters (``pipeline.Plan.confirmed``); else ``PQconninfo`` here.
     """
     ssl_in_use = bool(pgconn.ssl_in_use)
     protocol = cipher = alpn = None
-    effective = libpq.effective_settings(pgconn)
+    if effective is None:
+        effective = libpq.effective_settings(pgconn)
     if ssl_in_use:
         get = libpq.functions().ssl_attribute
         ptr = pgconn.pgconn_ptr
@@ -326,23 +331,28 @@ def cannot_do_direct(exc: BaseException) -> bool:
     return any(marker in text for marker in NOT_DIRECT_MARKERS)
 
 
-def negotiate(decision: Decision | None, connect: Callable[[bool], T]) -> T:
-    """``connect(direct)``: direct where known to work, falling back once, in the same connect,
-    if refused the way a peer or path that cannot do it refuses; else the SSLRequest, as
-    libpq does. sslmode and every check stay as they are either way."""
+def negotiate(
+    decision: Decision | None,
+    params: Mapping[str, Any],
+    connect: Callable[[Mapping[str, Any]], T],
+) -> T:
+    """``connect(params)``: with ``sslnegotiation=direct`` where known to work, falling back
+    once, in the same connect, to ``params`` as given if refused the way a peer or path that
+    cannot do it refuses; else ``params`` as given (the SSLRequest, as libpq does). sslmode and
+    every check stay as they are either way."""
     if decision is None or not goes_direct(decision):
-        return connect(False)
+        return connect(params)
     key = decision.direct_key
     assert key is not None  # goes_direct
     try:
-        return connect(True)
+        return connect(with_negotiation(params, True))
     except Exception as exc:
         if not cannot_do_direct(exc):
             raise
     _DIRECT[key] = False  # before the fallback: concurrent connects take the SSLRequest too
     _FELL_BACK[key] = time.monotonic()
     try:
-        return connect(False)
+        return connect(params)
     except BaseException:
         # Refused both ways: perhaps down rather than unable. Unknown again, so the next
         # connection uses the SSLRequest and what it shows is learned.

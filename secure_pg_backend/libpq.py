@@ -276,6 +276,17 @@ def environment_snapshot() -> tuple[Any, ...]:
     return tuple(map(os.environ.get, names))
 
 
+def service_in(snapshot: tuple[Any, ...]) -> bool:
+    """Whether an ``environment_snapshot`` names a service (PGSERVICE set, even empty)."""
+    return snapshot[_service_index()] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _service_index() -> int:
+    names = _snapshot_names()
+    return names.index(b"PGSERVICE" if names and isinstance(names[0], bytes) else "PGSERVICE")
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "surrogateescape")
 

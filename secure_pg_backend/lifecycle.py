@@ -59,6 +59,9 @@ class _Registry(Generic[T]):
     def add(self, obj: T) -> None:
         key = id(obj)
         refs = self._refs
+        known = refs.get(key)
+        if known is not None and known() is obj:  # a wrapper's every reconnect
+            return
         refs[key] = weakref.ref(
             obj, lambda ref: refs.pop(key, None) if refs.get(key) is ref else None
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import datetime as dt
 import logging
 import types
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import certificates, files, handshake, libpq, lifecycle, policy, signals
+from . import files, handshake, libpq, lifecycle, policy, signals
 from .errors import (
     ConnectionFileError,
     InsecureConnectionError,
@@ -56,10 +55,13 @@ T = TypeVar("T")
 # Stored on each psycopg connection: what the link check saw, then the TLSInfo built from it.
 LINK_ATTR = "_secure_pg_backend_link"
 TLS_INFO_ATTR = "_secure_pg_backend_tls_info"
+# ... and the judged parameter set it was opened with (``judge``), for ``verify``.
+JUDGED_ATTR = "_secure_pg_backend_judged"
 
 
 class Hooks:
-    """What a caller adds around each attempt; the pool's stop it at exit or once closed."""
+    """What a caller adds around each attempt (a plan without any has ``hooks=None``); the
+    pool's stop it at exit or once closed."""
 
     def before_attempt(self) -> None:
         """Called before each attempt (a retry included); may raise to stop retrying."""
@@ -67,9 +69,6 @@ class Hooks:
     def verifying(self) -> contextlib.AbstractContextManager[None]:
         """Around the Python work after libpq returns (the check, the log line, receivers)."""
         return contextlib.nullcontext()
-
-
-NO_HOOKS = Hooks()
 
 
 class Plan:
@@ -82,10 +81,12 @@ class Plan:
     __slots__ = (
         "alias",
         "changers",
+        "confirmed",
         "decision",
         "file_paths",
         "hooks",
         "judged",
+        "provider",
         "sender",
         "settings_dict",
     )
@@ -97,7 +98,7 @@ class Plan:
         settings_dict: Mapping[str, Any],
         sender: type,
         changers: tuple[str, ...] = (),
-        hooks: Hooks = NO_HOOKS,
+        hooks: Hooks | None = None,
     ) -> None:
         self.alias = alias
         self.decision = decision
@@ -109,7 +110,13 @@ class Plan:
         # password aside, see ``judge``): a new connection with the same parameters costs a
         # dict lookup, not a second parse of what psycopg parses anyway.
         self.judged: dict[tuple[Any, ...], None] = {}
+        # libpq's effective settings, read back from the first live connection of each judged
+        # parameter set (and its sslnegotiation): what libpq makes of a connection string
+        # depends on that string alone, so later connections read only the facts the server
+        # decides (TLS in use, protocol, cipher, ALPN, GSSAPI), never a second PQconninfo.
+        self.confirmed: dict[tuple[Any, ...], Mapping[str, str]] = {}
         self.file_paths = tuple(need.path for need in decision.files)
+        self.provider = policy.has_provider(settings_dict)  # credentials asked per attempt
 
     def with_hooks(self, hooks: Hooks) -> Plan:
         return Plan(
@@ -119,6 +126,10 @@ class Plan:
     @property
     def host(self) -> str | None:
         return self.decision.host_display
+
+    def secrets(self) -> object:
+        """What a message about this alias must never show (gathered only when one is made)."""
+        return secret_values(self.settings_dict)
 
 
 # -- the attempt ---------------------------------------------------------------------------
@@ -155,16 +166,31 @@ def connect(
         limit=deadline(timeout, len(endpoints)),
         endpoints=endpoints,
     )
-    with _one_connect(plan):  # a provider's second chance: at most once per connect
-        return loop(
-            retry,
-            lambda shaped: attempt(plan, shaped, open_, retry, settle),
-            params,
-            alias=plan.alias,
-            sender=plan.sender,
-            secrets=lambda: secret_values(plan.settings_dict),
-            before_attempt=plan.hooks.before_attempt,
-        )
+
+    def one(shaped: Mapping[str, Any]) -> T:
+        return attempt(plan, shaped, open_, retry, settle)
+
+    if not plan.provider:
+        return _looped(plan, retry, one, params)
+    from . import provider  # only with a provider: not on every connection's path
+
+    with provider.one_connect():  # a provider's second chance: at most once per connect
+        return _looped(plan, retry, one, params)
+
+
+def _looped(
+    plan: Plan, retry: Retry, one: Callable[[Mapping[str, Any]], T], params: Mapping[str, Any]
+) -> T:
+    hooks = plan.hooks
+    return loop(
+        retry,
+        one,
+        params,
+        alias=plan.alias,
+        sender=plan.sender,
+        secrets=plan.secrets,
+        before_attempt=hooks.before_attempt if hooks is not None else None,
+    )
 
 
 def attempt(
@@ -178,22 +204,23 @@ def attempt(
     session set up."""
     check_files(plan)
 
-    def negotiate(fresh: Mapping[str, Any]) -> T:
-        return handshake.negotiate(
-            plan.decision,
-            lambda direct: _opened(plan, handshake.with_negotiation(fresh, direct), open_, retry),
-        )
+    def opened(shaped: Mapping[str, Any]) -> T:
+        return _opened(plan, shaped, open_, retry)
 
-    if not policy.has_provider(plan.settings_dict):  # a static PASSWORD: nothing to ask
-        connection = negotiate(params)
+    if not plan.provider:  # a static PASSWORD: nothing to ask
+        connection = handshake.negotiate(plan.decision, params, opened)
     else:
-        from . import provider  # only with a provider: not on every connection's path
+        from . import provider
 
         connection = provider.second_chance(  # its second libpq call: in the deadline too
-            lambda: negotiate(provider.with_credentials(plan.alias, plan.settings_dict, params)),
+            lambda: handshake.negotiate(
+                plan.decision,
+                provider.with_credentials(plan.alias, plan.settings_dict, params),
+                opened,
+            ),
             alias=plan.alias,
             sender=plan.sender,
-            secrets=lambda: secret_values(plan.settings_dict),
+            secrets=plan.secrets,
         )
     if settle is not None:
         try:
@@ -205,35 +232,30 @@ def attempt(
     return connection
 
 
-def _one_connect(plan: Plan) -> contextlib.AbstractContextManager[None]:
-    if not policy.has_provider(plan.settings_dict):
-        return contextlib.nullcontext()
-    from . import provider
-
-    return provider.one_connect()
-
-
 def _opened(
     plan: Plan,
-    params: dict[str, Any],
+    params: Mapping[str, Any],
     open_: Callable[[dict[str, Any]], T],
     retry: Retry | None = None,
 ) -> T:
-    if retry is not None:  # every libpq call, a direct-TLS fallback too, within the deadline
-        shaped = retry.params_for(params)
-        if shaped is None:
-            raise psycopg.errors.ConnectionTimeout("connection timeout expired")
-        params = shaped
+    # Every libpq call, a direct-TLS fallback too, within the deadline; a copy either way
+    # (what ``open_`` is handed is its own).
+    shaped = retry.params_for(params) if retry is not None else dict(params)
+    if shaped is None:
+        raise psycopg.errors.ConnectionTimeout("connection timeout expired")
     token = _CURRENT.set(plan)
     try:
-        connection = open_(params)
+        connection = open_(shaped)
     except psycopg.OperationalError as exc:
         recheck_files(plan, exc)
         raise
     finally:
         _CURRENT.reset(token)
-    with plan.hooks.verifying():
+    if plan.hooks is None:
         verify(plan, connection)
+    else:
+        with plan.hooks.verifying():
+            verify(plan, connection)
     return connection
 
 
@@ -261,8 +283,9 @@ def recheck_files(plan: Plan, exc: Exception) -> None:
 
 
 # -- the parameters judged, immediately before libpq sees them -----------------------------
-def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
-    """Refuse unless the exact parameters psycopg will hand libpq carry the policy.
+def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """Refuse unless the exact parameters psycopg will hand libpq carry the policy; return
+    what the verdict was remembered by (None: not remembered, e.g. a NUL byte).
 
     ``params`` are ``psycopg.connect``'s keyword arguments. The libpq keywords among them
     become the connection string psycopg builds, read back by libpq's parser (which skips
@@ -288,7 +311,7 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
     nul = "\x00" in "".join([v for v in params.values() if isinstance(v, str)])
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
-        return
+        return key
     keywords = {k: v for k, v in params.items() if k not in policy.PSYCOPG_ARGUMENTS}
     try:
         parsed = libpq.parse(libpq.conninfo(keywords))
@@ -304,6 +327,14 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> None:
         if len(plan.judged) >= 16:  # parameters that keep changing: keep the last few
             plan.judged.clear()
         plan.judged[key] = None
+    return key
+
+
+def _judged(connection: Any, key: tuple[Any, ...] | None, params: Mapping[str, Any]) -> Any:
+    """Mark a connection with the judged parameter set it was opened with (``verify``)."""
+    if key is not None:
+        setattr(connection, JUDGED_ATTR, (key, params.get(policy.NEGOTIATION)))
+    return connection
 
 
 def _weakened(
@@ -345,8 +376,8 @@ class JudgingDatabase(types.ModuleType):
         return value
 
     def connect(self, conninfo: str = "", **kwargs: Any) -> Any:
-        judge(_current(conninfo), kwargs)
-        return psycopg.connect(conninfo, **kwargs)
+        key = judge(_current(conninfo), kwargs)
+        return _judged(psycopg.connect(conninfo, **kwargs), key, kwargs)
 
 
 def _current(conninfo: str) -> Plan | None:
@@ -366,8 +397,8 @@ def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[A
             opener = super().connect
 
             def open_(params: dict[str, Any]) -> Any:
-                judge(_CURRENT.get(), params)
-                return opener("", **params)
+                key = judge(_CURRENT.get(), params)
+                return _judged(opener("", **params), key, params)
 
             return connect(plan, kwargs, open_)
 
@@ -379,7 +410,11 @@ def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[A
 def verify(plan: Plan, connection: Any) -> None:
     """The post-handshake check: libpq state only, no SQL, no round trip."""
     decision = plan.decision
-    facts = handshake.read_facts(connection.pgconn, peer=decision.allow_local_proxy)
+    judged = getattr(connection, JUDGED_ATTR, None)
+    confirmed = plan.confirmed.get(judged) if judged is not None else None
+    facts = handshake.read_facts(
+        connection.pgconn, peer=decision.allow_local_proxy, effective=confirmed
+    )
     problem = handshake.check_link(decision, facts)
     if problem is not None:
         connection.close()
@@ -387,25 +422,14 @@ def verify(plan: Plan, connection: Any) -> None:
         message = link_message(plan.alias, facts.host, what, fix)
         raise InsecureConnectionError(message, alias=plan.alias, host=facts.host, cause=cause)
     setattr(connection, LINK_ATTR, (facts, decision))
+    if confirmed is None and judged is not None:
+        if len(plan.confirmed) >= 16:
+            plan.confirmed.clear()
+        plan.confirmed[judged] = facts.effective
     handshake.learn_direct(decision, connection.pgconn)
     lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-    dates = certificates.SessionCertificates(connection.pgconn)  # read when first asked
-    alias = plan.alias
-
-    def not_after() -> dt.datetime | None:
-        return dates.server_not_after
-
-    def client_validity() -> certificates.Validity | None:
-        return dates.client_validity
-
-    signals.announce(alias, not_after, lambda: tls_info_of(connection), client_validity)
-    signals.connection_verified.send(
-        plan.sender,
-        alias=alias,
-        tls_info=lambda: tls_info_of(connection),
-        facts=facts,
-        not_after=not_after,
-        client_validity=client_validity,
+    signals.verified(
+        plan.sender, plan.alias, connection.pgconn, facts, lambda: tls_info_of(connection)
     )
 
 

@@ -64,10 +64,6 @@ logger = logging.getLogger("secure_pg_backend")
 T = TypeVar("T")
 
 
-def _nothing() -> None:
-    return None
-
-
 # -- the retry state of one connect ----------------------------------------------------------
 DEFAULT_RETRY_BUDGET = 5.0  # seconds: a fast restart or a failover takes one or two
 FIRST_DELAY, MAX_DELAY = 0.05, 0.5  # a fault that clears is noticed within half a second
@@ -272,7 +268,7 @@ def retrying(
     secrets: Callable[[], object] = tuple,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-    before_attempt: Callable[[], None] = _nothing,
+    before_attempt: Callable[[], None] | None = None,
 ) -> T:
     """``connect()``, tried again after transient failures until ``budget`` seconds are spent;
     the last failure is raised unchanged. (No endpoint, so no breaker and no deadline: what
@@ -306,15 +302,17 @@ def time_left() -> float | None:
 
 def loop(
     retry: Retry,
-    connect: Callable[[dict[str, Any]], T],
+    connect: Callable[[Mapping[str, Any]], T],
     params: Mapping[str, Any],
     *,
     alias: str,
     sender: type,
     secrets: Callable[[], object],
     sleep: Callable[[float], None] = time.sleep,
-    before_attempt: Callable[[], None] = _nothing,
+    before_attempt: Callable[[], None] | None = None,
 ) -> T:
+    """``connect(params)`` until it succeeds or fails for good (``Retry``); ``connect`` gets
+    the same ``params`` each time and must not change them."""
     endpoints = retry.endpoints
     _FAILED_BY.set(None)
     if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
@@ -323,9 +321,10 @@ def loop(
             raise refused  # the last cause, at once: another caller's probe is on its way
     try:
         while True:
-            before_attempt()
+            if before_attempt is not None:
+                before_attempt()
             try:
-                result = connect(dict(params))
+                result = connect(params)
             except Exception as exc:
                 if endpoints:
                     BREAKERS.note(endpoints, exc)

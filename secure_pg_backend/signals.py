@@ -53,9 +53,11 @@ __all__ = [
     "iana_cipher",
     "otel_server_fields",
     "reset_announced",
+    "verified",
 ]
 
 if TYPE_CHECKING:  # not at run time: the report is built only for a record that is emitted
+    from .handshake import LinkFacts
     from .tlsinfo import TLSInfo
 
 connection_verified = Signal()
@@ -204,7 +206,47 @@ def announce(
     certificate expires soon; later ones are DEBUG. Choosing the level needs only the expiry
     (``not_after``, ``client_validity``).
     """
-    level = _first_level(not_after, client_validity) if _first_time(alias) else logging.DEBUG
+    _log(alias, _first_time(alias), not_after, build, client_validity)
+
+
+def verified(
+    sender: type, alias: str, pgconn: Any, facts: LinkFacts, build: Callable[[], TLSInfo]
+) -> None:
+    """A connection passed the post-handshake check: its log line (``announce``) and
+    ``connection_verified``. The certificates' dates are read (once, shared by both) only if
+    a record will be emitted or a receiver listens: usually neither, after the first."""
+    first = _first_time(alias)
+    listened = bool(connection_verified.receivers)  # Django's own first test in send()
+    if not (first or listened or logger.isEnabledFor(logging.DEBUG)):
+        return
+    dates = certificates.SessionCertificates(pgconn)
+
+    def not_after() -> dt.datetime | None:
+        return dates.server_not_after
+
+    def client_validity() -> Validity | None:
+        return dates.client_validity
+
+    _log(alias, first, not_after, build, client_validity)
+    if listened:
+        connection_verified.send(
+            sender,
+            alias=alias,
+            tls_info=build,
+            facts=facts,
+            not_after=not_after,
+            client_validity=client_validity,
+        )
+
+
+def _log(
+    alias: str,
+    first: bool,
+    not_after: Callable[[], dt.datetime | None],
+    build: Callable[[], TLSInfo],
+    client_validity: Callable[[], Validity | None],
+) -> None:
+    level = _first_level(not_after, client_validity) if first else logging.DEBUG
     if level is None or not logger.isEnabledFor(level):
         return
     info = build()

@@ -15,7 +15,7 @@ the connection attempts. The pure parts run without servers too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,19 +124,24 @@ def test_a_socket_entry_gets_no_default(root_cert: str) -> None:  # noqa: F811
 KEY = ("127.0.0.1", "", "5432")
 
 
+PARAMS = {"host": "127.0.0.1", "sslmode": "verify-full"}
+
+
 def _decision() -> Decision:
     return Decision("default", ("127.0.0.1",), "/ca.pem", "x", direct_key=KEY)
 
 
 class Attempts:
-    """A connect function: fails with ``failures`` in order, then returns 'connection'."""
+    """A connect function: fails with ``failures`` in order, then returns 'connection';
+    ``calls`` records whether each was handed ``sslnegotiation=direct``."""
 
     def __init__(self, *failures: str) -> None:
         self.failures = list(failures)
         self.calls: list[bool] = []
 
-    def __call__(self, direct: bool) -> str:
-        self.calls.append(direct)
+    def __call__(self, params: Mapping[str, Any]) -> str:
+        self.calls.append(params.get("sslnegotiation") == "direct")
+        assert PARAMS.items() <= params.items()  # the rest as given
         if self.failures:
             raise psycopg.OperationalError(self.failures.pop(0))
         return "connection"
@@ -144,9 +149,9 @@ class Attempts:
 
 def test_unknown_endpoints_use_the_sslrequest() -> None:
     attempts = Attempts()
-    assert handshake.negotiate(_decision(), attempts) == "connection"
+    assert handshake.negotiate(_decision(), PARAMS, attempts) == "connection"
     assert attempts.calls == [False]
-    assert handshake.negotiate(Decision("d", (), "/ca.pem", "x"), attempts) == "connection"
+    assert handshake.negotiate(Decision("d", (), "/ca.pem", "x"), PARAMS, attempts) == "connection"
     assert attempts.calls == [False, False]
 
 
@@ -154,10 +159,10 @@ def test_unknown_endpoints_use_the_sslrequest() -> None:
 def test_a_peer_that_cannot_do_direct_gets_one_fallback(words: str) -> None:
     handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
-    assert handshake.negotiate(_decision(), attempts) == "connection"
+    assert handshake.negotiate(_decision(), PARAMS, attempts) == "connection"
     assert attempts.calls == [True, False]
     assert handshake._DIRECT[KEY] is False  # remembered: no second failed attempt
-    assert handshake.negotiate(_decision(), attempts) == "connection"
+    assert handshake.negotiate(_decision(), PARAMS, attempts) == "connection"
     assert attempts.calls == [True, False, False]
 
 
@@ -166,7 +171,7 @@ def test_a_refusal_or_another_fault_under_direct_is_not_a_fallback(words: str) -
     handshake._DIRECT[KEY] = True
     attempts = Attempts(words)
     with pytest.raises(psycopg.OperationalError) as raised:
-        handshake.negotiate(_decision(), attempts)
+        handshake.negotiate(_decision(), PARAMS, attempts)
     assert str(raised.value) == words
     assert attempts.calls == [True]
     assert handshake._DIRECT[KEY] is True
@@ -176,7 +181,7 @@ def test_refused_both_ways_forgets_and_raises_the_fallback_error() -> None:
     handshake._DIRECT[KEY] = True
     attempts = Attempts(PG15_HANGS_UP, UNTRUSTED)
     with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
-        handshake.negotiate(_decision(), attempts)
+        handshake.negotiate(_decision(), PARAMS, attempts)
     assert attempts.calls == [True, False]
     assert KEY not in handshake._DIRECT  # unknown: the next working connection teaches again
 

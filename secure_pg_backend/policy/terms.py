@@ -142,6 +142,7 @@ class Decision:
         "allow_unix_socket",
         "direct_key",
         "files",
+        "forced",
         "hosts",
         "keylog_keyword",
         "min_protocol",
@@ -174,15 +175,17 @@ class Decision:
         self.allow_legacy_ciphers = allow_legacy_ciphers
         self.keylog_keyword = keylog_keyword
         self.files = files
+        # Keywords passed explicitly, so no environment or service file can change them:
+        # read on every connection (judged, then checked on the link), so built once.
+        self.forced = self._forced()
 
-    @property
-    def forced(self) -> dict[str, str]:
+    def _forced(self) -> Mapping[str, str]:
         """Keywords passed explicitly, so no environment or service file can change them."""
         if self.allow_local_proxy:  # plaintext to the loopback sidecar, and only to it
             forced = {"sslmode": LOCAL_PROXY_SSLMODE, "gssencmode": GSSENCMODE}
             if self.keylog_keyword:
                 forced[KEYLOG] = ""
-            return forced
+            return MappingProxyType(forced)
         forced = {
             "sslmode": SSLMODE,
             "gssencmode": GSSENCMODE,
@@ -191,7 +194,7 @@ class Decision:
         }
         if self.keylog_keyword:
             forced[KEYLOG] = ""
-        return forced
+        return MappingProxyType(forced)
 
     @property
     def host_display(self) -> str | None:
