@@ -7,6 +7,7 @@ checks the live link. Forks and exits: ``lifecycle``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from django.core.exceptions import ImproperlyConfigured
@@ -122,7 +123,7 @@ class VerifiedTLSMixin(_WrapperBase):
     def policy_verdict(self) -> policy.Verdict:
         """Judge the current settings without I/O: the gate, the checks and dbshell use it."""
         params = self._django_connection_params()
-        key = self._settings_key()
+        key = self._settings_key(params)
         if key is not None and key == self._verdict_key and self._verdict is not None:
             return self._verdict
         verdict = policy.judge(self.alias, self.settings_dict, params)
@@ -130,27 +131,31 @@ class VerifiedTLSMixin(_WrapperBase):
         return verdict
 
     def _django_connection_params(self) -> dict[str, Any]:
-        # Django's method edits OPTIONS in place (it drops "service" when NAME is None,
-        # as on the no-database path); hand it a copy so the alias's settings stay intact.
         original = self.settings_dict
+        if original.get("NAME") is not None:
+            return dict(super().get_connection_params())
+        # Django's method edits OPTIONS in place when NAME is None (it drops "service", as on
+        # the no-database path); hand it a copy so the alias's settings stay intact.
         self.settings_dict = {**original, "OPTIONS": dict(original.get("OPTIONS") or {})}
         try:
             params = dict(super().get_connection_params())
         finally:
             self.settings_dict = original
         service = (original.get("OPTIONS") or {}).get("service")
-        if original.get("NAME") is None and service:
+        if service:
             # Beyond stock: without its service a service-only configuration would fall to
             # the local socket (refused). Keep it (its host, port, TLS settings, judged as
             # usual); Django's dbname 'postgres' stays explicit and outranks the service's.
             params["service"] = service
         return params
 
-    def _settings_key(self) -> tuple[Any, ...] | None:
+    def _settings_key(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """Inputs of the verdict, or None when it depends on a file's contents (a service).
 
         The verdict is about configuration only: whether the files libpq opens are usable
-        is checked again before every physical connection (``_check_files``).
+        is checked again before every physical connection (``check_files``). Its parameters
+        carry Django's adapters too (``context``: one per USE_TZ and time zone, which a test's
+        ``override_settings`` changes), so a new one is a new verdict, not a stale one.
         """
         options = self.settings_dict.get("OPTIONS") or {}
         environment = libpq.environment_snapshot()
@@ -158,7 +163,7 @@ class VerifiedTLSMixin(_WrapperBase):
             return None
         fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
         password = self.settings_dict.get("PASSWORD")
-        return (fields, password, repr(options), environment)
+        return (fields, password, repr(options), environment, params.get("context"))
 
     # -- every physical connection: the attempt pipeline ----------------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:

@@ -195,8 +195,9 @@ _TABLE = (
         "E016",
         "files.check_files",
         "a file libpq would open (client certificate or key, CRL file or directory, passfile, "
-        "service file, explicit or libpq's default under `~/.postgresql`) is a FIFO, device, "
-        "socket or the wrong kind: libpq would block on it while holding the GIL",
+        "service file, explicit or libpq's default under `~/.postgresql`; the default "
+        "`~/.pgpass` only when no password is given, since libpq reads it only then) is a "
+        "FIFO, device, socket or the wrong kind: libpq would block on it while holding the GIL",
         "point the setting at a regular file (a directory for sslcrldir), or remove what is "
         "at that path.",
     ),

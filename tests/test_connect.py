@@ -403,3 +403,45 @@ def test_a_new_connection_sends_the_statements_stock_sends(ca: Any, make_wrapper
     secure, stock = (by_pid.get(seen[e], []) for e in seen)
     assert len(stock) == 2, stock  # SET TIME ZONE, SET ROLE
     assert secure == stock
+
+
+def test_the_parameters_follow_use_tz_and_the_time_zone(
+    make_wrapper: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Django's adapters (``context``) depend on USE_TZ (a test's ``override_settings``
+    changes it) and the database's TIME_ZONE: the cached verdict must not hand out old ones."""
+    from django.db.backends.postgresql.psycopg_any import get_adapters_template
+    from django.test.utils import override_settings
+
+    root = tmp_path / "ca.pem"
+    root.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = {
+        "ENGINE": "secure_pg_backend",
+        "NAME": "app",
+        "USER": "app",
+        "PASSWORD": "pw",
+        "HOST": "db.example.com",
+        "PORT": "5432",
+        "OPTIONS": {"sslrootcert": str(root)},
+    }
+    wrapper = make_wrapper(settings)
+    before = wrapper.get_connection_params()["context"]
+    assert before is get_adapters_template(True, wrapper.timezone)
+
+    def forget_time_zone() -> None:  # as Django's setting_changed receiver does for its own
+        wrapper.__dict__.pop("timezone", None)
+        wrapper.__dict__.pop("timezone_name", None)
+
+    with override_settings(USE_TZ=False):
+        forget_time_zone()
+        params = wrapper.get_connection_params()
+        assert params["context"] is get_adapters_template(False, wrapper.timezone)
+        assert params["context"] is not before
+    wrapper.settings_dict["TIME_ZONE"] = "Asia/Tokyo"  # the database's own time zone
+    forget_time_zone()
+    params = wrapper.get_connection_params()
+    assert params["context"] is get_adapters_template(True, wrapper.timezone)
+    assert params["context"] is not before
+    wrapper.settings_dict["TIME_ZONE"] = None
+    forget_time_zone()
+    assert wrapper.get_connection_params()["context"] is before

@@ -347,7 +347,12 @@ def _file_need(
 def file_needs(req: Request, root: RootOfTrust) -> tuple[FileNeed, ...]:
     """Every file libpq may open for this connection (root, client cert and key, CRLs, passfile)."""
     env = req.environ
-    passfile = _file_need(req, "passfile", os.path.join(home_directory(env), ".pgpass"))
+    # libpq reads a password file only when no password is given (fe-connect.c): then its
+    # default ~/.pgpass is one more file per connection; an explicit passfile is checked as set.
+    default_passfile = (
+        None if req.resolved.get("password") else os.path.join(home_directory(env), ".pgpass")
+    )
+    passfile = _file_need(req, "passfile", default_passfile)
     if local_proxy(req):  # sslmode=disable: libpq opens none of the TLS files
         return (passfile,) if passfile is not None else ()
     if root.source == DEFAULT_ROOT_SOURCE:

@@ -552,6 +552,28 @@ def test_root_certificate_fifo_is_refused_without_opening_it(tmp_path: Path) -> 
     assert violation.code == "E006" and "FIFO" in violation.problem  # would block if opened
 
 
+def test_the_default_passfile_is_a_file_need_only_without_a_password(
+    root_cert: str, home: Path
+) -> None:
+    """libpq reads ~/.pgpass only when no password is given; then a directory there is
+    refused (not a FIFO: libpq's own resolution of the settings would block on it)."""
+    pgpass = home / ".pgpass"
+    pgpass.mkdir()
+
+    def needs(settings: dict[str, Any], environ: dict[str, str] | None = None) -> list[str]:
+        with mock.patch.dict(os.environ, environ or {}):
+            verdict = standalone_wrapper("default", settings).policy_verdict()
+        return [need.path for need in verdict.files]
+
+    assert str(pgpass) not in needs(entry(root_cert))
+    assert codes(entry(root_cert)) == []
+    no_password = {**entry(root_cert), "PASSWORD": ""}
+    assert str(pgpass) in needs(no_password)
+    assert codes(no_password) == ["E016"]
+    assert str(pgpass) not in needs(no_password, {"PGPASSWORD": "x"})
+    assert str(pgpass) in needs(entry(root_cert, passfile=str(pgpass)))  # named: checked
+
+
 # -- reusing a verdict -----------------------------------------------------------------------------
 def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
     wrapper = standalone_wrapper("default", entry(root_cert))
