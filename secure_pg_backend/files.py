@@ -166,10 +166,24 @@ def service_file_needs(service: str | None, environ: Mapping[str, str]) -> tuple
 
 
 def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
-    """What is wrong with the files now: ``stat`` only, so cheap enough for every connection."""
+    """What is wrong with the files now: ``stat`` only, so cheap enough for every connection.
+
+    libpq's defaults under ``~/.postgresql`` (client certificate, key, CRL) are usually absent
+    together with their directory: when a file is missing because its directory is (``access``
+    on the directory, which raises nothing), the files below it are missing too, without a
+    ``stat`` (and a FileNotFoundError) each."""
     found = []
+    gone = ""  # a directory found missing in this check, with a trailing separator
     for need in needs:
-        problem = file_problem(need.path, need.kind, need.companion)
+        path = need.path
+        if gone and path.startswith(gone):
+            problem: str | None = MISSING
+        else:
+            problem = file_problem(path, need.kind, need.companion)
+            if problem == MISSING:
+                parent = os.path.dirname(path)
+                if parent and not os.access(parent, os.F_OK):
+                    gone = os.path.join(parent, "")
         if problem is not None and (need.required or problem != MISSING):
             found.append((need, problem))
     return found

@@ -574,6 +574,25 @@ def test_the_default_passfile_is_a_file_need_only_without_a_password(
     assert str(pgpass) in needs(entry(root_cert, passfile=str(pgpass)))  # named: checked
 
 
+def test_files_below_a_missing_directory_are_missing_and_the_others_still_judged(
+    tmp_path: Path,
+) -> None:
+    gone, here = tmp_path / "gone", tmp_path / "here"
+    here.mkdir()
+    os.mkfifo(here / "root.crl")
+    needs = (
+        files.FileNeed("E016", "a", str(gone / "postgresql.crt")),
+        files.FileNeed("E006", "b", str(gone / "root.crt"), required=True),
+        files.FileNeed("E016", "c", str(here / "postgresql.crt")),
+        files.FileNeed("E016", "d", str(here / "root.crl")),
+    )
+    found = [(need.origin, problem) for need, problem in files.file_problems(needs)]
+    assert found == [
+        ("b", files.MISSING),
+        ("d", "is not a regular file (a FIFO, socket or device)"),
+    ]
+
+
 # -- reusing a verdict -----------------------------------------------------------------------------
 def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
     wrapper = standalone_wrapper("default", entry(root_cert))
