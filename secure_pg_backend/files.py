@@ -45,7 +45,7 @@ class FileNeed:
     for the client key, the client certificate, without which libpq never reads the key.
     """
 
-    __slots__ = ("code", "companion", "kind", "origin", "path", "required")
+    __slots__ = ("code", "companion", "directory", "kind", "origin", "path", "required")
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class FileNeed:
         self.kind = kind
         self.required = required
         self.companion = companion
+        self.directory = os.path.dirname(path)  # judged before each connection: not re-derived
 
 
 def file_problem(path: str, kind: str = REGULAR, companion: str | None = None) -> str | None:
@@ -173,17 +174,14 @@ def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
     on the directory, which raises nothing), the files below it are missing too, without a
     ``stat`` (and a FileNotFoundError) each."""
     found = []
-    gone = ""  # a directory found missing in this check, with a trailing separator
+    gone = None  # a directory found missing in this check
     for need in needs:
-        path = need.path
-        if gone and path.startswith(gone):
+        if need.directory == gone:
             problem: str | None = MISSING
         else:
-            problem = file_problem(path, need.kind, need.companion)
-            if problem == MISSING:
-                parent = os.path.dirname(path)
-                if parent and not os.access(parent, os.F_OK):
-                    gone = os.path.join(parent, "")
+            problem = file_problem(need.path, need.kind, need.companion)
+            if problem == MISSING and need.directory and not os.access(need.directory, os.F_OK):
+                gone = need.directory
         if problem is not None and (need.required or problem != MISSING):
             found.append((need, problem))
     return found

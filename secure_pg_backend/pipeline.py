@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import files, handshake, libpq, lifecycle, policy, signals
+from .breakers import Endpoint
 from .errors import (
     ConnectionFileError,
     InsecureConnectionError,
@@ -89,6 +90,7 @@ class Plan:
         "provider",
         "sender",
         "settings_dict",
+        "shapes",
     )
 
     def __init__(
@@ -117,6 +119,9 @@ class Plan:
         self.confirmed: dict[tuple[Any, ...], Mapping[str, str]] = {}
         self.file_paths = tuple(need.path for need in decision.files)
         self.provider = policy.has_provider(settings_dict)  # credentials asked per attempt
+        # (connect_timeout, host, port) -> the retry budget, the deadline and the endpoints:
+        # the same for every connect of the alias unless a subclass varies them.
+        self.shapes: dict[tuple[Any, ...], tuple[float, float | None, tuple[Endpoint, ...]]] = {}
 
     def with_hooks(self, hooks: Hooks) -> Plan:
         return Plan(
@@ -126,6 +131,21 @@ class Plan:
     @property
     def host(self) -> str | None:
         return self.decision.host_display
+
+    def retry_for(self, params: Mapping[str, Any]) -> Retry:
+        """The retry state of one connect with ``params`` (``retry``)."""
+        timeout = params.get("connect_timeout")
+        key = (timeout, params.get("host"), params.get("port"))
+        shape = self.shapes.get(key)
+        if shape is None:
+            endpoints = endpoints_of(params)
+            options = self.settings_dict.get("OPTIONS")
+            shape = (retry_budget(options, timeout), deadline(timeout, len(endpoints)), endpoints)
+            if len(self.shapes) >= 16:
+                self.shapes.clear()
+            self.shapes[key] = shape
+        budget, limit, endpoints = shape
+        return Retry(budget, limit=limit, endpoints=endpoints)
 
     def secrets(self) -> object:
         """What a message about this alias must never show (gathered only when one is made)."""
@@ -158,14 +178,7 @@ def connect(
     PgBouncer it is the first statement that needs a server, and PgBouncer's "not now" to it
     ("server login has been failing", "cannot connect to server": it then hangs up) is retried
     like a connect's: nothing of a request ran. (A pool runs it itself, as ``configure``.)"""
-    options = plan.settings_dict.get("OPTIONS")
-    timeout = params.get("connect_timeout")
-    endpoints = endpoints_of(params)
-    retry = Retry(
-        retry_budget(options, timeout),
-        limit=deadline(timeout, len(endpoints)),
-        endpoints=endpoints,
-    )
+    retry = plan.retry_for(params)
 
     def one(shaped: Mapping[str, Any]) -> T:
         return attempt(plan, shaped, open_, retry, settle)
@@ -308,7 +321,8 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
     forced_keys = plan.decision.forced
     # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
     # forced keys' values. Built by C-level iteration: this runs on every new connection.
-    nul = "\x00" in "".join([v for v in params.values() if isinstance(v, str)])
+    # A NUL byte anywhere (str() of each value, as psycopg makes text of them) is never cached.
+    nul = "\x00" in "".join(map(str, params.values()))
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
         return key
