@@ -12,10 +12,12 @@ evicting the caches, as a new connection meets them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.common import SECURE, STOCK, Loop, Plan, in_us, interleaved
@@ -72,8 +74,8 @@ def measure_own_work(plan: Plan) -> dict[str, Any]:
 _EVICT = bytearray(16 * 2**20)  # larger than this machine's last-level cache
 
 
-def _cold(step: Callable[[], object], calls: int) -> float:
-    """Median CPU microseconds of one call of ``step`` right after the caches were evicted."""
+def _cold_times(step: Callable[[], object], calls: int) -> list[int]:
+    """CPU nanoseconds of each call of ``step``, each right after the caches were evicted."""
     times = []
     gc.disable()
     try:
@@ -85,7 +87,73 @@ def _cold(step: Callable[[], object], calls: int) -> float:
             times.append(time.thread_time_ns() - start)
     finally:
         gc.enable()
-    return statistics.median(times) / 1000
+    return times
+
+
+def _cold(step: Callable[[], object], calls: int) -> float:
+    """Median CPU microseconds of one call of ``step`` right after the caches were evicted."""
+    return statistics.median(_cold_times(step, calls)) / 1000
+
+
+@contextlib.contextmanager
+def _libpq_work_left_out(wrappers: list[Any], per_alias: int = 8) -> Iterator[list[str]]:
+    """``psycopg.connect`` hands out connections each wrapper opened beforehand, and their
+    ``close`` keeps them open: a wrapper's ``ensure_connection`` + ``close`` is then everything
+    a new connection runs but libpq's and the server's work. Yields the alias to hand to."""
+    import psycopg
+
+    opened: dict[str, list[Any]] = {}
+    for wrapper in wrappers:
+        for _ in range(per_alias):
+            wrapper.ensure_connection()
+            opened.setdefault(wrapper.alias, []).append(wrapper.connection)
+            wrapper.connection = None  # kept open for the hand-outs below
+    turns = {alias: itertools.cycle(held) for alias, held in opened.items()}
+    current = [wrappers[0].alias]
+    connect, close = psycopg.connect, psycopg.Connection.close
+    psycopg.connect = lambda conninfo="", **kwargs: next(turns[current[0]])
+    psycopg.Connection.close = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield current
+    finally:
+        psycopg.connect, psycopg.Connection.close = connect, close  # type: ignore[method-assign]
+        for held in opened.values():
+            for connection in held:
+                connection.close()
+
+
+def measure_connect_own_work_cold(plan: Plan) -> dict[str, Any]:
+    """``connect_own_work_cold``: a whole new connection (``ensure_connection`` + ``close``)
+    without libpq's work, secure and stock alternating, each call with cold caches: what the
+    backend adds per connection, retry object and calls between the steps included, without
+    the TLS handshake's noise (CPU microseconds, median, and the median of paired differences).
+    """
+    from django.db import connections
+
+    secure: Any = connections[SECURE]
+    stock: Any = connections[STOCK]
+    calls = max(20, plan.micro_rounds * 2)
+    times: dict[str, list[int]] = {SECURE: [], STOCK: []}
+    with _libpq_work_left_out([secure, stock]) as current:
+        for round_ in range(calls):
+            pair = (secure, stock) if round_ % 2 else (stock, secure)
+            for wrapper in pair:
+                current[0] = wrapper.alias
+
+                def step(wrapper: Any = wrapper) -> None:
+                    wrapper.ensure_connection()
+                    wrapper.close()
+
+                times[wrapper.alias] += _cold_times(step, 1)
+    diffs = [(a - b) / 1000 for a, b in zip(times[SECURE], times[STOCK], strict=True)]
+    return {
+        "connect_own_work_cold": {
+            SECURE: statistics.median(times[SECURE]) / 1000,
+            STOCK: statistics.median(times[STOCK]) / 1000,
+            "diff": statistics.median(diffs),
+            "calls": calls,
+        }
+    }
 
 
 def measure_own_work_cold(plan: Plan) -> dict[str, Any]:

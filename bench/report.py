@@ -89,6 +89,21 @@ def _cpu_pair(label: str, pair: dict[str, Any]) -> str:
     )
 
 
+def _connect_own_work(whole: dict[str, float] | None) -> Lines:
+    if not whole:
+        return []
+    return [
+        "",
+        f"A whole new connection with libpq's work left out (`psycopg.connect` handing out "
+        f"connections opened beforehand), cold caches, secure and stock alternating, "
+        f"{whole['calls']} calls each: secure {whole[SECURE]:.1f} µs, stock {whole[STOCK]:.1f} µs, "
+        f"median of paired differences {whole['diff']:+.1f} µs: everything the backend adds per "
+        "connection (the retry object and the calls between the steps too), without the "
+        "handshake's noise. The client CPU above is larger: a real connect evicts more than "
+        "data (instructions, branch history).",
+    ]
+
+
 def _cold_own_work(cold: dict[str, float] | None) -> Lines:
     if not cold:
         return []
@@ -132,6 +147,7 @@ def _own_work(results: dict[str, Any]) -> Lines:
         f"{own['verify']['median']:.1f} µs), "
         f"{extra_us / results['connect'][STOCK]['median']:.2%} of a stock connect.",
         *_cold_own_work(results.get("own_work_cold")),
+        *_connect_own_work(results.get("connect_own_work_cold")),
         "",
         f"`connection.tls_info` on an open connection: {tls['median'] * 1000:.0f} ns "
         f"(min {tls['min'] * 1000:.0f}, max {tls['max'] * 1000:.0f}).",

@@ -131,6 +131,7 @@ def run_main(plan: Plan, counting_server: TLSPostgres) -> dict[str, Any]:
     results |= own_work.measure_tls_info(plan)
     results |= own_work.measure_own_work(plan)
     results |= own_work.measure_own_work_cold(plan)
+    results |= own_work.measure_connect_own_work_cold(plan)
     say(f"5/6 RSS over {plan.rss_cycles:,} secure connect/close cycles")
     results |= memory.measure(plan)
     say("6/6 what TLS costs: TLS vs sslmode=disable, and the request loop")
