@@ -321,8 +321,7 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
     forced_keys = plan.decision.forced
     # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
     # forced keys' values. Built by C-level iteration: this runs on every new connection.
-    # A NUL byte anywhere (str() of each value, as psycopg makes text of them) is never cached.
-    nul = "\x00" in "".join(map(str, params.values()))
+    nul = "\x00" in "".join([v for v in params.values() if isinstance(v, str)])
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
         return key
