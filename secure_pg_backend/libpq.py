@@ -314,9 +314,35 @@ def resolve(params: Mapping[str, str]) -> Resolution:
     ``PQconninfo`` then reports the values it settled on. libpq's rules (which service
     file, which section, which of two repeated keys, service before environment) are
     applied by libpq itself, so they cannot drift from ours.
+
+    Without a password libpq also looks the password up in its password file while it
+    resolves, opening the file before it checks what it is: a FIFO there would block this
+    process for ever, before any rule could refuse it (E016). So unless ``params`` name one
+    themselves, the parameters are resolved with a password file that cannot be opened, and
+    which password file libpq would use is read from a second resolution given a stand-in
+    password (with one, libpq opens no password file).
     """
-    probe = {**params, "sslmode": _PROBE_SSLMODE}
-    conn = pq.PGconn.connect_start(conninfo(probe).encode())
+    own_passfile = not params.get("passfile")
+    values, message = _probe({**params, "passfile": _NO_FILE} if own_passfile else params)
+    if own_passfile:
+        values.pop("passfile", None)
+        named, _ = _probe({**params, "password": _STAND_IN_PASSWORD})
+        if "passfile" in named:
+            values["passfile"] = named["passfile"]
+    if _PROBE_SSLMODE in message:
+        return Resolution(values, None)
+    return Resolution(values, " ".join(message.split()) or "libpq rejected the parameters")
+
+
+# A path no file can have (its parent is not a directory): libpq's fopen fails, reads nothing.
+_NO_FILE = "/dev/null/secure-pg-backend-no-passfile"
+_STAND_IN_PASSWORD = "x-secure-pg-backend-probe"  # never sent: the probe stops before any I/O
+
+
+def _probe(params: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """libpq's values for ``params`` and its message, from ``PQconnectStart`` stopped by
+    the probe sslmode before any I/O."""
+    conn = pq.PGconn.connect_start(conninfo({**params, "sslmode": _PROBE_SSLMODE}).encode())
     try:
         values = {
             opt.keyword.decode(): text for opt in conn.info if (text := _text(opt.val)) is not None
@@ -325,9 +351,7 @@ def resolve(params: Mapping[str, str]) -> Resolution:
     finally:
         conn.finish()
     values.pop("sslmode", None)
-    if _PROBE_SSLMODE in message:
-        return Resolution(values, None)
-    return Resolution(values, " ".join(message.split()) or "libpq rejected the parameters")
+    return values, message
 
 
 def parse(conninfo_string: str) -> dict[str, str]:

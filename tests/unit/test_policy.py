@@ -556,7 +556,7 @@ def test_the_default_passfile_is_a_file_need_only_without_a_password(
     root_cert: str, home: Path
 ) -> None:
     """libpq reads ~/.pgpass only when no password is given; then a directory there is
-    refused (not a FIFO: libpq's own resolution of the settings would block on it)."""
+    refused."""
     pgpass = home / ".pgpass"
     pgpass.mkdir()
 
@@ -572,6 +572,27 @@ def test_the_default_passfile_is_a_file_need_only_without_a_password(
     assert codes(no_password) == ["E016"]
     assert str(pgpass) not in needs(no_password, {"PGPASSWORD": "x"})
     assert str(pgpass) in needs(entry(root_cert, passfile=str(pgpass)))  # named: checked
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_at_the_default_passfile_is_refused_not_waited_on(
+    root_cert: str, home: Path
+) -> None:
+    """libpq opens its password file before checking what it is; resolving the settings
+    without a password used to wait there for a writer, for ever."""
+    os.mkfifo(home / ".pgpass")
+    no_password = {**entry(root_cert), "PASSWORD": ""}
+    assert codes(no_password) == ["E016"]
+    verdict = judge(no_password)
+    assert "is not a regular file (a FIFO, socket or device)" in verdict.violations[0].problem
+    with_service_passfile = home / ".pg_service.conf"
+    with_service_passfile.write_text(f"[svc]\nhost=db.example.com\npassfile={home}/pw\n")
+    (home / "pw").write_text("*:*:*:*:secret\n")
+    os.chmod(home / "pw", 0o600)
+    service = {**no_password, "OPTIONS": {"sslrootcert": root_cert, "service": "svc"}}
+    assert str(home / "pw") in [
+        n.path for n in standalone_wrapper("s", service).policy_verdict().files
+    ]
 
 
 def test_files_below_a_missing_directory_are_missing_and_the_others_still_judged(
