@@ -47,7 +47,6 @@ __all__ = [
     "learn_direct",
     "negotiate",
     "read_facts",
-    "with_negotiation",
 ]
 
 T = TypeVar("T")
@@ -313,11 +312,6 @@ def goes_direct(decision: Decision | None) -> bool:
     return key is not None and _DIRECT.get(key) is True
 
 
-def with_negotiation(params: Mapping[str, Any], direct: bool) -> dict[str, Any]:
-    """``params`` for one attempt, with ``sslnegotiation=direct`` when ``direct``."""
-    return {**params, NEGOTIATION: DIRECT} if direct else dict(params)
-
-
 def cannot_do_direct(exc: BaseException) -> bool:
     """A direct attempt failed the way a peer that cannot negotiate TLS directly fails.
 
@@ -345,7 +339,7 @@ def negotiate(
     key = decision.direct_key
     assert key is not None  # goes_direct
     try:
-        return connect(with_negotiation(params, True))
+        return connect({**params, NEGOTIATION: DIRECT})
     except Exception as exc:
         if not cannot_do_direct(exc):
             raise

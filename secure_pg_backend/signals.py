@@ -45,7 +45,6 @@ from .certificates import Validity, expiring
 
 __all__ = [
     "after_fork_in_child",
-    "announce",
     "connection_refused",
     "connection_retried",
     "connection_verified",
@@ -119,10 +118,6 @@ def _client_fields(info: TLSInfo) -> dict[str, str]:
     }
 
 
-def _none() -> None:
-    return None
-
-
 # -- the same facts under OpenTelemetry's semantic convention names: the server side ----------
 # Dotted keys are plain record attributes to ``logging`` and plain keys to a JSON formatter, so
 # a pipeline that speaks OTel needs no mapping. A name is left out, never guessed, when the link
@@ -194,27 +189,16 @@ def _otel_time(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def announce(
-    alias: str,
-    not_after: Callable[[], dt.datetime | None],
-    build: Callable[[], TLSInfo],
-    client_validity: Callable[[], Validity | None] = _none,
-) -> None:
-    """Log a new physical connection; ``build`` runs only if a record will be emitted.
-
-    The first connection of an alias is INFO, or WARNING when the server or the client
-    certificate expires soon; later ones are DEBUG. Choosing the level needs only the expiry
-    (``not_after``, ``client_validity``).
-    """
-    _log(alias, _first_time(alias), not_after, build, client_validity)
-
-
 def verified(
     sender: type, alias: str, pgconn: Any, facts: LinkFacts, build: Callable[[], TLSInfo]
 ) -> None:
-    """A connection passed the post-handshake check: its log line (``announce``) and
-    ``connection_verified``. The certificates' dates are read (once, shared by both) only if
-    a record will be emitted or a receiver listens: usually neither, after the first."""
+    """A connection passed the post-handshake check: its log line and ``connection_verified``.
+
+    The first connection of an alias is logged at INFO, or WARNING when the server or the
+    client certificate expires soon; later ones at DEBUG. The certificates' dates (the level's
+    only input) are read, once and shared by both, only if a record will be emitted or a
+    receiver listens: usually neither, after the first; ``build`` (the TLSInfo) runs only for
+    a record that is emitted."""
     first = _first_time(alias)
     listened = bool(connection_verified.receivers)  # Django's own first test in send()
     if not (first or listened or logger.isEnabledFor(logging.DEBUG)):
