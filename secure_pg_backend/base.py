@@ -7,9 +7,11 @@ checks the live link. Forks and exits: ``lifecycle``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
@@ -57,6 +59,7 @@ else:
 
 # The settings fields, besides OPTIONS and the password, that the verdict depends on.
 _KEY_FIELDS = ("HOST", "PORT", "NAME", "USER")
+_CONTAINERS = itertools.repeat((dict, list, set, bytearray))
 
 
 class VerifiedTLSMixin(_WrapperBase):
@@ -76,6 +79,9 @@ class VerifiedTLSMixin(_WrapperBase):
     _param_changers: tuple[str, ...] = ()
     # Why this class never reaches the policy (Django's wrapper ahead of the mixin), or "".
     misassembled = ""
+    # A class between the mixin and Django's wrapper builds the parameters (an IAM token per
+    # call, say): its result is part of every verdict's key, so it is asked on every connect.
+    _params_below = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,6 +102,11 @@ class VerifiedTLSMixin(_WrapperBase):
             if klass is not VerifiedTLSMixin and klass not in stock
             for name in ("get_connection_params", "get_new_connection")
             if name in vars(klass)
+        )
+        cls._params_below = any(
+            "get_connection_params" in vars(klass)
+            for klass in mro[here + 1 :]
+            if klass not in stock
         )
 
     _verdict: policy.Verdict | None = None
@@ -121,10 +132,21 @@ class VerifiedTLSMixin(_WrapperBase):
         return dict(verdict.params)
 
     def policy_verdict(self) -> policy.Verdict:
-        """Judge the current settings without I/O: the gate, the checks and dbshell use it."""
+        """Judge the current settings without I/O: the gate, the checks and dbshell use it.
+
+        Django's ``get_connection_params`` is a function of the settings the key holds (the
+        settings dict, USE_TZ, the connection's time zone), so while the key is unchanged its
+        result is the one the verdict was made from and is not built again; a class between
+        the mixin and Django's wrapper is asked every time (``_params_below``).
+        """
+        below = type(self)._params_below
+        if not below:
+            key = self._settings_key(None)
+            if key is not None and key == self._verdict_key and self._verdict is not None:
+                return self._verdict
         params = self._django_connection_params()
-        key = self._settings_key(params)
-        if key is not None and key == self._verdict_key and self._verdict is not None:
+        key = self._settings_key(params if below else None)
+        if below and key is not None and key == self._verdict_key and self._verdict is not None:
             return self._verdict
         verdict = policy.judge(self.alias, self.settings_dict, params)
         self._verdict, self._verdict_key = verdict, key
@@ -149,13 +171,15 @@ class VerifiedTLSMixin(_WrapperBase):
             params["service"] = service
         return params
 
-    def _settings_key(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    def _settings_key(self, params: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
         """Inputs of the verdict, or None when it depends on a file's contents (a service).
 
         The verdict is about configuration only: whether the files libpq opens are usable
-        is checked again before every physical connection (``check_files``). Its parameters
-        carry Django's adapters too (``context``: one per USE_TZ and time zone, which a test's
+        is checked again before every physical connection (``check_files``). What Django's
+        ``get_connection_params`` reads besides the settings dict is in it too: USE_TZ and the
+        connection's time zone choose its adapters (``context``, which a test's
         ``override_settings`` changes), so a new one is a new verdict, not a stale one.
+        ``params``: what a class below the mixin built, when one does (compared, not hashed).
         """
         options = self.settings_dict.get("OPTIONS") or {}
         environment = libpq.environment_snapshot()
@@ -163,7 +187,13 @@ class VerifiedTLSMixin(_WrapperBase):
             return None
         fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
         password = self.settings_dict.get("PASSWORD")
-        return (fields, password, repr(options), environment, params.get("context"))
+        # The options by their items (values compared, not hashed), and as text too when one
+        # holds a container, which could change in place under the same items.
+        values = options.values()
+        nested = repr(options) if any(map(isinstance, values, _CONTAINERS)) else None
+        adapters = (settings.USE_TZ, self.timezone)
+        built = None if params is None else tuple(params.items())
+        return (fields, password, tuple(options.items()), nested, environment, adapters, built)
 
     # -- every physical connection: the attempt pipeline ----------------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:

@@ -290,3 +290,37 @@ def test_dbshell_dbtls_and_check_ask_the_provider_for_the_user(
     assert script.calls == calls + 1  # the online check connects as a connection does
     assert role.password not in output.getvalue() + text.getvalue() + out + err
     assert_no_secret(output.getvalue(), text.getvalue())
+
+
+def test_parameters_a_class_below_the_mixin_builds_are_asked_for_on_every_connect(
+    good_server: TLSPostgres, make_role: Callable[..., Role], make_wrapper: Any
+) -> None:
+    """A class between the mixin and Django's wrapper that builds the password per call (an
+    IAM token, as django-iam-dbauth does) is asked on every connect: a rotated password is
+    used, not the one the first verdict was made from."""
+    from django.db.backends.postgresql import base as postgresql
+
+    from secure_pg_backend.base import VerifiedTLSMixin
+
+    role = make_role()
+
+    class TokenWrapper(postgresql.DatabaseWrapper):
+        def get_connection_params(self) -> dict[str, Any]:
+            params: dict[str, Any] = super().get_connection_params()
+            params["password"] = role.password  # the token of the moment
+            return params
+
+    class Wrapper(VerifiedTLSMixin, TokenWrapper):
+        pass
+
+    settings = make_wrapper(good_server.database_settings(USER=role.name)).settings_dict
+    wrapper = Wrapper(settings, "token")
+    try:
+        for _ in range(2):
+            with wrapper.cursor() as cursor:
+                cursor.execute("select current_user")
+                assert cursor.fetchone() == (role.name,)
+            wrapper.close()
+            role.rotate()
+    finally:
+        wrapper.close()

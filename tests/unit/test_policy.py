@@ -625,6 +625,15 @@ def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
     assert [v.code for v in wrapper.policy_verdict().violations] == ["E001"]
 
 
+def test_verdict_follows_an_option_changed_in_place(root_cert: str) -> None:
+    """A container among the options (the pool's, say) edited in place is a new input."""
+    wrapper = standalone_wrapper("default", entry(root_cert, pool={"min_size": 1}))
+    first = wrapper.policy_verdict()
+    assert wrapper.policy_verdict() is first
+    wrapper.settings_dict["OPTIONS"]["pool"]["min_size"] = 2
+    assert wrapper.policy_verdict() is not first
+
+
 def test_verdict_is_not_reused_when_a_service_file_is_involved(
     root_cert: str, tmp_path: Path
 ) -> None:
