@@ -1,12 +1,15 @@
-"""The files libpq opens for a connection: checked with ``stat`` before every physical
-connection (never cached), so a file replaced meanwhile is judged as it is now (E005, E006,
-E016, E018)."""
+"""The files libpq opens for a connection: looked at with ``stat`` before every physical
+connection, so a file replaced meanwhile is judged as it is now (E005, E006, E016, E018).
+``Watch`` judges them again only when what ``stat`` says of them changed."""
 
 from __future__ import annotations
 
 import os
 import stat
 from collections.abc import Mapping
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
 
 from .checkids import ROOT_FIX
 from .errors import Violation, option_name, relative_note
@@ -18,6 +21,7 @@ __all__ = [
     "LOOSE_KEY",
     "MISSING",
     "FileNeed",
+    "Watch",
     "check_files",
     "file_problem",
     "file_problems",
@@ -185,6 +189,79 @@ def file_problems(needs: tuple[FileNeed, ...]) -> list[tuple[FileNeed, str]]:
         if problem is not None and (need.required or problem != MISSING):
             found.append((need, problem))
     return found
+
+
+# What a judgment depends on, as ``stat`` reports it: the file's identity, type and mode, owner,
+# size, and its last change to contents or metadata in nanoseconds (a chmod, a chown, a rewrite
+# in place, a replacement all change one of them).
+_IDENTITY = attrgetter(
+    "st_ino", "st_dev", "st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns"
+)
+_EXISTS = repeat(os.F_OK)
+
+
+class Watch:
+    """The files of one decision, as last found usable.
+
+    Before every connection each file is still looked at, but by the cheapest ``stat`` that can
+    tell a change: the files that were present by their identity (``_IDENTITY``), the absent
+    ones by ``access`` (one per missing directory for those below it, no exception raised);
+    only when that differs from what the last clean judgment saw are the rules run again
+    (``file_problems``). A file changed between the look and the judgment is looked at again
+    next time: the look is taken first.
+    """
+
+    __slots__ = ("_seen", "needs")
+
+    def __init__(self, needs: tuple[FileNeed, ...]) -> None:
+        self.needs = needs
+        # (paths present, paths or directories absent, what stat said): one tuple, replaced
+        # whole, so threads sharing a plan read a consistent one.
+        self._seen: tuple[tuple[str, ...], tuple[str, ...], Any] | None = None
+
+    def problems(self) -> list[tuple[FileNeed, str]]:
+        """``file_problems(self.needs)``, judged again only if a file changed."""
+        seen = self._seen
+        if seen is not None:
+            present, absent, looked = seen
+            try:
+                now = (
+                    tuple(map(_IDENTITY, map(os.stat, present))),
+                    tuple(map(os.access, absent, _EXISTS)),
+                )
+            except OSError:  # one went away: judged below
+                now = None
+            if now == looked:
+                return []
+        present_now, absent_now = self._layout()
+        try:
+            looked = (
+                tuple(map(_IDENTITY, map(os.stat, present_now))),
+                tuple(map(os.access, absent_now, _EXISTS)),
+            )
+        except OSError:
+            looked = None
+        found = file_problems(self.needs)
+        if not found and looked is not None:
+            self._seen = (present_now, absent_now, looked)
+        return found
+
+    def _layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Which files exist now, and what to ask ``access`` about for those that do not
+        (their directory, when it is missing too)."""
+        present: list[str] = []
+        absent: list[str] = []
+        for need in self.needs:
+            directory = need.directory
+            if directory in absent:
+                continue
+            if os.access(need.path, os.F_OK):
+                present.append(need.path)
+            elif directory and not os.access(directory, os.F_OK):
+                absent.append(directory)
+            else:
+                absent.append(need.path)
+        return tuple(present), tuple(absent)
 
 
 def check_files(needs: tuple[FileNeed, ...]) -> tuple[Violation, ...]:

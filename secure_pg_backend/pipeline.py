@@ -91,6 +91,7 @@ class Plan:
         "sender",
         "settings_dict",
         "shapes",
+        "watch",
     )
 
     def __init__(
@@ -118,6 +119,7 @@ class Plan:
         # decides (TLS in use, protocol, cipher, ALPN, GSSAPI), never a second PQconninfo.
         self.confirmed: dict[tuple[Any, ...], Mapping[str, str]] = {}
         self.file_paths = tuple(need.path for need in decision.files)
+        self.watch = files.Watch(decision.files)
         self.provider = policy.has_provider(settings_dict)  # credentials asked per attempt
         # (connect_timeout, host, port) -> the retry budget, the deadline and the endpoints:
         # the same for every connect of the alias unless a subclass varies them.
@@ -272,10 +274,11 @@ def _opened(
     return connection
 
 
-def check_files(plan: Plan) -> None:
-    """The files libpq will open, as they are now (``stat`` only, a few microseconds)."""
-    needs = plan.decision.files
-    problems = files.file_problems(needs)
+def check_files(plan: Plan, again: bool = False) -> None:
+    """The files libpq will open, as they are now (``stat`` only; the rules run again only
+    when a file changed, ``files.Watch``). ``again``: judge them afresh, whatever stat says
+    (libpq has just failed on one)."""
+    problems = files.file_problems(plan.decision.files) if again else plan.watch.problems()
     if not problems:
         _SEEN_FILES.update(plan.file_paths)
         return
@@ -292,7 +295,7 @@ def check_files(plan: Plan) -> None:
 def recheck_files(plan: Plan, exc: Exception) -> None:
     """libpq could not open a file checked a moment ago: report it as the file it is."""
     if " file " in str(exc):  # libpq: 'root certificate file "..." does not exist', ...
-        check_files(plan)
+        check_files(plan, again=True)
 
 
 # -- the parameters judged, immediately before libpq sees them -----------------------------

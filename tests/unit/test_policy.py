@@ -614,6 +614,61 @@ def test_files_below_a_missing_directory_are_missing_and_the_others_still_judged
     ]
 
 
+def _watched(tmp_path: Path) -> tuple[files.Watch, Path, Path, Path]:
+    gone, here = tmp_path / "gone", tmp_path / "here"
+    here.mkdir()
+    root = here / "root.crt"
+    root.write_text("-----BEGIN CERTIFICATE-----\n")
+    key = here / "postgresql.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    needs = (
+        files.FileNeed("E006", "sslrootcert", str(root), required=True),
+        files.FileNeed("E018", "sslkey", str(key), kind=files.KEY_WITHOUT_PASSPHRASE),
+        files.FileNeed("E016", "sslcrl", str(here / "root.crl")),
+        files.FileNeed("E016", "sslcert", str(gone / "postgresql.crt")),
+    )
+    watch = files.Watch(needs)
+    assert watch.problems() == []
+    return watch, root, key, gone
+
+
+def test_a_watch_judges_the_files_again_only_when_stat_says_one_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch, root, _key, _gone = _watched(tmp_path)
+    judged: list[object] = []
+    real = files.file_problems
+    monkeypatch.setattr(files, "file_problems", lambda needs: judged.append(needs) or real(needs))
+    assert watch.problems() == [] and judged == []  # unchanged: looked at, not judged
+    root.write_text("-----BEGIN CERTIFICATE-----\nrenewed\n")
+    assert watch.problems() == [] and len(judged) == 1  # changed: judged (and fine)
+    assert watch.problems() == [] and len(judged) == 1
+
+
+@pytest.mark.parametrize("change", ["chmod key", "fifo root", "fifo crl", "fifo below gone"])
+def test_a_watch_sees_every_change_the_rules_judge(tmp_path: Path, change: str) -> None:
+    """After a clean judgment, a key made readable by others, a root replaced by a FIFO, an
+    absent file that appears as one, one below a directory that was missing: each refused."""
+    watch, root, key, gone = _watched(tmp_path)
+    if change == "chmod key":
+        key.chmod(0o644)
+        expected = ("sslkey", files.LOOSE_KEY)
+    elif change == "fifo root":
+        root.unlink()
+        os.mkfifo(root)
+        expected = ("sslrootcert", "is not a regular file")
+    elif change == "fifo crl":
+        os.mkfifo(root.parent / "root.crl")
+        expected = ("sslcrl", "is not a regular file")
+    else:
+        gone.mkdir()
+        os.mkfifo(gone / "postgresql.crt")
+        expected = ("sslcert", "is not a regular file")
+    (found,) = [(need.origin, problem) for need, problem in watch.problems()]
+    assert found[0] == expected[0] and found[1].startswith(expected[1]), found
+
+
 # -- reusing a verdict -----------------------------------------------------------------------------
 def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
     wrapper = standalone_wrapper("default", entry(root_cert))
