@@ -24,6 +24,7 @@ import contextvars
 import logging
 import types
 from collections.abc import Callable, Mapping
+from itertools import compress, repeat
 from typing import Any, TypeVar
 
 import psycopg
@@ -299,6 +300,9 @@ def recheck_files(plan: Plan, exc: Exception) -> None:
 
 
 # -- the parameters judged, immediately before libpq sees them -----------------------------
+_STR = repeat(str)  # issubclass(type(value), str) for each value, in C
+
+
 def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """Refuse unless the exact parameters psycopg will hand libpq carry the policy; return
     what the verdict was remembered by (None: not remembered, e.g. a NUL byte).
@@ -323,8 +327,10 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
         )
     forced_keys = plan.decision.forced
     # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
-    # forced keys' values. Built by C-level iteration: this runs on every new connection.
-    nul = "\x00" in "".join([v for v in params.values() if isinstance(v, str)])
+    # forced keys' values. Built, like the NUL test over every text value (str subclasses
+    # too), by C-level iteration: this runs on every new connection.
+    values = params.values()
+    nul = "\x00" in "".join(compress(values, map(issubclass, map(type, values), _STR)))
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
         return key
