@@ -47,6 +47,7 @@ __all__ = [
     "learn_direct",
     "negotiate",
     "read_facts",
+    "what_the_rules_read",
 ]
 
 T = TypeVar("T")
@@ -216,6 +217,21 @@ LINK_RULES: tuple[Callable[[Decision, LinkFacts], Problem | None], ...] = (
     link_cipher,
     link_alpn,
 )
+
+
+def what_the_rules_read(facts: LinkFacts) -> tuple[Any, ...]:
+    """Every fact a ``LINK_RULES`` rule reads (the host only words a refusal): links with
+    equal ones get the same answer from the same decision (``pipeline.verify`` asks once)."""
+    return (
+        facts.ssl_in_use,
+        facts.protocol,
+        facts.cipher,
+        facts.used_gssapi,
+        facts.unix_socket,
+        facts.alpn,
+        facts.peer,
+        facts.effective,
+    )
 
 
 def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:

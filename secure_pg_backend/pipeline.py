@@ -88,6 +88,7 @@ class Plan:
         "file_paths",
         "hooks",
         "judged",
+        "passed",
         "provider",
         "sender",
         "settings_dict",
@@ -121,6 +122,9 @@ class Plan:
         self.confirmed: dict[tuple[Any, ...], Mapping[str, str]] = {}
         self.file_paths = tuple(need.path for need in decision.files)
         self.watch = files.Watch(decision.files)
+        # What the post-handshake rules last read and passed (``verify``): a link that shows
+        # the same facts (the same server, protocol and cipher, usually) is not ruled on again.
+        self.passed: tuple[Any, ...] | None = None
         self.provider = policy.has_provider(settings_dict)  # credentials asked per attempt
         # (connect_timeout, host, port) -> the retry budget, the deadline and the endpoints:
         # the same for every connect of the alias unless a subclass varies them.
@@ -437,12 +441,15 @@ def verify(plan: Plan, connection: Any) -> None:
     facts = handshake.read_facts(
         connection.pgconn, peer=decision.allow_local_proxy, effective=confirmed
     )
-    problem = handshake.check_link(decision, facts)
-    if problem is not None:
-        connection.close()
-        cause, what, fix = problem
-        message = link_message(plan.alias, facts.host, what, fix)
-        raise InsecureConnectionError(message, alias=plan.alias, host=facts.host, cause=cause)
+    read = handshake.what_the_rules_read(facts)
+    if read != plan.passed:  # else these very facts passed the rules of this decision
+        problem = handshake.check_link(decision, facts)
+        if problem is not None:
+            connection.close()
+            cause, what, fix = problem
+            message = link_message(plan.alias, facts.host, what, fix)
+            raise InsecureConnectionError(message, alias=plan.alias, host=facts.host, cause=cause)
+        plan.passed = read
     setattr(connection, LINK_ATTR, (facts, decision))
     if confirmed is None and judged is not None:
         if len(plan.confirmed) >= 16:

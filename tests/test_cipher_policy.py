@@ -217,3 +217,25 @@ def test_default_tls13_server_is_accepted(
     info = make_wrapper(good_server.database_settings()).tls_info
     assert info.protocol == "TLSv1.3"
     assert info.cipher is not None and info.cipher.startswith("TLS_")
+
+
+@pytest.mark.needs_server  # start_server
+def test_a_link_is_ruled_on_again_when_the_same_server_negotiates_otherwise(
+    start_server: Callable[..., TLSPostgres], ca: TestCA, make_wrapper: Callable[..., Any]
+) -> None:
+    """The rules are not asked again for a link showing the facts the last one passed with:
+    the same endpoint reconfigured to a legacy suite shows other facts, and is refused."""
+    server = start_server(ca.issue("localhost", "127.0.0.1", rsa=True), trust=ca)
+    wrapper = make_wrapper(server.database_settings())
+    for _ in range(2):
+        wrapper.ensure_connection()
+        assert wrapper.tls_info.protocol == "TLSv1.3"
+        wrapper.close()
+    server.admin_sql(
+        "ALTER SYSTEM SET ssl_max_protocol_version = 'TLSv1.2'",
+        "ALTER SYSTEM SET ssl_ciphers = 'AES128-SHA'",
+        "SELECT pg_reload_conf()",
+    )
+    with pytest.raises(InsecureConnectionError, match=r"the cipher AES128-SHA over TLSv1\.2"):
+        wrapper.ensure_connection()
+    assert wrapper.connection is None
