@@ -202,7 +202,11 @@ class VerifiedTLSMixin(_WrapperBase):
                 connection = super().get_new_connection(conn_params)
             else:
                 open_ = super().get_new_connection  # ends in Database.connect: judged there
-                connection = pipeline.connect(self._plan(), conn_params, open_, self._settle)
+                # Opened in autocommit, as Django's pool opens its connections: the session
+                # setup (``_settle``) runs as stock runs it, without switching psycopg's mode
+                # there and back; Django sets the alias's AUTOCOMMIT right after, as it does.
+                params = {"autocommit": True, **conn_params}
+                connection = pipeline.connect(self._plan(), params, open_, self._settle)
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:
@@ -220,10 +224,14 @@ class VerifiedTLSMixin(_WrapperBase):
         own call in ``init_connection_state`` then finds it set and sends nothing. The role
         (``assume_role``) stays Django's: its SQL is composed through this wrapper's cursor,
         which needs ``self.connection`` set. In autocommit, as Django runs it: in a transaction
-        psycopg would add a BEGIN and a COMMIT that stock does not send."""
+        psycopg would add a BEGIN and a COMMIT that stock does not send (the connection is
+        opened in autocommit unless OPTIONS say otherwise)."""
         timezone_name = self.timezone_name
         if not timezone_name or connection.info.parameter_status("TimeZone") == timezone_name:
             return  # Django's own test in _configure_timezone: it would send nothing
+        if connection.autocommit:
+            self._configure_timezone(connection)  # type: ignore[attr-defined]
+            return
         was = connection.autocommit
         connection.autocommit = True  # a client-side switch while idle: nothing is sent
         # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the
