@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import types
 from collections.abc import Callable, Mapping
@@ -88,6 +89,7 @@ class Plan:
         "file_paths",
         "hooks",
         "judged",
+        "looping",
         "passed",
         "provider",
         "sender",
@@ -129,6 +131,13 @@ class Plan:
         # (connect_timeout, host, port) -> the retry budget, the deadline and the endpoints:
         # the same for every connect of the alias unless a subclass varies them.
         self.shapes: dict[tuple[Any, ...], tuple[float, float | None, tuple[Endpoint, ...]]] = {}
+        # What the retry loop is told besides the attempt (``retry.loop``'s keywords).
+        self.looping: dict[str, Any] = {
+            "alias": alias,
+            "sender": sender,
+            "secrets": self.secrets,
+            "before_attempt": hooks.before_attempt if hooks is not None else None,
+        }
 
     def with_hooks(self, hooks: Hooks) -> Plan:
         return Plan(
@@ -186,31 +195,14 @@ def connect(
     ("server login has been failing", "cannot connect to server": it then hangs up) is retried
     like a connect's: nothing of a request ran. (A pool runs it itself, as ``configure``.)"""
     retry = plan.retry_for(params)
-
-    def one(shaped: Mapping[str, Any]) -> T:
-        return attempt(plan, shaped, open_, retry, settle)
-
+    # partial, not a closure: no Python frame between the loop and the attempt.
+    one = functools.partial(attempt, plan, open_=open_, retry=retry, settle=settle)
     if not plan.provider:
-        return _looped(plan, retry, one, params)
+        return loop(retry, one, params, **plan.looping)
     from . import provider  # only with a provider: not on every connection's path
 
     with provider.one_connect():  # a provider's second chance: at most once per connect
-        return _looped(plan, retry, one, params)
-
-
-def _looped(
-    plan: Plan, retry: Retry, one: Callable[[Mapping[str, Any]], T], params: Mapping[str, Any]
-) -> T:
-    hooks = plan.hooks
-    return loop(
-        retry,
-        one,
-        params,
-        alias=plan.alias,
-        sender=plan.sender,
-        secrets=plan.secrets,
-        before_attempt=hooks.before_attempt if hooks is not None else None,
-    )
+        return loop(retry, one, params, **plan.looping)
 
 
 def attempt(
@@ -223,10 +215,7 @@ def attempt(
     """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link, the
     session set up."""
     check_files(plan)
-
-    def opened(shaped: Mapping[str, Any]) -> T:
-        return _opened(plan, shaped, open_, retry)
-
+    opened = functools.partial(_opened, plan, open_=open_, retry=retry)
     if not plan.provider:  # a static PASSWORD: nothing to ask
         connection = handshake.negotiate(plan.decision, params, opened)
     else:
@@ -441,7 +430,7 @@ def verify(plan: Plan, connection: Any) -> None:
     facts = handshake.read_facts(
         connection.pgconn, peer=decision.allow_local_proxy, effective=confirmed
     )
-    read = handshake.what_the_rules_read(facts)
+    read = facts[1:]  # what the rules read: every fact but the host (LinkFacts)
     if read != plan.passed:  # else these very facts passed the rules of this decision
         problem = handshake.check_link(decision, facts)
         if problem is not None:
