@@ -227,8 +227,12 @@ class VerifiedTLSMixin(_WrapperBase):
         psycopg would add a BEGIN and a COMMIT that stock does not send (the connection is
         opened in autocommit unless OPTIONS say otherwise)."""
         timezone_name = self.timezone_name
-        if not timezone_name or connection.info.parameter_status("TimeZone") == timezone_name:
-            return  # Django's own test in _configure_timezone: it would send nothing
+        # Django's own test in _configure_timezone (it would send nothing), read from libpq
+        # without the ConnectionInfo and decoding psycopg's info.parameter_status adds.
+        if not timezone_name or (
+            connection.pgconn.parameter_status(b"TimeZone") == timezone_name.encode()
+        ):
+            return
         if connection.autocommit:
             self._configure_timezone(connection)  # type: ignore[attr-defined]
             return

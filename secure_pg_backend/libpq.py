@@ -153,9 +153,10 @@ def optional_function(lib: ctypes.CDLL, *names: str) -> _CFunc | None:
 @functools.lru_cache(maxsize=1)
 def functions() -> _Functions:
     lib = loaded_libpq()
-    ssl_attribute = lib.PQsslAttribute
-    ssl_attribute.restype = ctypes.c_char_p
-    ssl_attribute.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    # PQsslAttribute only reads libpq's state (every new connection asks it): called holding
+    # the GIL, as psycopg's own accessors are, not releasing it and taking it back per call.
+    attribute_type = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p, ctypes.c_char_p)
+    ssl_attribute = attribute_type(("PQsslAttribute", lib))
     ssl_struct = lib.PQsslStruct
     ssl_struct.restype = ctypes.c_void_p
     ssl_struct.argtypes = [ctypes.c_void_p, ctypes.c_char_p]

@@ -447,7 +447,11 @@ def verify(plan: Plan, connection: Any) -> None:
     handshake.learn_direct(decision, connection.pgconn)
     lifecycle.track_connection(connection)  # a forked child must drop it unwritten
     signals.verified(
-        plan.sender, plan.alias, connection.pgconn, facts, lambda: tls_info_of(connection)
+        plan.sender,
+        plan.alias,
+        connection.pgconn,
+        facts,
+        functools.partial(tls_info_of, connection),
     )
 
 
