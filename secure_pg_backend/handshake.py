@@ -221,15 +221,15 @@ def read_facts(
     protocol = cipher = alpn = None
     if effective is None:
         effective = libpq.effective_settings(pgconn)
-    if ssl_in_use:
+    if ssl_in_use:  # libpq's answers as text, None for none (``decode``, written out)
         get = libpq.functions().ssl_attribute
         ptr = pgconn.pgconn_ptr
-        protocol = decode(get(ptr, b"protocol")) or None
-        cipher = decode(get(ptr, b"cipher")) or None
+        protocol = (get(ptr, b"protocol") or b"").decode("utf-8", "replace") or None
+        cipher = (get(ptr, b"cipher") or b"").decode("utf-8", "replace") or None
         if effective.get("sslnegotiation") == "direct":
-            alpn = decode(get(ptr, b"alpn")) or None
+            alpn = (get(ptr, b"alpn") or b"").decode("utf-8", "replace") or None
     return LinkFacts(
-        host=decode(pgconn.host),
+        host=(pgconn.host or b"").decode("utf-8", "replace"),
         ssl_in_use=ssl_in_use,
         protocol=protocol,
         cipher=cipher,

@@ -391,14 +391,9 @@ class JudgingDatabase(types.ModuleType):
         return value
 
     def connect(self, conninfo: str = "", **kwargs: Any) -> Any:
-        key = judge(_current(conninfo), kwargs)
+        # Django passes keyword parameters only; a string would escape the judgment.
+        key = judge(None if conninfo else _CURRENT.get(), kwargs)
         return _judged(psycopg.connect(conninfo, **kwargs), key, kwargs)
-
-
-def _current(conninfo: str) -> Plan | None:
-    if conninfo:  # Django passes keyword parameters only; a string would escape the judgment
-        return None
-    return _CURRENT.get()
 
 
 def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[Any]:

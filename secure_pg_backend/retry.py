@@ -231,13 +231,14 @@ class Retry:
         ``connect_timeout`` each host's equal share of what is left, in whole seconds (libpq
         and psycopg give every host that much). None when a share would be under
         ``MIN_ATTEMPT`` (a direct-TLS fallback that finds the deadline near)."""
-        shaped = order_hosts(params, self.endpoints)
+        endpoints = self.endpoints
+        shaped = dict(params) if len(endpoints) < 2 else order_hosts(params, endpoints)
         if self.span is None:
             return shaped
         now = self.clock()
         if self.limit is None:  # the first libpq call: the deadline counts from here
             self.limit = now + self.span
-        share = int((self.limit - now) // max(len(self.endpoints), 1))
+        share = int((self.limit - now) // max(len(endpoints), 1))
         if share < MIN_ATTEMPT:
             return None
         shaped["connect_timeout"] = str(share)

@@ -199,7 +199,7 @@ def verified(
     only input) are read, once and shared by both, only if a record will be emitted or a
     receiver listens: usually neither, after the first; ``build`` (the TLSInfo) runs only for
     a record that is emitted."""
-    first = _first_time(alias)
+    first = alias not in _announced and _first_time(alias)  # its lock-free test, first
     listened = bool(connection_verified.receivers)  # Django's own first test in send()
     if not (first or listened or logger.isEnabledFor(logging.DEBUG)):
         return
