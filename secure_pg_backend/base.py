@@ -233,16 +233,17 @@ class VerifiedTLSMixin(_WrapperBase):
             connection.pgconn.parameter_status(b"TimeZone") == timezone_name.encode()
         ):
             return
-        if connection.autocommit:
-            self._configure_timezone(connection)  # type: ignore[attr-defined]
-            return
         was = connection.autocommit
-        connection.autocommit = True  # a client-side switch while idle: nothing is sent
+        if not was:
+            connection.autocommit = True  # a client-side switch while idle: nothing is sent
+        # Django's statement, as its _configure_timezone sends it (whose test was just made).
+        with connection.cursor() as cursor:
+            cursor.execute(self.ops.set_time_zone_sql(), [timezone_name])
         # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the
         # switch on it would raise "the connection is lost" in place of the "not now" the
         # retry recognises.
-        self._configure_timezone(connection)  # type: ignore[attr-defined]
-        connection.autocommit = was
+        if not was:
+            connection.autocommit = was
 
     def _plan(self) -> pipeline.Plan:
         """The pipeline's plan for the current decision (judged again if a subclass's

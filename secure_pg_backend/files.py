@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -20,6 +20,7 @@ __all__ = [
     "KEY_WITHOUT_PASSPHRASE",
     "LOOSE_KEY",
     "MISSING",
+    "UNCHANGED",
     "FileNeed",
     "Watch",
     "check_files",
@@ -198,6 +199,9 @@ _IDENTITY = attrgetter(
     "st_ino", "st_dev", "st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns"
 )
 _EXISTS = repeat(os.F_OK)
+# What ``Watch.problems`` returns when stat says nothing changed since the files were found
+# usable: no problem, and nothing new to remember (compared by identity).
+UNCHANGED: tuple[tuple[FileNeed, str], ...] = ()
 
 
 class Watch:
@@ -219,8 +223,9 @@ class Watch:
         # whole, so threads sharing a plan read a consistent one.
         self._seen: tuple[tuple[str, ...], tuple[str, ...], Any] | None = None
 
-    def problems(self) -> list[tuple[FileNeed, str]]:
-        """``file_problems(self.needs)``, judged again only if a file changed."""
+    def problems(self) -> Sequence[tuple[FileNeed, str]]:
+        """``file_problems(self.needs)``, judged again only if a file changed (else
+        ``UNCHANGED``, an empty tuple)."""
         seen = self._seen
         if seen is not None:
             present, absent, looked = seen
@@ -232,7 +237,7 @@ class Watch:
             except OSError:  # one went away: judged below
                 now = None
             if now == looked:
-                return []
+                return UNCHANGED
         present_now, absent_now = self._layout()
         try:
             looked = (

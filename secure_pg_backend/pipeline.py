@@ -24,7 +24,7 @@ import contextvars
 import functools
 import logging
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, repeat
 from typing import Any, TypeVar
 
@@ -272,7 +272,13 @@ def check_files(plan: Plan, again: bool = False) -> None:
     """The files libpq will open, as they are now (``stat`` only; the rules run again only
     when a file changed, ``files.Watch``). ``again``: judge them afresh, whatever stat says
     (libpq has just failed on one)."""
-    problems = files.file_problems(plan.decision.files) if again else plan.watch.problems()
+    problems: Sequence[tuple[files.FileNeed, str]]
+    if again:
+        problems = files.file_problems(plan.decision.files)
+    else:
+        problems = plan.watch.problems()
+        if problems is files.UNCHANGED:  # as when last found usable (and remembered then)
+            return
     if not problems:
         _SEEN_FILES.update(plan.file_paths)
         return

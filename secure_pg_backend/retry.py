@@ -315,7 +315,8 @@ def loop(
     """``connect(params)`` until it succeeds or fails for good (``Retry``); ``connect`` gets
     the same ``params`` each time and must not change them."""
     endpoints = retry.endpoints
-    _FAILED_BY.set(None)
+    if _FAILED_BY.get() is not None:  # a set allocates a new context: only when it changes
+        _FAILED_BY.set(None)
     if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
         retry.probe, refused = BREAKERS.admit(endpoints)
         if refused is not None:

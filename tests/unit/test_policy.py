@@ -640,10 +640,10 @@ def test_a_watch_judges_the_files_again_only_when_stat_says_one_changed(
     judged: list[object] = []
     real = files.file_problems
     monkeypatch.setattr(files, "file_problems", lambda needs: judged.append(needs) or real(needs))
-    assert watch.problems() == [] and judged == []  # unchanged: looked at, not judged
+    assert watch.problems() is files.UNCHANGED and judged == []  # looked at, not judged
     root.write_text("-----BEGIN CERTIFICATE-----\nrenewed\n")
     assert watch.problems() == [] and len(judged) == 1  # changed: judged (and fine)
-    assert watch.problems() == [] and len(judged) == 1
+    assert watch.problems() is files.UNCHANGED and len(judged) == 1
 
 
 @pytest.mark.parametrize("change", ["chmod key", "fifo root", "fifo crl", "fifo below gone"])
