@@ -195,8 +195,9 @@ def connect(
     ("server login has been failing", "cannot connect to server": it then hangs up) is retried
     like a connect's: nothing of a request ran. (A pool runs it itself, as ``configure``.)"""
     retry = plan.retry_for(params)
-    # partial, not a closure: no Python frame between the loop and the attempt.
-    one = functools.partial(attempt, plan, open_=open_, retry=retry, settle=settle)
+    # A partial of positional arguments, not a closure: no Python frame between the loop and
+    # the attempt, and no keyword dict made per call.
+    one = functools.partial(attempt, plan, open_, retry, settle)
     if not plan.provider:
         return loop(retry, one, params, **plan.looping)
     from . import provider  # only with a provider: not on every connection's path
@@ -207,15 +208,15 @@ def connect(
 
 def attempt(
     plan: Plan,
-    params: Mapping[str, Any],
     open_: Callable[[dict[str, Any]], T],
-    retry: Retry | None = None,
-    settle: Callable[[T], None] | None = None,
+    retry: Retry | None,
+    settle: Callable[[T], None] | None,
+    params: Mapping[str, Any],
 ) -> T:
-    """One attempt: the files now, fresh credentials, how TLS starts, libpq, the link, the
-    session set up."""
+    """One attempt with ``params`` (last: the loop's argument): the files now, fresh
+    credentials, how TLS starts, libpq, the link, the session set up."""
     check_files(plan)
-    opened = functools.partial(_opened, plan, open_=open_, retry=retry)
+    opened = functools.partial(_opened, plan, open_, retry)
     if not plan.provider:  # a static PASSWORD: nothing to ask
         connection = handshake.negotiate(plan.decision, params, opened)
     else:
@@ -243,9 +244,9 @@ def attempt(
 
 def _opened(
     plan: Plan,
-    params: Mapping[str, Any],
     open_: Callable[[dict[str, Any]], T],
-    retry: Retry | None = None,
+    retry: Retry | None,
+    params: Mapping[str, Any],
 ) -> T:
     # Every libpq call, a direct-TLS fallback too, within the deadline; a copy either way
     # (what ``open_`` is handed is its own).

@@ -141,20 +141,15 @@ class Retry:
     - ``endpoints``: what it connects to, for the breakers and the order of the hosts.
     """
 
-    __slots__ = (
-        "attempt",
-        "budget",
-        "clock",
-        "crowded",
-        "deadline",
-        "delay",
-        "drawn",
-        "endpoints",
-        "exhausted",
-        "limit",
-        "probe",
-        "span",
-    )
+    # What every connect starts with, read from the class until an attempt changes it: a new
+    # connection stores only what is its own (no __slots__, so these can be class defaults).
+    limit: float | None = None  # span seconds from the first libpq call (params_for)
+    delay = FIRST_DELAY
+    crowded = CROWDED_FIRST_DELAY
+    attempt = 1
+    drawn = 0.0
+    exhausted = False
+    probe = False  # this connect probes open breakers: one attempt, no retry
 
     def __init__(
         self,
@@ -166,17 +161,9 @@ class Retry:
     ) -> None:
         self.budget = 0.0 if _ONCE.get() else budget
         self.clock = clock
-        now = clock()
-        self.deadline = now + self.budget
+        self.deadline = clock() + self.budget
         self.span = limit
-        self.limit: float | None = None  # span seconds from the first libpq call (params_for)
-        self.delay = FIRST_DELAY
-        self.crowded = CROWDED_FIRST_DELAY
-        self.attempt = 1
-        self.drawn = 0.0
-        self.exhausted = False
         self.endpoints = endpoints
-        self.probe = False  # this connect probes open breakers: one attempt, no retry
 
     def cause(self, exc: BaseException) -> Cause | None:
         """The transient cause worth another attempt, or None."""
