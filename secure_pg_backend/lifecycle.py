@@ -81,12 +81,9 @@ _pools: _Registry[Any] = _Registry()  # VerifiedConnectionPool instances
 _child_resets: list[Any] = []
 
 
-def track_connection(connection: Any) -> None:
-    _connections.add(connection)
-
-
-def track_wrapper(wrapper: Any) -> None:
-    _wrappers.add(wrapper)
+# Called once per new connection: the registries' own methods, without a frame around them.
+track_connection = _connections.add
+track_wrapper = _wrappers.add
 
 
 def track_pool(pool: Any) -> None:
