@@ -23,7 +23,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from . import libpq
 from .causes import BY_NAME, REFUSAL, classify
@@ -47,6 +47,7 @@ __all__ = [
     "learn_direct",
     "negotiate",
     "read_facts",
+    "what_the_rules_read",
 ]
 
 T = TypeVar("T")
@@ -62,23 +63,42 @@ _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
 
 
-class LinkFacts(NamedTuple):
-    """What libpq and the kernel say about an established connection (no SQL involved).
+class LinkFacts:
+    """What libpq and the kernel say about an established connection (no SQL involved)."""
 
-    The ``LINK_RULES`` read the fields after the host, never the host itself (it only words a
-    refusal): links with equal ``facts[1:]`` get the same answer from the same decision, so
-    ``pipeline.verify`` asks the rules once for them.
-    """
+    __slots__ = (
+        "alpn",
+        "cipher",
+        "effective",
+        "host",
+        "peer",
+        "protocol",
+        "ssl_in_use",
+        "unix_socket",
+        "used_gssapi",
+    )
 
-    host: str
-    ssl_in_use: bool
-    protocol: str | None
-    cipher: str | None
-    used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
-    unix_socket: bool = False  # the socket's address family, not the host string
-    effective: Mapping[str, str] = _EMPTY  # PQconninfo of the link
-    alpn: str | None = None
-    peer: str | None = None  # the socket's peer address: read for a local proxy only
+    def __init__(
+        self,
+        host: str,
+        ssl_in_use: bool,
+        protocol: str | None,
+        cipher: str | None,
+        used_gssapi: bool | None = False,  # None: this libpq cannot tell (< 16)
+        unix_socket: bool = False,  # the socket's address family, not the host string
+        effective: Mapping[str, str] = _EMPTY,  # PQconninfo of the link
+        alpn: str | None = None,
+        peer: str | None = None,  # the socket's peer address: read for a local proxy only
+    ) -> None:
+        self.host = host
+        self.peer = peer
+        self.ssl_in_use = ssl_in_use
+        self.protocol = protocol
+        self.cipher = cipher
+        self.used_gssapi = used_gssapi
+        self.unix_socket = unix_socket
+        self.effective = effective
+        self.alpn = alpn
 
 
 def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:
@@ -197,6 +217,21 @@ LINK_RULES: tuple[Callable[[Decision, LinkFacts], Problem | None], ...] = (
     link_cipher,
     link_alpn,
 )
+
+
+def what_the_rules_read(facts: LinkFacts) -> tuple[Any, ...]:
+    """Every fact a ``LINK_RULES`` rule reads (the host only words a refusal): links with
+    equal ones get the same answer from the same decision (``pipeline.verify`` asks once)."""
+    return (
+        facts.ssl_in_use,
+        facts.protocol,
+        facts.cipher,
+        facts.used_gssapi,
+        facts.unix_socket,
+        facts.alpn,
+        facts.peer,
+        facts.effective,
+    )
 
 
 def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:

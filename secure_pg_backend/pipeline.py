@@ -432,7 +432,7 @@ def verify(plan: Plan, connection: Any) -> None:
     facts = handshake.read_facts(
         connection.pgconn, peer=decision.allow_local_proxy, effective=confirmed
     )
-    read = facts[1:]  # what the rules read: every fact but the host (LinkFacts)
+    read = handshake.what_the_rules_read(facts)
     if read != plan.passed:  # else these very facts passed the rules of this decision
         problem = handshake.check_link(decision, facts)
         if problem is not None:
