@@ -139,15 +139,11 @@ class VerifiedTLSMixin(_WrapperBase):
         result is the one the verdict was made from and is not built again; a class between
         the mixin and Django's wrapper is asked every time (``_params_below``).
         """
-        below = type(self)._params_below
-        if not below:
-            key = self._settings_key(None)
-            if key is not None and key == self._verdict_key and self._verdict is not None:
-                return self._verdict
-        params = self._django_connection_params()
-        key = self._settings_key(params if below else None)
-        if below and key is not None and key == self._verdict_key and self._verdict is not None:
+        built = self._django_connection_params() if type(self)._params_below else None
+        key = self._settings_key(built)
+        if key is not None and key == self._verdict_key and self._verdict is not None:
             return self._verdict
+        params = built if built is not None else self._django_connection_params()
         verdict = policy.judge(self.alias, self.settings_dict, params)
         self._verdict, self._verdict_key = verdict, key
         return verdict
