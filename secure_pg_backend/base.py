@@ -113,6 +113,10 @@ class VerifiedTLSMixin(_WrapperBase):
     _verdict_key: tuple[Any, ...] | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        lifecycle.track_wrapper(self)  # so a forked child can make it forget its connection
+
     # -- settings -> libpq parameters, before any network I/O ------------------
     def get_connection_params(self) -> dict[str, Any]:
         verdict = self.policy_verdict()
@@ -211,7 +215,6 @@ class VerifiedTLSMixin(_WrapperBase):
             if refusal is exc:
                 raise
             raise refusal from exc
-        lifecycle.track_wrapper(self)  # so a forked child can make it forget the connection
         return connection
 
     def _settle(self, connection: Any) -> None:

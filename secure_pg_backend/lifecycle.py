@@ -46,28 +46,35 @@ EXIT_GRACE = 0.5
 T = TypeVar("T")
 
 
+class _Ref(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference that hashes and compares by its own identity, not its referent's: any
+    object can be registered (one whose ``__eq__`` makes it unhashable too), and a dead one is
+    found again by the set that holds it."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
 class _Registry(Generic[T]):
     """Weak references to live objects.
 
-    No lock (a fork could leave one held in the child): snapshots copy a dict's values,
-    which is atomic under the GIL, and a dead object removes its own entry.
+    No lock (a fork could leave one held in the child): a snapshot copies the set with
+    ``list()``, which allocates no object while it iterates, so no collection can run a
+    callback that changes the set under it. A dead object removes its own reference
+    (``set.discard`` is its callback: no Python runs when a connection is freed).
     """
 
     def __init__(self) -> None:
-        self._refs: dict[int, weakref.ref[T]] = {}
+        self._refs: set[_Ref] = set()
 
     def add(self, obj: T) -> None:
-        key = id(obj)
-        refs = self._refs
-        known = refs.get(key)
-        if known is not None and known() is obj:  # a wrapper's every reconnect
-            return
-        refs[key] = weakref.ref(
-            obj, lambda ref: refs.pop(key, None) if refs.get(key) is ref else None
-        )
+        """Register ``obj`` (each object once: a connection when it is verified, a wrapper
+        when it is created)."""
+        self._refs.add(_Ref(obj, self._refs.discard))
 
     def live(self) -> list[T]:
-        return [obj for ref in list(self._refs.values()) if (obj := ref()) is not None]
+        return [obj for ref in list(self._refs) if (obj := ref()) is not None]
 
     def clear(self) -> None:
         self._refs.clear()
@@ -81,7 +88,8 @@ _pools: _Registry[Any] = _Registry()  # VerifiedConnectionPool instances
 _child_resets: list[Any] = []
 
 
-# Called once per new connection: the registries' own methods, without a frame around them.
+# The registries' own methods, without a frame around them: a connection is registered once
+# it is verified, a wrapper when it is created.
 track_connection = _connections.add
 track_wrapper = _wrappers.add
 

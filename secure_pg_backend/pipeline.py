@@ -448,13 +448,7 @@ def verify(plan: Plan, connection: Any) -> None:
         plan.confirmed[judged] = facts.effective
     handshake.learn_direct(decision, connection.pgconn)
     lifecycle.track_connection(connection)  # a forked child must drop it unwritten
-    signals.verified(
-        plan.sender,
-        plan.alias,
-        connection.pgconn,
-        facts,
-        functools.partial(tls_info_of, connection),
-    )
+    signals.verified(plan.sender, plan.alias, connection, facts, tls_info_of)
 
 
 def tls_info_of(connection: Any) -> Any:

@@ -32,6 +32,7 @@ describes is built only for a record that will be emitted.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import threading
@@ -190,20 +191,26 @@ def _otel_time(moment: dt.datetime) -> str:
 
 
 def verified(
-    sender: type, alias: str, pgconn: Any, facts: LinkFacts, build: Callable[[], TLSInfo]
+    sender: type,
+    alias: str,
+    connection: Any,
+    facts: LinkFacts,
+    tls_info_of: Callable[[Any], TLSInfo],
 ) -> None:
     """A connection passed the post-handshake check: its log line and ``connection_verified``.
 
     The first connection of an alias is logged at INFO, or WARNING when the server or the
     client certificate expires soon; later ones at DEBUG. The certificates' dates (the level's
     only input) are read, once and shared by both, only if a record will be emitted or a
-    receiver listens: usually neither, after the first; ``build`` (the TLSInfo) runs only for
-    a record that is emitted."""
+    receiver listens: usually neither, after the first, so nothing is built for the usual
+    connection; ``tls_info_of(connection)`` (the TLSInfo) runs only for a record that is
+    emitted or a receiver that asks."""
     first = alias not in _announced and _first_time(alias)  # its lock-free test, first
     listened = bool(connection_verified.receivers)  # Django's own first test in send()
     if not (first or listened or logger.isEnabledFor(logging.DEBUG)):
         return
-    dates = certificates.SessionCertificates(pgconn)
+    build = functools.partial(tls_info_of, connection)
+    dates = certificates.SessionCertificates(connection.pgconn)
 
     def not_after() -> dt.datetime | None:
         return dates.server_not_after
