@@ -183,7 +183,8 @@ class VerifiedTLSMixin(_WrapperBase):
         """
         options = self.settings_dict.get("OPTIONS") or {}
         environment = libpq.environment_snapshot()
-        if "service" in options or libpq.service_in(environment):
+        # A service, in OPTIONS or in PGSERVICE (set, even empty).
+        if "service" in options or environment[libpq.SERVICE_AT] is not None:
             return None
         fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
         password = self.settings_dict.get("PASSWORD")

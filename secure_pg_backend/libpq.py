@@ -253,9 +253,16 @@ def environment_variables() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+# Where an ``environment_snapshot`` holds PGSERVICE's value (None: unset, "" still names the
+# default service): first, so that the verdict's key tells a named service (whose file's
+# contents it cannot hold) by an index.
+SERVICE_AT = 0
+
+
 @functools.lru_cache(maxsize=1)
 def _snapshot_names() -> tuple[Any, ...]:
-    names = (*environment_variables(), "SSL_CERT_FILE")
+    rest = [name for name in environment_variables() if name != "PGSERVICE"]
+    names = ("PGSERVICE", *rest, "SSL_CERT_FILE")
     if isinstance(getattr(os.environ, "_data", None), dict) and os.name == "posix":
         return tuple(os.fsencode(name) for name in names)
     return names
@@ -275,17 +282,6 @@ def environment_snapshot() -> tuple[Any, ...]:
     if isinstance(raw, dict) and names and isinstance(names[0], bytes):
         return tuple(map(raw.get, names))
     return tuple(map(os.environ.get, names))
-
-
-def service_in(snapshot: tuple[Any, ...]) -> bool:
-    """Whether an ``environment_snapshot`` names a service (PGSERVICE set, even empty)."""
-    return snapshot[_service_index()] is not None
-
-
-@functools.lru_cache(maxsize=1)
-def _service_index() -> int:
-    names = _snapshot_names()
-    return names.index(b"PGSERVICE" if names and isinstance(names[0], bytes) else "PGSERVICE")
 
 
 def _text(value: bytes | None) -> str | None:
