@@ -81,15 +81,17 @@ class Breakers:
     every alias share them."""
 
     def __init__(self) -> None:
-        self._by_endpoint: dict[Endpoint, Breaker] = {}
+        # The endpoints a connect has failed to reach (empty until one fails): while it is
+        # empty a successful connect has nothing to close (``retry.loop`` asks first).
+        self.by_endpoint: dict[Endpoint, Breaker] = {}
         # Breakers now open: while none is, admitting a connect takes no lock (every connect
         # asks). Read without the lock: a breaker opening at that instant is seen by the next.
         self.open_count = 0
 
     def _get(self, endpoint: Endpoint) -> Breaker:
-        breaker = self._by_endpoint.get(endpoint)
+        breaker = self.by_endpoint.get(endpoint)
         if breaker is None:
-            breaker = self._by_endpoint[endpoint] = Breaker(endpoint)
+            breaker = self.by_endpoint[endpoint] = Breaker(endpoint)
         return breaker
 
     def admit(self, endpoints: tuple[Endpoint, ...]) -> tuple[bool, BaseException | None]:
@@ -98,7 +100,7 @@ class Breakers:
         if not self.open_count:
             return False, None
         with _lock:
-            breakers = [self._by_endpoint.get(e) for e in endpoints]
+            breakers = [self.by_endpoint.get(e) for e in endpoints]
             opened = [b for b in breakers if b is not None and b.state == OPEN]
             if len(opened) < len(endpoints):
                 return False, None
@@ -112,7 +114,7 @@ class Breakers:
     def release(self, endpoints: tuple[Endpoint, ...]) -> None:
         with _lock:
             for endpoint in endpoints:
-                breaker = self._by_endpoint.get(endpoint)
+                breaker = self.by_endpoint.get(endpoint)
                 if breaker is not None:
                     breaker.probing = False
 
@@ -153,18 +155,16 @@ class Breakers:
 
     def reached(self, endpoints: tuple[Endpoint, ...], connection: Any) -> None:
         """A connection was made: close the breaker of the endpoint it reached."""
-        if not self._by_endpoint:  # no connect has failed yet: nothing to close
-            return
         endpoint = _endpoint_of(connection, endpoints)
         if endpoint is not None:
             self._close(endpoint)
 
     def _close(self, endpoint: Endpoint) -> None:
-        known = self._by_endpoint.get(endpoint)
+        known = self.by_endpoint.get(endpoint)
         if known is None or (known.state == CLOSED and known.timed_out == _NEVER):
             return  # the usual case, every connect: nothing to change, no lock taken
         with _lock:
-            breaker = self._by_endpoint.get(endpoint)
+            breaker = self.by_endpoint.get(endpoint)
             if breaker is None:
                 return
             breaker.timed_out = _NEVER
@@ -181,7 +181,7 @@ class Breakers:
         with _lock:
             rank = []
             for endpoint in endpoints:
-                b = self._by_endpoint.get(endpoint)
+                b = self.by_endpoint.get(endpoint)
                 rank.append(
                     0
                     if b is None
@@ -193,7 +193,7 @@ class Breakers:
         """Every known endpoint's state (the health check, tests, an operator's shell)."""
         now = time.monotonic()
         with _lock:
-            breakers = list(self._by_endpoint.values())
+            breakers = list(self.by_endpoint.values())
             return [
                 {
                     "endpoint": b.name,
@@ -207,7 +207,7 @@ class Breakers:
             ]
 
     def clear(self) -> None:
-        self._by_endpoint = {}
+        self.by_endpoint = {}
         self.open_count = 0
 
 

@@ -210,8 +210,9 @@ class Retry:
         return self.limit is not None and self.limit - now < self.room
 
     def succeeded(self) -> None:
-        if self.drawn or BUCKET.tokens < BUCKET.capacity:  # full and nothing drawn: no lock
-            BUCKET.give(SUCCESS_REFILL + self.drawn)
+        """Refund what this connect drew, and ``SUCCESS_REFILL`` more (``loop`` calls it only
+        when the bucket is not full or this connect drew: otherwise there is nothing to do)."""
+        BUCKET.give(SUCCESS_REFILL + self.drawn)
 
     def params_for(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """``params`` for one libpq call starting now: the hosts in the breakers' order and
@@ -304,7 +305,8 @@ def loop(
     endpoints = retry.endpoints
     if _FAILED_BY.get() is not None:  # a set allocates a new context: only when it changes
         _FAILED_BY.set(None)
-    if endpoints and retry.budget > 0:  # no breaker without retries (connect_retry=0, dbtls)
+    # No breaker without retries (connect_retry=0, dbtls); none to ask while none is open.
+    if endpoints and retry.budget > 0 and BREAKERS.open_count:
         retry.probe, refused = BREAKERS.admit(endpoints)
         if refused is not None:
             raise refused  # the last cause, at once: another caller's probe is on its way
@@ -330,8 +332,11 @@ def loop(
                 sleep(wait)
                 retry.advance(cause)
             else:
-                retry.succeeded()
-                if endpoints:
+                # The usual connect calls neither: the bucket full and nothing drawn, no
+                # endpoint ever failed (so no breaker to close).
+                if retry.drawn or BUCKET.tokens < BUCKET.capacity:
+                    retry.succeeded()
+                if endpoints and BREAKERS.by_endpoint:
                     BREAKERS.reached(endpoints, result)
                 return result
     finally:

@@ -36,8 +36,9 @@ PATH = {
 # Every step of one attempt (docs/development.md): what plain and pooled connections share.
 ATTEMPT = {
     "pipeline.connect",
-    "retry.loop",  # the retry object's loop: breakers, budget, bucket
-    "breakers.admit",  # the endpoints' breakers
+    # The retry object's loop: budget, bucket and the endpoints' breakers (asked only while one
+    # is open or once an endpoint failed: tests/test_breaker.py runs them on both paths).
+    "retry.loop",
     "retry.params_for",  # the deadline: each libpq call gets what is left
     "pipeline.attempt",
     "pipeline.check_files",
