@@ -43,6 +43,8 @@ class Plan:
 
     connect_rounds: int
     connect_iters: int
+    cpu_processes: int  # fresh processes for the client CPU's per-process spread
+    cpu_process_rounds: int  # rounds of connect_iters connects per variant in each
     query_rounds: int
     query_iters: int
     micro_rounds: int  # tls_info and the backend's own work, timed in batches
@@ -60,6 +62,8 @@ class Plan:
 FULL = Plan(
     connect_rounds=401,
     connect_iters=4,
+    cpu_processes=7,
+    cpu_process_rounds=151,
     query_rounds=501,
     query_iters=20,
     micro_rounds=31,
@@ -76,6 +80,8 @@ FULL = Plan(
 QUICK = Plan(
     connect_rounds=15,
     connect_iters=2,
+    cpu_processes=2,
+    cpu_process_rounds=10,
     query_rounds=25,
     query_iters=10,
     micro_rounds=5,

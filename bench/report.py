@@ -89,6 +89,27 @@ def _cpu_pair(label: str, pair: dict[str, Any]) -> str:
     )
 
 
+def _cpu_processes(spread: dict[str, Any] | None) -> Lines:
+    """The same client-CPU figure in fresh processes (``bench/processes.py``)."""
+    if not spread:
+        return []
+
+    def each(pair: dict[str, Any]) -> str:
+        return ", ".join(f"{value:+,.0f}" for value in pair["each"])
+
+    secure, same = spread["secure_vs_stock"], spread["stock_vs_stock"]
+    return [
+        "",
+        f"The same in {spread['processes']} fresh processes, {spread['rounds']} rounds each "
+        "(each process's median of per-round differences, µs): secure against stock "
+        f"{each(secure)}, median **{secure['median_diff_us']:+,.0f}**; stock against stock "
+        f"{each(same)}, median {same['median_diff_us']:+,.0f}. The A/A run shows the rounds' "
+        "noise; the spread of the secure figure between processes is the process's (where its "
+        "code and OpenSSL's strings land), which stock against stock cannot show. The target "
+        "is judged on the median over the processes.",
+    ]
+
+
 def _connect_own_work(
     whole: dict[str, float] | None, twice: dict[str, float] | None = None
 ) -> Lines:
@@ -149,6 +170,7 @@ def _own_work(results: dict[str, Any]) -> Lines:
         _cpu_pair("stock against stock (A/A: the noise)", pairs["stock_vs_stock"]),
         f"| connect wall time, stock against stock (A/A) | | "
         f"{results['connect_aa']['ratio']:.3f} | |",
+        *_cpu_processes(results.get("connect_cpu_processes")),
         "",
         f"The secure backend's own work per new connection, timed hot in a loop: {extra_us:.1f} µs "
         f"(policy in `get_connection_params`: {own[SECURE]['median']:.1f} µs vs stock "
@@ -287,6 +309,28 @@ def report(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
 
 
 # -- targets -------------------------------------------------------------------------
+def _cpu_target(results: dict[str, Any]) -> dict[str, Any]:
+    """Judged on the median over fresh processes where measured (``bench/processes.py``),
+    else on the one process's figure."""
+    spread = results.get("connect_cpu_processes")
+    if spread:
+        name = (
+            "client CPU per new connection ≤ stock + 100 µs (median over "
+            f"{spread['processes']} fresh processes of each one's median of per-round differences)"
+        )
+        pairs = spread
+    else:
+        name = "client CPU per new connection ≤ stock + 100 µs (median of per-round differences)"
+        pairs = results["connect_cpu"]
+    secure = pairs["secure_vs_stock"]["median_diff_us"]
+    same = pairs["stock_vs_stock"]["median_diff_us"]
+    return {
+        "name": name,
+        "measured": f"{secure:+.0f} µs (A/A {same:+.0f} µs)",
+        "ok": secure <= 100,
+    }
+
+
 def _main_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     wire = results["wire"]
     rss_mb = results["rss"]["growth_bytes"] / 2**20
@@ -297,13 +341,7 @@ def _main_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{results['connect']['ratio']:.3f}",
             "ok": results["connect"]["ratio"] <= 1.02,
         },
-        {
-            "name": "client CPU per new connection ≤ stock + 100 µs (median of per-round "
-            "differences)",
-            "measured": f"{results['connect_cpu']['secure_vs_stock']['median_diff_us']:+.0f} µs "
-            f"(A/A {results['connect_cpu']['stock_vs_stock']['median_diff_us']:+.0f} µs)",
-            "ok": results["connect_cpu"]["secure_vs_stock"]["median_diff_us"] <= 100,
-        },
+        _cpu_target(results),
         {
             "name": "query ratio ≤ 1.01 (worst of select 1, ORM)",
             "measured": f"{query_ratio:.3f}",

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` from a clone without `pip
 import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from bench import latency, memory, negotiation, own_work, request_loop, wire  # noqa: E402
+from bench import latency, memory, negotiation, own_work, processes, request_loop, wire  # noqa: E402
 from bench.common import (  # noqa: E402
     COUNT_SECURE,
     COUNT_STOCK,
@@ -123,6 +123,8 @@ def run_main(plan: Plan, counting_server: TLSPostgres) -> dict[str, Any]:
     _close_all()
     say("1/6 connect latency (secure vs stock)")
     results |= latency.measure_connect(plan)
+    say(f"   client CPU in {plan.cpu_processes} fresh processes")
+    results |= processes.measure(plan)
     say("2/6 query latency (select 1, ORM)")
     results |= latency.measure_queries(plan)
     say("3/6 statements and round trips per new connection")

@@ -176,3 +176,29 @@ def test_direct_tls_targets_without_servers_are_not_passed() -> None:
     runs = [{"major": 18, "unavailable": "no binaries"}]
     results = {"mode": "full", "plan": {}, "duration_s": 1.0, "negotiation": {"runs": runs}}
     assert [t["ok"] for t in check_targets(results)] == [None, None]
+
+
+def _pair(diff_us: float) -> dict[str, object]:
+    spread = {"median": diff_us, "min": diff_us, "max": diff_us, "n": 3}
+    ratio = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 3}
+    return {"median_diff_us": diff_us, "median_ratio": 1.0, "diff_us": spread,
+            "ratio": ratio, "rounds": 3}  # fmt: skip
+
+
+def test_client_cpu_is_judged_over_fresh_processes_where_measured() -> None:
+    from bench.report import _cpu_processes, _cpu_target
+
+    one_process = {"connect_cpu": {"secure_vs_stock": _pair(90), "stock_vs_stock": _pair(-5)}}
+    assert _cpu_target(one_process)["ok"] is True
+    spread = {
+        "processes": 3,
+        "rounds": 151,
+        "secure_vs_stock": {"median_diff_us": 130.0, "each": [90.0, 130.0, 150.0]},
+        "stock_vs_stock": {"median_diff_us": -2.0, "each": [-5.0, -2.0, 4.0]},
+    }
+    target = _cpu_target({**one_process, "connect_cpu_processes": spread})
+    assert target["ok"] is False  # the one process's +90 was a lucky layout
+    assert target["measured"] == "+130 µs (A/A -2 µs)"
+    assert "3 fresh processes" in target["name"]
+    (line,) = [text for text in _cpu_processes(spread) if text]
+    assert "+90, +130, +150, median **+130**" in line and "-5, -2, +4, median -2" in line
