@@ -60,6 +60,9 @@ else:
 # The settings fields, besides OPTIONS and the password, that the verdict depends on.
 _KEY_FIELDS = ("HOST", "PORT", "NAME", "USER")
 _CONTAINERS = itertools.repeat((dict, list, set, bytearray))
+# Set on a psycopg connection by ``_settle``: its autocommit mode, for the set_autocommit
+# Django's connect() asks next.
+_SETTLED = "_secure_pg_backend_settled"
 
 
 class VerifiedTLSMixin(_WrapperBase):
@@ -226,24 +229,41 @@ class VerifiedTLSMixin(_WrapperBase):
         which needs ``self.connection`` set. In autocommit, as Django runs it: in a transaction
         psycopg would add a BEGIN and a COMMIT that stock does not send (the connection is
         opened in autocommit unless OPTIONS say otherwise)."""
-        timezone_name = self.timezone_name
-        # Django's own test in _configure_timezone (it would send nothing), read from libpq
-        # without the ConnectionInfo and decoding psycopg's info.parameter_status adds.
-        if not timezone_name or (
-            connection.pgconn.parameter_status(b"TimeZone") == timezone_name.encode()
-        ):
-            return
         was = connection.autocommit
-        if not was:
-            connection.autocommit = True  # a client-side switch while idle: nothing is sent
-        # Django's statement, as its _configure_timezone sends it (whose test was just made).
-        with connection.cursor() as cursor:
-            cursor.execute(self.ops.set_time_zone_sql(), [timezone_name])
-        # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the
-        # switch on it would raise "the connection is lost" in place of the "not now" the
-        # retry recognises.
-        if not was:
-            connection.autocommit = was
+        if not self._time_zone_is_set(connection):
+            if not was:
+                connection.autocommit = True  # a client-side switch while idle: nothing is sent
+            # Django's statement, as its _configure_timezone sends it.
+            with connection.cursor() as cursor:
+                cursor.execute(self.ops.set_time_zone_sql(), [self.timezone_name])
+            # Not in a finally: PgBouncer's "not now" closes the connection, and restoring the
+            # switch on it would raise "the connection is lost" in place of the "not now" the
+            # retry recognises.
+            if not was:
+                connection.autocommit = was
+        # Left idle, outside a pipeline, in this mode: what set_autocommit is asked next.
+        setattr(connection, _SETTLED, was)
+
+    def _time_zone_is_set(self, connection: Any) -> bool:
+        """Django's test in ``_configure_timezone`` (true: it would send nothing), read from
+        libpq without the ConnectionInfo and the decoding psycopg's ``parameter_status`` adds."""
+        timezone_name = self.timezone_name
+        return not timezone_name or (
+            connection.pgconn.parameter_status(b"TimeZone") == timezone_name.encode()
+        )
+
+    # Django's connect() asks set_autocommit(AUTOCOMMIT) and init_connection_state's
+    # _configure_timezone right after get_new_connection: on the connection _settle has just
+    # set up, psycopg's switch to the mode it is in (idle, outside a pipeline) changes and
+    # sends nothing, and Django's time zone test is the one _settle made.
+    def _set_autocommit(self, autocommit: bool) -> None:
+        if vars(self.connection).pop(_SETTLED, None) is not autocommit:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
+
+    def _configure_timezone(self, connection: Any) -> bool:
+        if self._time_zone_is_set(connection):
+            return False
+        return bool(super()._configure_timezone(connection))  # type: ignore[misc]
 
     def _plan(self) -> pipeline.Plan:
         """The pipeline's plan for the current decision (judged again if a subclass's

@@ -405,6 +405,55 @@ def test_a_new_connection_sends_the_statements_stock_sends(ca: Any, make_wrapper
     assert secure == stock
 
 
+@pytest.mark.parametrize("autocommit", [True, False])
+@pytest.mark.parametrize("time_zone", ["UTC", "Europe/Paris"])
+def test_a_new_connection_is_left_as_stock_leaves_it(
+    make_wrapper: Wrapper, good_server: TLSPostgres, autocommit: bool, time_zone: str
+) -> None:
+    """Django's connect() asks set_autocommit and its time zone test right after the
+    connection opens; this ENGINE answers both from the session setup it ran inside the
+    attempt. Whatever it skips, the session must be the one stock leaves: the same mode in
+    Django and in psycopg, the same transaction behaviour, the same time zone, and a later
+    switch made by psycopg (a manual BEGIN then set_autocommit raises, as on stock)."""
+    from django.db import DatabaseError
+
+    def session(engine: str) -> tuple[Any, ...]:
+        settings = good_server.database_settings(
+            engine=engine, AUTOCOMMIT=autocommit, TIME_ZONE=time_zone
+        )
+        wrapper = make_wrapper(settings, alias=engine.replace(".", "_"))
+        wrapper.ensure_connection()
+        raw = wrapper.connection
+        state: list[Any] = [wrapper.get_autocommit(), raw.autocommit]
+        with wrapper.cursor() as cursor:
+            cursor.execute("select current_setting('TimeZone')")
+            state.append(cursor.fetchone())
+        state.append(raw.info.transaction_status.name)  # INTRANS unless in autocommit
+        if not autocommit:
+            wrapper.rollback()
+        for mode in (not autocommit, autocommit):  # as transaction.atomic switches
+            wrapper.set_autocommit(mode)
+            state.append(raw.autocommit)
+        if autocommit:
+            with wrapper.cursor() as cursor:
+                cursor.execute("begin")
+            try:
+                wrapper.set_autocommit(True)
+            except DatabaseError as exc:
+                state.append(str(exc))
+            else:
+                state.append("set_autocommit(True) inside BEGIN passed")
+        wrapper.close()
+        return tuple(state)
+
+    secure = session("secure_pg_backend")
+    stock = session("django.db.backends.postgresql")
+    assert secure == stock
+    assert secure[:2] == (autocommit, autocommit)
+    if autocommit:
+        assert "can't change 'autocommit' now" in secure[-1]
+
+
 def test_the_parameters_follow_use_tz_and_the_time_zone(
     make_wrapper: Callable[..., Any], tmp_path: Path
 ) -> None:
