@@ -57,12 +57,67 @@ else:
     _WrapperBase = object
 
 
-# The settings fields, besides OPTIONS and the password, that the verdict depends on.
-_KEY_FIELDS = ("HOST", "PORT", "NAME", "USER")
 _CONTAINERS = itertools.repeat((dict, list, set, bytearray))
 # Set on a psycopg connection by ``_settle``: its autocommit mode, for the set_autocommit
 # Django's connect() asks next.
 _SETTLED = "_secure_pg_backend_settled"
+
+
+class _Inputs:
+    """What a verdict was made from, or nothing when it depends on a file's contents (a
+    service): ``unchanged`` tells whether the verdict still holds.
+
+    The verdict is about configuration only: whether the files libpq opens are usable is
+    checked again before every physical connection (``check_files``). What Django's
+    ``get_connection_params`` reads besides the settings dict is here too: USE_TZ and the
+    connection's time zone choose its adapters (``context``, which a test's
+    ``override_settings`` changes), so a new one is a new verdict, not a stale one. Kept as
+    copies and compared, not hashed, so a new connection pays C-level comparisons only.
+    """
+
+    __slots__ = ("adapters", "built", "environment", "nested", "settings")
+
+    def __init__(
+        self,
+        settings_dict: Mapping[str, Any],
+        environment: libpq.EnvironmentWatch,
+        adapters: tuple[Any, ...],
+        built: Mapping[str, Any] | None,
+    ) -> None:
+        options = settings_dict.get("OPTIONS")
+        # The settings as they are now: OPTIONS copied too, so an option set in place is a
+        # difference; and as text when an option holds a container, which could change in
+        # place under the same items.
+        self.settings = dict(settings_dict)
+        self.nested = None
+        if isinstance(options, dict):
+            self.settings["OPTIONS"] = dict(options)
+            if any(map(isinstance, options.values(), _CONTAINERS)):
+                self.nested = repr(options)
+        self.environment = environment
+        self.adapters = adapters
+        # What a class below the mixin built, when one does (copied: the judgment reads it).
+        self.built = None if built is None else dict(built)
+
+    @classmethod
+    def of(cls, wrapper: Any, built: Mapping[str, Any] | None) -> _Inputs | None:
+        environment = libpq.EnvironmentWatch()
+        options = wrapper.settings_dict.get("OPTIONS") or {}
+        # A service, in OPTIONS or in PGSERVICE (set, even empty).
+        if "service" in options or environment.snapshot[libpq.SERVICE_AT] is not None:
+            return None
+        return cls(wrapper.settings_dict, environment, (settings.USE_TZ, wrapper.timezone), built)
+
+    def unchanged(self, wrapper: Any, built: Mapping[str, Any] | None) -> bool:
+        settings_dict = wrapper.settings_dict
+        return (
+            settings_dict == self.settings
+            and (self.nested is None or repr(settings_dict.get("OPTIONS")) == self.nested)
+            and built == self.built
+            and self.adapters[0] == settings.USE_TZ
+            and wrapper.timezone == self.adapters[1]
+            and self.environment.unchanged()
+        )
 
 
 class VerifiedTLSMixin(_WrapperBase):
@@ -113,7 +168,7 @@ class VerifiedTLSMixin(_WrapperBase):
         )
 
     _verdict: policy.Verdict | None = None
-    _verdict_key: tuple[Any, ...] | None = None
+    _inputs: _Inputs | None = None
     _connection_pools: dict[str, Any]  # Django's class-level registry (not in the stubs)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -141,18 +196,19 @@ class VerifiedTLSMixin(_WrapperBase):
     def policy_verdict(self) -> policy.Verdict:
         """Judge the current settings without I/O: the gate, the checks and dbshell use it.
 
-        Django's ``get_connection_params`` is a function of the settings the key holds (the
-        settings dict, USE_TZ, the connection's time zone), so while the key is unchanged its
-        result is the one the verdict was made from and is not built again; a class between
-        the mixin and Django's wrapper is asked every time (``_params_below``).
+        Django's ``get_connection_params`` is a function of the inputs ``_Inputs`` keeps (the
+        settings dict, USE_TZ, the connection's time zone), so while none changed its result
+        is the one the verdict was made from and is not built again; a class between the
+        mixin and Django's wrapper is asked every time (``_params_below``).
         """
         built = self._django_connection_params() if type(self)._params_below else None
-        key = self._settings_key(built)
-        if key is not None and key == self._verdict_key and self._verdict is not None:
-            return self._verdict
+        inputs, verdict = self._inputs, self._verdict
+        if inputs is not None and verdict is not None and inputs.unchanged(self, built):
+            return verdict
+        inputs = _Inputs.of(self, built)  # before the judgment: a later change is seen
         params = built if built is not None else self._django_connection_params()
         verdict = policy.judge(self.alias, self.settings_dict, params)
-        self._verdict, self._verdict_key = verdict, key
+        self._verdict, self._inputs = verdict, inputs
         return verdict
 
     def _django_connection_params(self) -> dict[str, Any]:
@@ -173,31 +229,6 @@ class VerifiedTLSMixin(_WrapperBase):
             # usual); Django's dbname 'postgres' stays explicit and outranks the service's.
             params["service"] = service
         return params
-
-    def _settings_key(self, params: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
-        """Inputs of the verdict, or None when it depends on a file's contents (a service).
-
-        The verdict is about configuration only: whether the files libpq opens are usable
-        is checked again before every physical connection (``check_files``). What Django's
-        ``get_connection_params`` reads besides the settings dict is in it too: USE_TZ and the
-        connection's time zone choose its adapters (``context``, which a test's
-        ``override_settings`` changes), so a new one is a new verdict, not a stale one.
-        ``params``: what a class below the mixin built, when one does (compared, not hashed).
-        """
-        options = self.settings_dict.get("OPTIONS") or {}
-        environment = libpq.environment_snapshot()
-        # A service, in OPTIONS or in PGSERVICE (set, even empty).
-        if "service" in options or environment[libpq.SERVICE_AT] is not None:
-            return None
-        fields = tuple(map(self.settings_dict.get, _KEY_FIELDS))
-        password = self.settings_dict.get("PASSWORD")
-        # The options by their items (values compared, not hashed), and as text too when one
-        # holds a container, which could change in place under the same items.
-        values = options.values()
-        nested = repr(options) if any(map(isinstance, values, _CONTAINERS)) else None
-        adapters = (settings.USE_TZ, self.timezone)
-        built = None if params is None else tuple(params.items())
-        return (fields, password, tuple(options.items()), nested, environment, adapters, built)
 
     # -- every physical connection: the attempt pipeline ----------------------------------
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:

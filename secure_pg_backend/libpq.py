@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 __all__ = [
     "EFFECTIVE_KEYS",
+    "EnvironmentWatch",
     "LibpqUnavailable",
     "Resolution",
     "compiled_defaults",
@@ -282,6 +283,43 @@ def environment_snapshot() -> tuple[Any, ...]:
     if isinstance(raw, dict) and names and isinstance(names[0], bytes):
         return tuple(map(raw.get, names))
     return tuple(map(os.environ.get, names))
+
+
+def _raw_environment() -> dict[Any, Any] | None:
+    """os.environ's raw mapping, where ``environment_snapshot`` reads it; else None."""
+    raw = getattr(os.environ, "_data", None)
+    names = _snapshot_names()
+    if isinstance(raw, dict) and names and isinstance(names[0], bytes):
+        return raw
+    return None
+
+
+class EnvironmentWatch:
+    """Whether any variable libpq reads changed since the watch was made, cheaply.
+
+    A new connection asks it: one C-level comparison of the whole environment with a copy
+    (its values are the very objects, so usually an identity test each); only when something
+    changed are the ~45 variables read by name (``environment_snapshot``) and compared, and a
+    change elsewhere in the environment is then remembered as harmless.
+    """
+
+    __slots__ = ("copy", "snapshot")
+
+    def __init__(self) -> None:
+        # The copy first: a variable changed between the two reads is seen by the next
+        # comparison with the copy, then judged by the snapshot that already holds it.
+        raw = _raw_environment()
+        self.copy = None if raw is None else dict(raw)
+        self.snapshot = environment_snapshot()
+
+    def unchanged(self) -> bool:
+        raw = _raw_environment()
+        if raw is not None and raw == self.copy:
+            return True
+        if environment_snapshot() != self.snapshot:
+            return False
+        self.copy = None if raw is None else dict(raw)
+        return True
 
 
 def _text(value: bytes | None) -> str | None:

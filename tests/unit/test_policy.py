@@ -680,6 +680,41 @@ def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
     assert [v.code for v in wrapper.policy_verdict().violations] == ["E001"]
 
 
+def test_verdict_outlives_a_change_elsewhere_in_the_environment(root_cert: str) -> None:
+    """The environment is compared whole first (``libpq.EnvironmentWatch``): a variable libpq
+    does not read keeps the verdict, and one it reads, set after that, is still seen."""
+    wrapper = standalone_wrapper("default", entry(root_cert))
+    first = wrapper.policy_verdict()
+    with mock.patch.dict(os.environ, {"SPB_NOT_LIBPQS": "1"}):
+        assert wrapper.policy_verdict() is first
+        os.environ["SPB_NOT_LIBPQS"] = "2"
+        assert wrapper.policy_verdict() is first
+        os.environ["PGSSLCRL"] = "/nowhere/root.crl"
+        changed = wrapper.policy_verdict()
+        assert changed is not first
+        assert wrapper.policy_verdict() is changed
+    assert wrapper.policy_verdict() is not changed  # PGSSLCRL gone again
+
+
+def test_verdict_follows_a_setting_replaced_or_removed(root_cert: str) -> None:
+    """The settings are kept as copies (OPTIONS too): a value replaced, an option removed, the
+    password changed, each is a new verdict; the same values again are not."""
+    wrapper = standalone_wrapper("default", entry(root_cert))
+    first = wrapper.policy_verdict()
+    wrapper.settings_dict["OPTIONS"] = dict(wrapper.settings_dict["OPTIONS"])  # equal, new
+    assert wrapper.policy_verdict() is first
+    wrapper.settings_dict["PASSWORD"] = "rotated"
+    second = wrapper.policy_verdict()
+    assert second is not first
+    del wrapper.settings_dict["OPTIONS"]["sslrootcert"]
+    third = wrapper.policy_verdict()
+    assert third is not second
+    assert [v.code for v in third.violations] == [
+        v.code
+        for v in standalone_wrapper("fresh", wrapper.settings_dict).policy_verdict().violations
+    ]
+
+
 def test_verdict_follows_an_option_changed_in_place(root_cert: str) -> None:
     """A container among the options (the pool's, say) edited in place is a new input."""
     wrapper = standalone_wrapper("default", entry(root_cert, pool={"min_size": 1}))
