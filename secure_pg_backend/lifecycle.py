@@ -67,11 +67,12 @@ class _Registry(Generic[T]):
 
     def __init__(self) -> None:
         self._refs: set[_Ref] = set()
+        self._discard = self._refs.discard  # every reference's callback: one bound method
 
     def add(self, obj: T) -> None:
         """Register ``obj`` (each object once: a connection when it is verified, a wrapper
         when it is created)."""
-        self._refs.add(_Ref(obj, self._refs.discard))
+        self._refs.add(_Ref(obj, self._discard))
 
     def live(self) -> list[T]:
         return [obj for ref in list(self._refs) if (obj := ref()) is not None]
