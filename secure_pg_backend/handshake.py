@@ -23,7 +23,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import libpq
 from .causes import BY_NAME, REFUSAL, classify
@@ -47,7 +47,6 @@ __all__ = [
     "learn_direct",
     "negotiate",
     "read_facts",
-    "what_the_rules_read",
 ]
 
 T = TypeVar("T")
@@ -63,42 +62,24 @@ _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
 
 
-class LinkFacts:
-    """What libpq and the kernel say about an established connection (no SQL involved)."""
+class LinkFacts(NamedTuple):
+    """What libpq and the kernel say about an established connection (no SQL involved).
 
-    __slots__ = (
-        "alpn",
-        "cipher",
-        "effective",
-        "host",
-        "peer",
-        "protocol",
-        "ssl_in_use",
-        "unix_socket",
-        "used_gssapi",
-    )
+    A tuple: ``read_facts`` makes one in a single C-level call, and two links' facts compare
+    as tuples (``pipeline.verify`` rules once on each different set)."""
 
-    def __init__(
-        self,
-        host: str,
-        ssl_in_use: bool,
-        protocol: str | None,
-        cipher: str | None,
-        used_gssapi: bool | None = False,  # None: this libpq cannot tell (< 16)
-        unix_socket: bool = False,  # the socket's address family, not the host string
-        effective: Mapping[str, str] = _EMPTY,  # PQconninfo of the link
-        alpn: str | None = None,
-        peer: str | None = None,  # the socket's peer address: read for a local proxy only
-    ) -> None:
-        self.host = host
-        self.peer = peer
-        self.ssl_in_use = ssl_in_use
-        self.protocol = protocol
-        self.cipher = cipher
-        self.used_gssapi = used_gssapi
-        self.unix_socket = unix_socket
-        self.effective = effective
-        self.alpn = alpn
+    host: str
+    ssl_in_use: bool
+    protocol: str | None
+    cipher: str | None
+    used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
+    unix_socket: bool = False  # the socket's address family, not the host string
+    effective: Mapping[str, str] = _EMPTY  # PQconninfo of the link
+    alpn: str | None = None
+    peer: str | None = None  # the socket's peer address: read for a local proxy only
+
+
+_NEW_FACTS = tuple.__new__  # LinkFacts without its Python-level __new__ (read_facts)
 
 
 def cipher_is_strong(protocol: str | None, cipher: str | None) -> bool:
@@ -219,21 +200,6 @@ LINK_RULES: tuple[Callable[[Decision, LinkFacts], Problem | None], ...] = (
 )
 
 
-def what_the_rules_read(facts: LinkFacts) -> tuple[Any, ...]:
-    """Every fact a ``LINK_RULES`` rule reads (the host only words a refusal): links with
-    equal ones get the same answer from the same decision (``pipeline.verify`` asks once)."""
-    return (
-        facts.ssl_in_use,
-        facts.protocol,
-        facts.cipher,
-        facts.used_gssapi,
-        facts.unix_socket,
-        facts.alpn,
-        facts.peer,
-        facts.effective,
-    )
-
-
 def check_link(decision: Decision, facts: LinkFacts) -> Problem | None:
     """The first broken post-handshake rule as (problem, fix), or None."""
     for rule in LINK_RULES:
@@ -263,18 +229,21 @@ def read_facts(
         cipher = (get(ptr, b"cipher") or b"").decode("utf-8", "replace") or None
         if effective.get("sslnegotiation") == "direct":
             alpn = (get(ptr, b"alpn") or b"").decode("utf-8", "replace") or None
-    return LinkFacts(
-        host=(pgconn.host or b"").decode("utf-8", "replace"),
-        ssl_in_use=ssl_in_use,
-        protocol=protocol,
-        cipher=cipher,
-        used_gssapi=libpq.used_gssapi(pgconn),
-        # libpq never starts TLS over a Unix-domain socket (it skips the SSLRequest there), so
-        # a link in TLS is TCP; only a link without TLS needs its socket's family read.
-        unix_socket=not ssl_in_use and libpq.socket_family(pgconn) == socket.AF_UNIX,
-        effective=effective,
-        alpn=alpn,
-        peer=libpq.peer_address(pgconn) if peer else None,
+    return _NEW_FACTS(  # LinkFacts' fields, in order
+        LinkFacts,
+        (
+            (pgconn.host or b"").decode("utf-8", "replace"),
+            ssl_in_use,
+            protocol,
+            cipher,
+            libpq.used_gssapi(pgconn),
+            # libpq never starts TLS over a Unix-domain socket (it skips the SSLRequest
+            # there), so a link in TLS is TCP; only one without TLS needs its socket's family.
+            not ssl_in_use and libpq.socket_family(pgconn) == socket.AF_UNIX,
+            effective,
+            alpn,
+            libpq.peer_address(pgconn) if peer else None,
+        ),
     )
 
 

@@ -432,15 +432,14 @@ def verify(plan: Plan, connection: Any) -> None:
     facts = handshake.read_facts(
         connection.pgconn, peer=decision.allow_local_proxy, effective=confirmed
     )
-    read = handshake.what_the_rules_read(facts)
-    if read != plan.passed:  # else these very facts passed the rules of this decision
+    if facts != plan.passed:  # else these very facts passed the rules of this decision
         problem = handshake.check_link(decision, facts)
         if problem is not None:
             connection.close()
             cause, what, fix = problem
             message = link_message(plan.alias, facts.host, what, fix)
             raise InsecureConnectionError(message, alias=plan.alias, host=facts.host, cause=cause)
-        plan.passed = read
+        plan.passed = facts
     setattr(connection, LINK_ATTR, (facts, decision))
     if confirmed is None and judged is not None:
         if len(plan.confirmed) >= 16:
