@@ -285,13 +285,10 @@ def environment_snapshot() -> tuple[Any, ...]:
     return tuple(map(os.environ.get, names))
 
 
-def _raw_environment() -> dict[Any, Any] | None:
-    """os.environ's raw mapping, where ``environment_snapshot`` reads it; else None."""
+def _environment_copy() -> dict[Any, str | bytes] | None:
+    """A copy of os.environ's raw mapping, where CPython keeps one (else None)."""
     raw = getattr(os.environ, "_data", None)
-    names = _snapshot_names()
-    if isinstance(raw, dict) and names and isinstance(names[0], bytes):
-        return raw
-    return None
+    return dict(raw) if type(raw) is dict else None
 
 
 class EnvironmentWatch:
@@ -308,17 +305,16 @@ class EnvironmentWatch:
     def __init__(self) -> None:
         # The copy first: a variable changed between the two reads is seen by the next
         # comparison with the copy, then judged by the snapshot that already holds it.
-        raw = _raw_environment()
-        self.copy = None if raw is None else dict(raw)
+        self.copy = _environment_copy()
         self.snapshot = environment_snapshot()
 
     def unchanged(self) -> bool:
-        raw = _raw_environment()
-        if raw is not None and raw == self.copy:
+        raw = getattr(os.environ, "_data", None)
+        if type(raw) is dict and raw == self.copy:
             return True
         if environment_snapshot() != self.snapshot:
             return False
-        self.copy = None if raw is None else dict(raw)
+        self.copy = _environment_copy()
         return True
 
 
