@@ -26,6 +26,7 @@ import logging
 import types
 from collections.abc import Callable, Mapping, Sequence
 from itertools import compress, repeat
+from operator import is_
 from typing import Any, TypeVar
 
 import psycopg
@@ -89,6 +90,7 @@ class Plan:
         "file_paths",
         "hooks",
         "judged",
+        "last_judged",
         "looping",
         "passed",
         "provider",
@@ -117,6 +119,10 @@ class Plan:
         # password aside, see ``judge``): a new connection with the same parameters costs a
         # dict lookup, not a second parse of what psycopg parses anyway.
         self.judged: dict[tuple[Any, ...], None] = {}
+        # The last of them as (keys, values, its key in ``judged``): a connection handed the
+        # very same objects (the usual one) is not keyed at all. Replaced whole: threads
+        # sharing a pool's plan read a consistent one.
+        self.last_judged: tuple[tuple[str, ...], tuple[Any, ...], tuple[Any, ...]] | None = None
         # libpq's effective settings, read back from the first live connection of each judged
         # parameter set (and its sslnegotiation): what libpq makes of a connection string
         # depends on that string alone, so later connections read only the facts the server
@@ -325,6 +331,16 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
             "DatabaseWrapper (ensure_connection, or Django's pool).",
             cause="policy",
         )
+    # The very objects judged last time, in the same order (``_remember``): the same
+    # connection string, so the same answer, for two identity tests per parameter.
+    last = plan.last_judged
+    if (
+        last is not None
+        and len(params) == len(last[0])
+        and all(map(is_, params, last[0]))
+        and all(map(is_, params.values(), last[1]))
+    ):
+        return last[2]
     forced_keys = plan.decision.forced
     # The key: every key as given (psycopg's own arguments too: constant for an alias) and the
     # forced keys' values. Built, like the NUL test over every text value (str subclasses
@@ -333,6 +349,7 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
     nul = "\x00" in "".join(compress(values, map(issubclass, map(type, values), _STR)))
     key = None if nul else (tuple(params), tuple(map(str, map(params.get, forced_keys))))
     if key is not None and key in plan.judged:
+        _remember(plan, params, key)
         return key
     keywords = {k: v for k, v in params.items() if k not in policy.PSYCOPG_ARGUMENTS}
     try:
@@ -349,7 +366,24 @@ def judge(plan: Plan | None, params: Mapping[str, Any]) -> tuple[Any, ...] | Non
         if len(plan.judged) >= 16:  # parameters that keep changing: keep the last few
             plan.judged.clear()
         plan.judged[key] = None
+        _remember(plan, params, key)
     return key
+
+
+# Types whose value an object cannot change, nor what str() makes of it (psycopg's text).
+_FIXED = frozenset({str, int, float, bool, type(None)})
+
+
+def _remember(plan: Plan, params: Mapping[str, Any], key: tuple[Any, ...]) -> None:
+    """Keep a judged parameter set as its objects, for ``judge``'s identity test: only when
+    every libpq value is of a type that cannot change in place (psycopg's own arguments are
+    not part of the connection string)."""
+    if all(
+        type(value) in _FIXED
+        for name, value in params.items()
+        if name not in policy.PSYCOPG_ARGUMENTS
+    ):
+        plan.last_judged = (tuple(params), tuple(params.values()), key)
 
 
 def _judged(connection: Any, key: tuple[Any, ...] | None, params: Mapping[str, Any]) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import random
 import threading
@@ -229,9 +230,13 @@ class Retry:
         share = int((self.limit - now) // max(len(endpoints), 1))
         if share < MIN_ATTEMPT:
             return None
-        shaped["connect_timeout"] = str(share)
+        shaped["connect_timeout"] = _seconds(share)
         return shaped
 
+
+# The text of a share, one object per value: a connection whose parameters are the very
+# objects judged last time is not judged again (``pipeline.judge``).
+_seconds = functools.lru_cache(maxsize=256)(str)
 
 _ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "secure_pg_backend_once", default=False

@@ -171,6 +171,45 @@ def test_a_remembered_verdict_never_covers_a_nul_byte(ca: TestCA, text: type[str
         pipeline.judge(plan, cut)
 
 
+class _Agreeable(str):
+    """A str that says it equals anything: only identity means "the same object"."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+class _Shifting:
+    """A value whose text changes in place (psycopg writes ``str(value)``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def test_the_identity_memo_trusts_no_equality_and_no_value_that_can_change(ca: TestCA) -> None:
+    # judge skips everything for the very objects it judged last time (the usual connection);
+    # a value that only claims equality, or one whose text changed in place, is judged again.
+    wrapper = _wrapper(DatabaseWrapper, _entry(5432, ca))
+    params = wrapper.get_connection_params()
+    plan = wrapper._plan()
+    key = pipeline.judge(plan, params)
+    assert plan.last_judged is not None
+    assert pipeline.judge(plan, dict(params)) == key  # the same objects: no key, no parse
+    liar = {**params, "sslmode": _Agreeable("require")}
+    with pytest.raises(InsecureConnectionError, match="sslmode='require'"):
+        pipeline.judge(plan, liar)
+    shifting = _Shifting("verify-full")
+    changing = {**params, "sslmode": shifting}
+    pipeline.judge(plan, changing)  # verify-full now: passes, but not kept by identity
+    shifting.text = "require"
+    with pytest.raises(InsecureConnectionError, match="sslmode='require'"):
+        pipeline.judge(plan, changing)
+
+
 def test_a_subclass_that_weakens_a_pool_is_refused_too(evil: HostileServer, ca: TestCA) -> None:
     entry = _entry(evil.port, ca, pool={"min_size": 1, "timeout": 5})
     error = _refused(_wrapper(Weakening, entry))
