@@ -11,8 +11,8 @@ import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 
@@ -63,6 +63,22 @@ _CONTAINERS = itertools.repeat((dict, list, set, bytearray))
 _SETTLED = "_secure_pg_backend_settled"
 
 
+# How many times Django announced a new USE_TZ (``setting_changed``: override_settings,
+# pytest-django's settings fixture), the way the connections' own time zone follows it: a
+# verdict made since the last one needs no read of the setting (a Python-level attribute of
+# Django's lazy settings) to know its adapters still match.
+_use_tz_changes = 0
+
+
+def _count_use_tz_change(*, setting: str, **kwargs: Any) -> None:
+    global _use_tz_changes
+    if setting == "USE_TZ":
+        _use_tz_changes += 1
+
+
+setting_changed.connect(_count_use_tz_change, dispatch_uid="secure_pg_backend.use_tz")
+
+
 class _Inputs:
     """What a verdict was made from, or nothing when it depends on a file's contents (a
     service): ``unchanged`` tells whether the verdict still holds.
@@ -75,13 +91,13 @@ class _Inputs:
     copies and compared, not hashed, so a new connection pays C-level comparisons only.
     """
 
-    __slots__ = ("adapters", "built", "environment", "nested", "settings")
+    __slots__ = ("built", "environment", "nested", "settings", "timezone", "use_tz_changes")
 
     def __init__(
         self,
         settings_dict: Mapping[str, Any],
         environment: libpq.EnvironmentWatch,
-        adapters: tuple[Any, ...],
+        timezone: Any,
         built: Mapping[str, Any] | None,
     ) -> None:
         options = settings_dict.get("OPTIONS")
@@ -95,7 +111,8 @@ class _Inputs:
             if any(map(isinstance, options.values(), _CONTAINERS)):
                 self.nested = repr(options)
         self.environment = environment
-        self.adapters = adapters
+        self.use_tz_changes = _use_tz_changes  # read before USE_TZ itself (``of``)
+        self.timezone = timezone
         # What a class below the mixin built, when one does (copied: the judgment reads it).
         self.built = None if built is None else dict(built)
 
@@ -106,7 +123,7 @@ class _Inputs:
         # A service, in OPTIONS or in PGSERVICE (set, even empty).
         if "service" in options or environment.snapshot[libpq.SERVICE_AT] is not None:
             return None
-        return cls(wrapper.settings_dict, environment, (settings.USE_TZ, wrapper.timezone), built)
+        return cls(wrapper.settings_dict, environment, wrapper.timezone, built)
 
     def unchanged(self, wrapper: Any, built: Mapping[str, Any] | None) -> bool:
         settings_dict = wrapper.settings_dict
@@ -114,8 +131,8 @@ class _Inputs:
             settings_dict == self.settings
             and (self.nested is None or repr(settings_dict.get("OPTIONS")) == self.nested)
             and built == self.built
-            and self.adapters[0] == settings.USE_TZ
-            and wrapper.timezone == self.adapters[1]
+            and self.use_tz_changes == _use_tz_changes
+            and wrapper.timezone == self.timezone
             and self.environment.unchanged()
         )
 

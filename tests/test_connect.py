@@ -494,3 +494,10 @@ def test_the_parameters_follow_use_tz_and_the_time_zone(
     wrapper.settings_dict["TIME_ZONE"] = None
     forget_time_zone()
     assert wrapper.get_connection_params()["context"] is before
+    # USE_TZ alone, the wrapper's time zone left as it was (Django clears it only for the
+    # connections it manages): the adapters follow the setting as Django's own method does,
+    # through the setting_changed signal override_settings sends.
+    with override_settings(USE_TZ=False):
+        params = wrapper.get_connection_params()
+        assert params["context"] is get_adapters_template(False, wrapper.timezone)
+    assert wrapper.get_connection_params()["context"] is before
