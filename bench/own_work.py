@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.common import SECURE, STOCK, Loop, Plan, in_us, interleaved
+from bench.common import SECURE, STOCK, STOCK_B, Loop, Plan, in_us, interleaved
 from secure_pg_backend import pipeline
 
 
@@ -101,15 +101,15 @@ def _evict() -> None:
 
 @contextlib.contextmanager
 def _libpq_work_left_out(
-    wrappers: list[Any], per_alias: int = 8, evict_inside: bool = False
+    wrappers: list[Any], per_alias: int = 8, inside: Callable[[], object] | None = None
 ) -> Iterator[list[str]]:
     """``psycopg.connect`` hands out connections each wrapper opened beforehand, and their
     ``close`` keeps them open: a wrapper's ``ensure_connection`` + ``close`` is then everything
     a new connection runs but libpq's and the server's work. Yields the alias to hand to.
 
-    ``evict_inside``: the hand-out evicts the caches too, as the handshake, the SCRAM exchange
-    and the server's process do in a real connect: what runs after libpq returns (the link's
-    check, the session setup) meets cold caches a second time."""
+    ``inside``: run by each hand-out, where libpq would run (an eviction of the caches, or a
+    real connection), so that what runs after libpq returns (the link's check, the session
+    setup) meets the caches as a real connect leaves them."""
     import psycopg
 
     opened: dict[str, list[Any]] = {}
@@ -123,8 +123,8 @@ def _libpq_work_left_out(
     connect, close = psycopg.connect, psycopg.Connection.close
 
     def hand_out(conninfo: str = "", **kwargs: Any) -> Any:
-        if evict_inside:
-            _evict()
+        if inside is not None:
+            inside()
         return next(turns[current[0]])
 
     psycopg.connect = hand_out
@@ -160,7 +160,8 @@ def _connect_cold(plan: Plan, evict_inside: bool) -> dict[str, Any]:
     stock: Any = connections[STOCK]
     calls = max(20, plan.micro_rounds * 2)
     times: dict[str, list[int]] = {SECURE: [], STOCK: []}
-    with _libpq_work_left_out([secure, stock], evict_inside=evict_inside) as current:
+    inside = _evict if evict_inside else None
+    with _libpq_work_left_out([secure, stock], inside=inside) as current:
         for round_ in range(calls):
             pair = (secure, stock) if round_ % 2 else (stock, secure)
             for wrapper in pair:
@@ -177,6 +178,60 @@ def _connect_cold(plan: Plan, evict_inside: bool) -> dict[str, Any]:
         STOCK: statistics.median(times[STOCK]) / 1000,
         "diff": statistics.median(diffs),
         "calls": calls,
+    }
+
+
+def measure_connect_own_work_handshake(plan: Plan) -> dict[str, Any]:
+    """``connect_own_work_handshake``: as ``connect_own_work_cold``, with real connections in
+    place of the evictions: before each call, and where libpq would run, a connection is opened
+    and closed with the stock alias's parameters (raw psycopg: a TLS handshake, a SCRAM
+    exchange), and the CPU of the one inside is taken out of the call's. So the backend's steps
+    meet the caches a real connect leaves, and the figure is the client CPU per new connection
+    without the handshake's own noise. secure, stock and stock_b (the A/A pair) alternating;
+    CPU microseconds, medians of the per-round differences against stock."""
+    import psycopg
+    from django.db import connections
+
+    wrappers: list[Any] = [connections[SECURE], connections[STOCK], connections[STOCK_B]]
+    raw = wrappers[1].get_connection_params()
+    open_raw, close_raw = psycopg.Connection.connect, psycopg.Connection.close
+    spent = [0]
+
+    def real_connection() -> None:
+        start = time.thread_time_ns()
+        close_raw(open_raw(**raw))
+        spent[0] += time.thread_time_ns() - start
+
+    calls = max(30, plan.micro_rounds * 8)
+    times: dict[str, list[int]] = {wrapper.alias: [] for wrapper in wrappers}
+    gc.disable()
+    try:
+        with _libpq_work_left_out(wrappers, inside=real_connection) as current:
+            for round_ in range(calls):
+                shift = round_ % len(wrappers)
+                for wrapper in wrappers[shift:] + wrappers[:shift]:
+                    current[0] = wrapper.alias
+                    close_raw(open_raw(**raw))  # the caches as the previous connect leaves them
+                    spent[0] = 0
+                    start = time.thread_time_ns()
+                    wrapper.ensure_connection()
+                    wrapper.close()
+                    times[wrapper.alias].append(time.thread_time_ns() - start - spent[0])
+    finally:
+        gc.enable()
+
+    def against_stock(alias: str) -> float:
+        pairs = zip(times[alias], times[STOCK], strict=True)
+        return statistics.median((a - b) / 1000 for a, b in pairs)
+
+    return {
+        "connect_own_work_handshake": {
+            SECURE: statistics.median(times[SECURE]) / 1000,
+            STOCK: statistics.median(times[STOCK]) / 1000,
+            "diff": against_stock(SECURE),
+            "aa": against_stock(STOCK_B),
+            "calls": calls,
+        }
     }
 
 

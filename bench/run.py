@@ -134,6 +134,7 @@ def run_main(plan: Plan, counting_server: TLSPostgres) -> dict[str, Any]:
     results |= own_work.measure_own_work(plan)
     results |= own_work.measure_own_work_cold(plan)
     results |= own_work.measure_connect_own_work_cold(plan)
+    results |= own_work.measure_connect_own_work_handshake(plan)
     say(f"5/6 RSS over {plan.rss_cycles:,} secure connect/close cycles")
     results |= memory.measure(plan)
     say("6/6 what TLS costs: TLS vs sslmode=disable, and the request loop")

@@ -202,3 +202,12 @@ def test_client_cpu_is_judged_over_fresh_processes_where_measured() -> None:
     assert "3 fresh processes" in target["name"]
     (line,) = [text for text in _cpu_processes(spread) if text]
     assert "+90, +130, +150, median **+130**" in line and "-5, -2, +4, median -2" in line
+
+
+def test_the_own_work_behind_real_handshakes_is_reported_beside_its_a_a_pair() -> None:
+    from bench.report import _handshake_own_work
+
+    assert _handshake_own_work(None) == []
+    real = {"secure": 180.2, "stock": 75.0, "diff": 96.4, "aa": 1.2, "calls": 248}
+    (line,) = [text for text in _handshake_own_work(real) if text]
+    assert "248 rounds" in line and "**+96.4 µs**" in line and "stock_b against stock +1.2" in line
