@@ -23,7 +23,8 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, TypeVar
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import libpq
 from .causes import BY_NAME, REFUSAL, classify
@@ -62,22 +63,73 @@ _FORWARD_SECRET_PREFIXES = ("ECDHE-", "DHE-")
 ALPN = "postgresql"
 
 
-class LinkFacts(NamedTuple):
+# LinkFacts' fields, in their order in the tuple.
+_FIELDS = (
+    "host",
+    "ssl_in_use",
+    "protocol",
+    "cipher",
+    "used_gssapi",
+    "unix_socket",
+    "effective",
+    "alpn",
+    "peer",
+)
+
+
+class LinkFacts(tuple[Any, ...]):
     """What libpq and the kernel say about an established connection (no SQL involved).
 
     A tuple: ``read_facts`` makes one in a single C-level call, and two links' facts compare
-    as tuples (``pipeline.verify`` rules once on each different set)."""
+    as tuples (``pipeline.verify`` rules once on each different set). Not a ``NamedTuple``,
+    whose class is compiled from generated source in every process at start-up: the fields
+    are read by the same kind of C-level getters, set below."""
 
-    host: str
-    ssl_in_use: bool
-    protocol: str | None
-    cipher: str | None
-    used_gssapi: bool | None = False  # None: this libpq cannot tell (< 16)
-    unix_socket: bool = False  # the socket's address family, not the host string
-    effective: Mapping[str, str] = _EMPTY  # PQconninfo of the link
-    alpn: str | None = None
-    peer: str | None = None  # the socket's peer address: read for a local proxy only
+    __slots__ = ()
 
+    if TYPE_CHECKING:
+        host: str
+        ssl_in_use: bool
+        protocol: str | None
+        cipher: str | None
+        used_gssapi: bool | None  # None: this libpq cannot tell (< 16)
+        unix_socket: bool  # the socket's address family, not the host string
+        effective: Mapping[str, str]  # PQconninfo of the link
+        alpn: str | None
+        peer: str | None  # the socket's peer address: read for a local proxy only
+
+    def __new__(
+        cls,
+        host: str,
+        ssl_in_use: bool,
+        protocol: str | None,
+        cipher: str | None,
+        used_gssapi: bool | None = False,
+        unix_socket: bool = False,
+        effective: Mapping[str, str] = _EMPTY,
+        alpn: str | None = None,
+        peer: str | None = None,
+    ) -> LinkFacts:
+        facts = (
+            host,
+            ssl_in_use,
+            protocol,
+            cipher,
+            used_gssapi,
+            unix_socket,
+            effective,
+            alpn,
+            peer,
+        )
+        return tuple.__new__(cls, facts)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(_FIELDS, self, strict=True))
+        return f"LinkFacts({fields})"
+
+
+for _at, _name in enumerate(_FIELDS):
+    setattr(LinkFacts, _name, property(itemgetter(_at)))
 
 _NEW_FACTS = tuple.__new__  # LinkFacts without its Python-level __new__ (read_facts)
 
