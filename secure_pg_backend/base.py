@@ -258,10 +258,7 @@ class VerifiedTLSMixin(_WrapperBase):
                 # setup (``_settle``) runs as stock runs it, without switching psycopg's mode
                 # there and back; Django sets the alias's AUTOCOMMIT right after, as it does.
                 params = {"autocommit": True, **conn_params}
-                plan = self._plan_cache
-                if plan is None or plan.decision is not self._decision:
-                    plan = self._plan()
-                connection = pipeline.connect(plan, params, open_, self._settle)
+                connection = pipeline.connect(self._plan(), params, open_, self._settle)
         except Exception as exc:
             refusal = self._explain(exc)
             if refusal is None:

@@ -371,9 +371,10 @@ def negotiate(
     once, in the same connect, to ``params`` as given if refused the way a peer or path that
     cannot do it refuses; else ``params`` as given (the SSLRequest, as libpq does). sslmode and
     every check stay as they are either way."""
-    key = decision.direct_key if decision is not None else None
-    if key is None or _DIRECT.get(key) is not True:  # goes_direct, on every connection's path
+    if decision is None or not goes_direct(decision):
         return connect(params)
+    key = decision.direct_key
+    assert key is not None  # goes_direct
     try:
         return connect({**params, NEGOTIATION: DIRECT})
     except Exception as exc:

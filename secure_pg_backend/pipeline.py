@@ -434,10 +434,7 @@ class JudgingDatabase(types.ModuleType):
     def connect(self, conninfo: str = "", **kwargs: Any) -> Any:
         # Django passes keyword parameters only; a string would escape the judgment.
         key = judge(None if conninfo else _CURRENT.get(), kwargs)
-        connection = psycopg.connect(conninfo, **kwargs)
-        if key is not None:  # as _judged does (a frame fewer on every plain connection)
-            setattr(connection, JUDGED_ATTR, (key, kwargs.get(policy.NEGOTIATION)))
-        return connection
+        return _judged(psycopg.connect(conninfo, **kwargs), key, kwargs)
 
 
 def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[Any]:
