@@ -186,9 +186,12 @@ def measure_connect_own_work_handshake(plan: Plan) -> dict[str, Any]:
     place of the evictions: before each call, and where libpq would run, a connection is opened
     and closed with the stock alias's parameters (raw psycopg: a TLS handshake, a SCRAM
     exchange), and the CPU of the one inside is taken out of the call's. So the backend's steps
-    meet the caches a real connect leaves, and the figure is the client CPU per new connection
-    without the handshake's own noise. secure, stock and stock_b (the A/A pair) alternating;
-    CPU microseconds, medians of the per-round differences against stock."""
+    meet caches a real connect has evicted, without the handshake's own variation in the
+    figure. The connection inside is a whole second psycopg connect and close, so it evicts
+    more than a real connect's handshake does and the figure reads above the client CPU it
+    models: a tool for comparing two versions of the code, not the target's measurement.
+    secure, stock and stock_b (the A/A pair) alternating; CPU microseconds, medians of the
+    per-round differences against stock."""
     import psycopg
     from django.db import connections
 
