@@ -45,6 +45,7 @@ class Plan:
     connect_iters: int
     cpu_processes: int  # fresh processes for the client CPU's per-process spread
     cpu_process_rounds: int  # rounds of connect_iters connects per variant in each
+    footprint_connects: int  # connects per child under callgrind (``footprint``)
     query_rounds: int
     query_iters: int
     micro_rounds: int  # tls_info and the backend's own work, timed in batches
@@ -64,6 +65,7 @@ FULL = Plan(
     connect_iters=4,
     cpu_processes=7,
     cpu_process_rounds=151,
+    footprint_connects=40,
     query_rounds=501,
     query_iters=20,
     micro_rounds=31,
@@ -82,6 +84,7 @@ QUICK = Plan(
     connect_iters=2,
     cpu_processes=2,
     cpu_process_rounds=10,
+    footprint_connects=2,
     query_rounds=25,
     query_iters=10,
     micro_rounds=5,

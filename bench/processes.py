@@ -44,25 +44,27 @@ print(json.dumps(measure_connect(Plan(**job["plan"]))["connect_cpu"]))
 """
 
 
-def measure(plan: Plan) -> dict[str, Any]:
-    """``connect_cpu_processes``: per process, the median of per-round differences (µs) of
-    secure against stock and of stock against stock (A/A); and their medians."""
+def child_settings() -> dict[str, Any]:
+    """Django settings for a child process: the main measurement's three aliases, as here."""
     from django.conf import settings
 
     databases = {alias: settings.DATABASES[alias] for alias in (SECURE, STOCK, STOCK_B)}
     databases["default"] = databases[SECURE]  # Django requires one; the child never uses it
-    child_plan = dataclasses.replace(plan, connect_rounds=plan.cpu_process_rounds)
-    job = {
-        "settings": {
-            "DATABASES": databases,
-            "INSTALLED_APPS": ["django.contrib.contenttypes"],
-            "USE_TZ": settings.USE_TZ,
-            "TIME_ZONE": settings.TIME_ZONE,
-            "SECRET_KEY": "bench-not-secret",
-            "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
-        },
-        "plan": dataclasses.asdict(child_plan),
+    return {
+        "DATABASES": databases,
+        "INSTALLED_APPS": ["django.contrib.contenttypes"],
+        "USE_TZ": settings.USE_TZ,
+        "TIME_ZONE": settings.TIME_ZONE,
+        "SECRET_KEY": "bench-not-secret",
+        "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
     }
+
+
+def measure(plan: Plan) -> dict[str, Any]:
+    """``connect_cpu_processes``: per process, the median of per-round differences (µs) of
+    secure against stock and of stock against stock (A/A); and their medians."""
+    child_plan = dataclasses.replace(plan, connect_rounds=plan.cpu_process_rounds)
+    job = {"settings": child_settings(), "plan": dataclasses.asdict(child_plan)}
     env = {**os.environ, ENV_KEY: json.dumps(job)}
     secure: list[float] = []
     same: list[float] = []

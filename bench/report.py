@@ -134,6 +134,33 @@ def _connect_own_work(
     return lines
 
 
+def _footprint(counted: dict[str, Any] | None) -> Lines:
+    """``footprint``: what a connect touches, counted under callgrind (not timed)."""
+    if not counted:
+        return []
+    if "unavailable" in counted:
+        return ["", f"What a new connection touches: not counted ({counted['unavailable']})."]
+    lines = [
+        "",
+        f"What a new connection touches, counted under callgrind ({counted['connects']} connects "
+        "per ENGINE, side by side; a count, so the machine's load does not move it):",
+        "",
+        "| simulated last-level cache | instructions per connect, secure / stock (difference) "
+        "| last-level misses per connect, secure / stock (difference, ratio) |",
+        "| --- | ---: | ---: |",
+    ]
+    for size, row in sorted(counted["last_level"].items(), key=lambda item: int(item[0])):
+        secure, stock = row[SECURE], row[STOCK]
+        lines.append(
+            f"| {int(size) >> 20} MiB "
+            f"| {secure['instructions'] / 1e6:,.2f} M / {stock['instructions'] / 1e6:,.2f} M "
+            f"({row['instructions_diff'] / 1e3:+,.0f} k) "
+            f"| {secure['last_level_misses']:,.0f} / {stock['last_level_misses']:,.0f} "
+            f"({row['last_level_misses_diff']:+,.0f}, {row['last_level_misses_ratio']:.3f}) |"
+        )
+    return lines
+
+
 def _handshake_own_work(real: dict[str, float] | None) -> Lines:
     """``connect_own_work_handshake``: the same with real connections in place of evictions."""
     if not real:
@@ -187,6 +214,7 @@ def _own_work(results: dict[str, Any]) -> Lines:
         f"| connect wall time, stock against stock (A/A) | | "
         f"{results['connect_aa']['ratio']:.3f} | |",
         *_cpu_processes(results.get("connect_cpu_processes")),
+        *_footprint(results.get("footprint")),
         "",
         f"The secure backend's own work per new connection, timed hot in a loop: {extra_us:.1f} µs "
         f"(policy in `get_connection_params`: {own[SECURE]['median']:.1f} µs vs stock "

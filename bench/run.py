@@ -5,8 +5,8 @@ Run ``make bench`` (or ``.venv/bin/python bench/run.py [--quick] [--json PATH] [
 It starts its own throwaway TLS PostgreSQL servers (``secure_pg_backend.testing``), configures
 Django in this process and compares the two ENGINEs with identical libpq settings, alternating
 them round by round (``bench/common.py``). One module per measurement: ``latency``,
-``wire``, ``own_work``, ``memory``, ``request_loop``, ``cold_start``, ``negotiation``;
-``report`` renders the tables and judges the targets.
+``processes``, ``footprint``, ``wire``, ``own_work``, ``memory``, ``request_loop``,
+``cold_start``, ``negotiation``; ``report`` renders the tables and judges the targets.
 
 Targets (printed as PASS/FAIL; exit status 1 if one fails, except with ``--quick``):
 connect ratio <= 1.02 and query ratio <= 1.01 (secure/stock, medians); 0 extra statements and
@@ -40,7 +40,16 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` from a clone without `pip
 import django  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from bench import latency, memory, negotiation, own_work, processes, request_loop, wire  # noqa: E402
+from bench import (  # noqa: E402
+    footprint,
+    latency,
+    memory,
+    negotiation,
+    own_work,
+    processes,
+    request_loop,
+    wire,
+)
 from bench.common import (  # noqa: E402
     COUNT_SECURE,
     COUNT_STOCK,
@@ -125,6 +134,7 @@ def run_main(plan: Plan, counting_server: TLSPostgres) -> dict[str, Any]:
     results |= latency.measure_connect(plan)
     say(f"   client CPU in {plan.cpu_processes} fresh processes")
     results |= processes.measure(plan)
+    results |= footprint.measure(plan)
     say("2/6 query latency (select 1, ORM)")
     results |= latency.measure_queries(plan)
     say("3/6 statements and round trips per new connection")

@@ -211,3 +211,38 @@ def test_the_own_work_behind_real_handshakes_is_reported_beside_its_a_a_pair() -
     real = {"secure": 180.2, "stock": 75.0, "diff": 96.4, "aa": 1.2, "calls": 248}
     (line,) = [text for text in _handshake_own_work(real) if text]
     assert "248 rounds" in line and "**+96.4 µs**" in line and "stock_b against stock +1.2" in line
+
+
+def test_what_a_connect_touches_is_counted_from_callgrind_totals() -> None:
+    from bench.footprint import compare, per_connect, totals
+    from bench.report import _footprint
+
+    text = (
+        "version: 1\ncmd: python -c ...\nevents: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\n"
+        "summary: 9 9 9 9 9 9 9 9 9\nfn=(1) main\n0 1 1 1 0 0 0 0 0 0\n"
+        "totals: 2000000 10 10 300 200 100 40 30 10\n"
+    )
+    counts = totals(text)
+    assert counts["Ir"] == 2_000_000 and counts["DLmw"] == 10
+    secure = per_connect(counts, 2)
+    assert secure == {
+        "instructions": 1_000_000,
+        "first_level_misses": 300,
+        "last_level_misses": 40,
+    }
+    stock = {"instructions": 900_000.0, "first_level_misses": 250.0, "last_level_misses": 32.0}
+    row = compare(secure, stock)
+    assert row["last_level_misses_diff"] == 8 and row["last_level_misses_ratio"] == 1.25
+    with pytest.raises(ValueError):
+        totals("events: Ir\n")  # a file cut short: no totals line
+    assert _footprint(None) == []
+    (line,) = [text for text in _footprint({"unavailable": "valgrind is not installed"}) if text]
+    assert "not counted (valgrind is not installed)" in line
+    counted = {"connects": 2, "last_level": {str(2 << 20): row, str(1 << 20): row}}
+    rows = [
+        text
+        for text in _footprint(counted)
+        if text.startswith("| 1 MiB") or text.startswith("| 2 MiB")
+    ]
+    assert rows[0].startswith("| 1 MiB") and "40 / 32 (+8, 1.250)" in rows[0]
+    assert "1.00 M / 0.90 M (+100 k)" in rows[1]
