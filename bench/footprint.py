@@ -4,7 +4,7 @@ misses per connect, secure against stock, under callgrind.
 The client-CPU figure (``processes``) is a time, and the backend's part of it is mostly cache
 misses: its code runs after the TLS handshake and the SCRAM exchange have evicted the caches, and
 what a miss costs depends on how busy the machine's shared L3 is (docs/performance.md: the same
-code read +85 µs over stock on one day, +153 on the next). callgrind counts instead: each ENGINE
+code read +85 µs over stock on one day, +158 on the next). callgrind counts instead: each ENGINE
 in its own child, side by side, makes ``connects`` new connections (after a few untimed ones)
 under a simulated cache whose last level is the size of the L2 a connect's code meets, 1 MiB and
 2 MiB, with the collector off as in the timed rounds. The counts repeat to about ±0.1 M
@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_KEY = "SPB_BENCH_FOOTPRINT"
 LAST_LEVELS = (1 << 20, 2 << 20)  # bytes of the simulated last-level cache
 WARM_CONNECTS = 5
-EVENTS = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 
 # The child: the bench's Django settings, a few untimed connects, then ``connects`` more inside
 # the one call callgrind collects (``functools.reduce``).
@@ -91,12 +91,12 @@ def measure(plan: Plan) -> dict[str, Any]:
         return {"footprint": {"unavailable": "valgrind is not installed"}}
     connects = plan.footprint_connects
     django_settings = child_settings()
-    runs: dict[tuple[int, str], tuple[subprocess.Popen[str], Path]] = {}
-    out_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    runs: dict[tuple[int, str], tuple[subprocess.Popen[bytes], Path]] = {}
+    work = Path(tempfile.mkdtemp(prefix="spb-footprint-"))  # removed at the end
     say(f"   what a connect touches (callgrind, {connects} connects per child)")
     for size in LAST_LEVELS:
         for alias in (SECURE, STOCK):
-            out = out_dir / f"spb-footprint-{os.getpid()}-{alias}-{size}.out"
+            out = work / f"{alias}-{size}.out"
             job = {
                 "settings": django_settings,
                 "alias": alias,
@@ -114,28 +114,30 @@ def measure(plan: Plan) -> dict[str, Any]:
                 "-c",
                 CHILD,
             ]
-            proc = subprocess.Popen(  # side by side: both children meet the same server
-                command,
-                env={**os.environ, ENV_KEY: json.dumps(job)},
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            # Side by side: both children meet the same server. What they say goes to a file
+            # (a pipe left unread while another child is waited for could fill and stall it).
+            with open(out.with_suffix(".log"), "wb") as log:
+                proc = subprocess.Popen(
+                    command,
+                    env={**os.environ, ENV_KEY: json.dumps(job)},
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
             runs[size, alias] = proc, out
     counted: dict[int, dict[str, dict[str, float]]] = {}
     try:
         for (size, alias), (proc, out) in runs.items():
-            _, stderr = proc.communicate(timeout=1800)
-            if proc.returncode != 0:
-                raise RuntimeError(f"footprint child failed: {stderr.strip()[-2000:]}")
+            if proc.wait(timeout=1800) != 0:
+                said = out.with_suffix(".log").read_text(errors="replace").strip()
+                raise RuntimeError(f"footprint child failed: {said[-2000:]}")
             counted.setdefault(size, {})[alias] = per_connect(totals(out.read_text()), connects)
     finally:
-        for proc, out in runs.values():
+        for proc, _ in runs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            out.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "footprint": {
             "connects": connects,

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,25 @@ def test_what_a_connect_touches_is_counted_from_callgrind_totals() -> None:
     ]
     assert rows[0].startswith("| 1 MiB") and "40 / 32 (+8, 1.250)" in rows[0]
     assert "1.00 M / 0.90 M (+100 k)" in rows[1]
+
+
+def test_a_footprint_child_that_fails_is_reported_with_what_it_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import tempfile
+
+    from bench import footprint
+    from bench.common import QUICK
+
+    fake = tmp_path / "valgrind"
+    fake.write_text("#!/bin/sh\necho 'callgrind: cannot simulate this' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake))
+    monkeypatch.setattr(footprint, "child_settings", lambda: {})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="cannot simulate this"):
+        footprint.measure(QUICK)
+    assert not list(tmp_path.glob("spb-footprint-*"))  # its files are gone
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert footprint.measure(QUICK) == {"footprint": {"unavailable": "valgrind is not installed"}}
