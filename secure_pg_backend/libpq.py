@@ -285,37 +285,24 @@ def environment_snapshot() -> tuple[Any, ...]:
     return tuple(map(os.environ.get, names))
 
 
-def _environment_copy() -> dict[Any, str | bytes] | None:
-    """A copy of os.environ's raw mapping, where CPython keeps one (else None)."""
-    raw = getattr(os.environ, "_data", None)
-    return dict(raw) if type(raw) is dict else None
-
-
 class EnvironmentWatch:
-    """Whether any variable libpq reads changed since the watch was made, cheaply.
+    """Whether any variable libpq reads changed since the watch was made.
 
-    A new connection asks it: one C-level comparison of the whole environment with a copy
-    (its values are the very objects, so usually an identity test each); only when something
-    changed are the ~45 variables read by name (``environment_snapshot``) and compared, and a
-    change elsewhere in the environment is then remembered as harmless.
+    A new connection asks it: the ~40 variables libpq reads (``environment_snapshot``) are
+    looked up by name and compared with what they were, each by identity first (an unchanged
+    variable is the very object). A change anywhere else in the environment is not seen, and
+    what the look costs does not grow with the environment: comparing the whole mapping with a
+    copy touched every variable's name and value per connection, some 600 more cache lines in
+    a container with 150 service variables (docs/performance.md).
     """
 
-    __slots__ = ("copy", "snapshot")
+    __slots__ = ("snapshot",)
 
     def __init__(self) -> None:
-        # The copy first: a variable changed between the two reads is seen by the next
-        # comparison with the copy, then judged by the snapshot that already holds it.
-        self.copy = _environment_copy()
         self.snapshot = environment_snapshot()
 
     def unchanged(self) -> bool:
-        raw = getattr(os.environ, "_data", None)
-        if type(raw) is dict and raw == self.copy:
-            return True
-        if environment_snapshot() != self.snapshot:
-            return False
-        self.copy = _environment_copy()
-        return True
+        return environment_snapshot() == self.snapshot
 
 
 def _text(value: bytes | None) -> str | None:

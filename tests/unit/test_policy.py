@@ -681,8 +681,8 @@ def test_verdict_is_reused_while_inputs_are_unchanged(root_cert: str) -> None:
 
 
 def test_verdict_outlives_a_change_elsewhere_in_the_environment(root_cert: str) -> None:
-    """The environment is compared whole first (``libpq.EnvironmentWatch``): a variable libpq
-    does not read keeps the verdict, and one it reads, set after that, is still seen."""
+    """The variables libpq reads are compared by name (``libpq.EnvironmentWatch``): a variable
+    libpq does not read keeps the verdict, and one it reads, set after that, is seen."""
     wrapper = standalone_wrapper("default", entry(root_cert))
     first = wrapper.policy_verdict()
     with mock.patch.dict(os.environ, {"SPB_NOT_LIBPQS": "1"}):
