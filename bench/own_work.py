@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.common import SECURE, STOCK, STOCK_B, Loop, Plan, in_us, interleaved
-from secure_pg_backend import pipeline
+from secure_pg_backend import pipeline, psycopg_connect
 
 
 def measure_tls_info(plan: Plan) -> dict[str, Any]:
@@ -103,9 +103,11 @@ def _evict() -> None:
 def _libpq_work_left_out(
     wrappers: list[Any], per_alias: int = 8, inside: Callable[[], object] | None = None
 ) -> Iterator[list[str]]:
-    """``psycopg.connect`` hands out connections each wrapper opened beforehand, and their
-    ``close`` keeps them open: a wrapper's ``ensure_connection`` + ``close`` is then everything
-    a new connection runs but libpq's and the server's work. Yields the alias to hand to.
+    """``psycopg.connect`` (stock's) and ``psycopg_connect.connect`` (the secure backend's:
+    psycopg's connect without its parse-backs) hand out connections each wrapper opened
+    beforehand, and their ``close`` keeps them open: a wrapper's ``ensure_connection`` +
+    ``close`` is then everything a new connection runs but psycopg's connect, libpq's and the
+    server's work. Yields the alias to hand to.
 
     ``inside``: run by each hand-out, where libpq would run (an eviction of the caches, or a
     real connection), so that what runs after libpq returns (the link's check, the session
@@ -127,12 +129,18 @@ def _libpq_work_left_out(
             inside()
         return next(turns[current[0]])
 
+    def hand_out_judged(cls: Any, kwargs: Any, strings: Any) -> Any:
+        return hand_out()
+
+    judged_connect = psycopg_connect.connect
     psycopg.connect = hand_out
+    psycopg_connect.connect = hand_out_judged
     psycopg.Connection.close = lambda self: None  # type: ignore[method-assign]
     try:
         yield current
     finally:
         psycopg.connect, psycopg.Connection.close = connect, close  # type: ignore[method-assign]
+        psycopg_connect.connect = judged_connect
         for held in opened.values():
             for connection in held:
                 connection.close()

@@ -14,7 +14,9 @@ receiver or a ``DATABASES`` edit made of them) are turned into the connection st
 builds and read back by libpq's own parser; every value the policy forces must be there, or the
 attempt is refused before a byte is sent. For plain connections the check sits in
 ``Database.connect`` (``JudgingDatabase``), the call Django's ``get_new_connection`` makes; for
-the pool in the pool's connection class. Both refuse a connect made outside an attempt.
+the pool in the pool's connection class. Both refuse a connect made outside an attempt. What
+was judged is then what libpq is handed: each attempt's connection string is built from those
+very parameters (``psycopg_connect``, psycopg's connect without its parse-backs of them).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from . import files, handshake, libpq, lifecycle, policy, signals
+from . import files, handshake, libpq, lifecycle, policy, psycopg_connect, signals
 from .breakers import Endpoint
 from .errors import (
     ConnectionFileError,
@@ -97,6 +99,7 @@ class Plan:
         "sender",
         "settings_dict",
         "shapes",
+        "strings",
         "watch",
     )
 
@@ -128,6 +131,8 @@ class Plan:
         # depends on that string alone, so later connections read only the facts the server
         # decides (TLS in use, protocol, cipher, ALPN, GSSAPI), never a second PQconninfo.
         self.confirmed: dict[tuple[Any, ...], Mapping[str, str]] = {}
+        # The connection string of each attempt with judged parameters (``psycopg_connect``).
+        self.strings: dict[Any, str] = {}
         self.file_paths = tuple(need.path for need in decision.files)
         self.watch = files.Watch(decision.files)
         # What the post-handshake rules last read and passed (``verify``): a link that shows
@@ -386,10 +391,14 @@ def _remember(plan: Plan, params: Mapping[str, Any], key: tuple[Any, ...]) -> No
         plan.last_judged = (tuple(params), tuple(params.values()), key)
 
 
-def _judged(connection: Any, key: tuple[Any, ...] | None, params: Mapping[str, Any]) -> Any:
-    """Mark a connection with the judged parameter set it was opened with (``verify``)."""
-    if key is not None:
-        setattr(connection, JUDGED_ATTR, (key, params.get(policy.NEGOTIATION)))
+def _open_judged(cls: Any, plan: Plan | None, params: Mapping[str, Any]) -> Any:
+    """Judge ``params``, then open ``cls``'s connection with them; mark it with the judged
+    parameter set it was opened with (``verify``)."""
+    key = judge(plan, params)
+    if key is None or plan is None:  # not remembered (a NUL byte): psycopg's whole connect
+        return cls.connect("", **params)
+    connection = psycopg_connect.connect(cls, params, plan.strings)
+    setattr(connection, JUDGED_ATTR, (key, params.get(policy.NEGOTIATION)))
     return connection
 
 
@@ -433,8 +442,7 @@ class JudgingDatabase(types.ModuleType):
 
     def connect(self, conninfo: str = "", **kwargs: Any) -> Any:
         # Django passes keyword parameters only; a string would escape the judgment.
-        key = judge(None if conninfo else _CURRENT.get(), kwargs)
-        return _judged(psycopg.connect(conninfo, **kwargs), key, kwargs)
+        return _open_judged(psycopg.Connection, None if conninfo else _CURRENT.get(), kwargs)
 
 
 def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[Any]:
@@ -445,11 +453,10 @@ def connection_class(plan: Plan, base: type[Any] = psycopg.Connection) -> type[A
         def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             if conninfo:
                 judge(None, kwargs)  # refused: the pool is built with keyword parameters only
-            opener = super().connect
+            opener = super()
 
             def open_(params: dict[str, Any]) -> Any:
-                key = judge(_CURRENT.get(), params)
-                return _judged(opener("", **params), key, params)
+                return _open_judged(opener, _CURRENT.get(), params)
 
             return connect(plan, kwargs, open_)
 

@@ -29,6 +29,7 @@ PATH = {
     "certificates",
     "errors",
     "libpq",
+    "psycopg_connect",
     "handshake",
     "signals",
     "lifecycle",
@@ -44,6 +45,7 @@ ATTEMPT = {
     "pipeline.check_files",
     "pipeline._opened",
     "pipeline.judge",
+    "psycopg_connect.connect",  # libpq handed the judged parameters' own connection string
     "pipeline.verify",
     "handshake.negotiate",
     "handshake.read_facts",
