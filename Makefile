@@ -148,7 +148,8 @@ clean:
 # the libpq/psycopg checks, `system` roots, the pool, PostGIS and the composed backends.
 CORE_TESTS := tests/test_connect.py tests/test_peer_certificate.py tests/test_compat.py \
 	tests/test_system_truststore.py tests/test_pool.py tests/test_postgis.py \
-	tests/test_composition_tenants.py tests/test_composition_prometheus.py
+	tests/test_composition_tenants.py tests/test_composition_prometheus.py \
+	tests/test_psycopg_connect.py
 VENV_C := .venv-c
 VENV_LOWEST := .venv-lowest
 VENV_PAIRS := .venv-py312-dj52 .venv-py313-dj52 .venv-py312-dj60 .venv-py313-dj60

@@ -18,8 +18,8 @@ only by the host, address and port psycopg splits off, never by a keyword the po
 
 Anything else goes through ``cls.connect`` unchanged: a class whose ``connect`` is not
 psycopg's (a pool's ``connection_class`` of the user's), parameters whose verdict was not
-remembered, and a psycopg whose internals do not have one of the two shapes this knows (3.3.0
-and later 3.3 releases moved the connect timeout from the generator to the wait loop).
+remembered, and a psycopg whose internals have neither of the two shapes this knows (later 3.3
+releases moved the connect timeout from 3.3.0's generator to the wait loop).
 """
 
 from __future__ import annotations

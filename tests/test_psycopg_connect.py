@@ -159,3 +159,12 @@ def test_a_string_is_remembered_by_the_text_of_each_value() -> None:
     for port in range(40):
         psycopg_connect._string({"port": port}, strings)
     assert len(strings) <= 16  # values that keep changing keep only the last few
+
+
+def test_this_psycopg_is_laid_out_as_the_adapter_knows() -> None:
+    # A psycopg that moved its connect internals still connects (through its own connect), but
+    # without what the adapter saves: this names the release to teach it.
+    assert psycopg_connect.SHAPE in ("wait", "generator"), (
+        f"psycopg {psycopg.__version__} lays out its connect otherwise: teach psycopg_connect"
+    )
+    assert psycopg_connect.fast(psycopg.Connection)
