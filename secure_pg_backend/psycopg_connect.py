@@ -11,7 +11,8 @@ with the parse-backs left out: psycopg's own split into attempts (``conninfo_att
 also resolves a host name per connect), each attempt's connection string built by psycopg's
 ``make_conninfo`` once and then remembered, libpq handed exactly that string through psycopg's
 connect generator and wait loop, and psycopg's arguments applied to the connection as
-``connect`` applies them. Errors are psycopg's, worded as its ``connect`` words them.
+``connect`` applies them. Errors and debug lines are psycopg's, worded as its ``connect`` words
+them.
 
 What the judged parameters cover is what libpq is handed: the attempt strings differ from them
 only by the host, address and port psycopg splits off, never by a keyword the policy forces.
@@ -25,6 +26,7 @@ releases moved the connect timeout from 3.3.0's generator to the wait loop).
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +40,8 @@ from .policy import PSYCOPG_ARGUMENTS
 
 __all__ = ["SHAPE", "connect", "fast"]
 
+# psycopg's own debug lines about each attempt, worded as its connect words them.
+_psycopg_logger = logging.getLogger("psycopg")
 _INTERVAL = 0.1  # psycopg's wait between checks for an interrupt (connection._WAIT_INTERVAL)
 _CONNECT = psycopg.Connection.connect.__func__  # type: ignore[attr-defined]
 _PARAMS = psycopg.Connection._get_connection_params.__func__  # type: ignore[attr-defined]
@@ -96,14 +100,21 @@ def connect(cls: Any, kwargs: Mapping[str, Any], strings: dict[Any, str]) -> Any
     timeout = timeout_from_conninfo(params)
     connection = None
     failures: list[tuple[Exception, str]] = []
+    debug = _psycopg_logger.isEnabledFor(logging.DEBUG)  # psycopg's lines, when asked for
     for attempt in split(params):
+        if debug:
+            _psycopg_logger.debug("connection attempt: %s", _described(attempt))
         try:
             connection = _open(cls, _string(attempt, strings), timeout)
         except e.Error as exc:
             failures.append((exc, _described(attempt)))
+            if debug:
+                _psycopg_logger.debug("connection failed: %s: %s", failures[-1][1], str(exc))
         except KeyboardInterrupt as exc:  # psycopg's: no traceback into its internals
             raise exc.with_traceback(None) from None
         else:
+            if debug:
+                _psycopg_logger.debug("connection succeeded: %s", _described(attempt))
             break
     if connection is None:
         raise _failure(failures)

@@ -8,6 +8,7 @@ connection string of each attempt is the one psycopg's ``make_conninfo`` builds 
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -119,6 +120,34 @@ def test_every_attempt_failing_reads_as_psycopg_words_it(good_server: TLSPostgre
         assert type(ours.value) is type(theirs.value)
         assert str(ours.value) == str(theirs.value)
     assert "Multiple connection attempts failed" in str(ours.value)
+
+
+ATTEMPT_LINES = ("connection attempt:", "connection failed:", "connection succeeded:")
+
+
+def test_psycopg_s_debug_lines_about_each_attempt_are_its_own(
+    good_server: TLSPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = _closed_port()
+    kwargs = _kwargs(good_server, host="127.0.0.1,127.0.0.1", port=f"{closed},{good_server.port}")
+    lines: dict[str, list[str]] = {}
+    for name, connect in (
+        ("ours", lambda: psycopg_connect.connect(psycopg.Connection, kwargs, {})),
+        ("theirs", lambda: psycopg.connect(**kwargs)),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="psycopg"):
+            connect().close()
+        lines[name] = [  # the lines of connect, not its generator's (they show addresses)
+            r.getMessage() for r in caplog.records if r.getMessage().startswith(ATTEMPT_LINES)
+        ]
+    assert lines["ours"] == lines["theirs"]
+    assert [line.split(":")[0] for line in lines["ours"]] == [
+        "connection attempt",
+        "connection failed",
+        "connection attempt",
+        "connection succeeded",
+    ]
 
 
 def test_a_connect_timeout_ends_the_attempt_as_psycopg_ends_it(
