@@ -45,7 +45,8 @@ ATTEMPT = {
     "pipeline.check_files",
     "pipeline._opened",
     "pipeline.judge",
-    "psycopg_connect.connect",  # libpq handed the judged parameters' own connection string
+    "psycopg_connect.connect",  # libpq handed the judged parameters' own connection string,
+    "psycopg_connect._open",  # by the adapter itself, not by psycopg's whole connect
     "pipeline.verify",
     "handshake.negotiate",
     "handshake.read_facts",
