@@ -76,7 +76,8 @@ def per_connect(counts: dict[str, int], connects: int) -> dict[str, float]:
     }
 
 
-def compare(secure: dict[str, float], stock: dict[str, float]) -> dict[str, Any]:
+def against_stock(secure: dict[str, float], stock: dict[str, float]) -> dict[str, Any]:
+    """Each count of ``secure`` beside ``stock``'s: the difference and the ratio."""
     out: dict[str, Any] = {SECURE: secure, STOCK: stock}
     for name in secure:
         out[f"{name}_diff"] = secure[name] - stock[name]
@@ -142,7 +143,7 @@ def measure(plan: Plan) -> dict[str, Any]:
         "footprint": {
             "connects": connects,
             "last_level": {
-                str(size): compare(by_alias[SECURE], by_alias[STOCK])
+                str(size): against_stock(by_alias[SECURE], by_alias[STOCK])
                 for size, by_alias in counted.items()
             },
         }

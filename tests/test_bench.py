@@ -215,7 +215,7 @@ def test_the_own_work_behind_real_handshakes_is_reported_beside_its_a_a_pair() -
 
 
 def test_what_a_connect_touches_is_counted_from_callgrind_totals() -> None:
-    from bench.footprint import compare, per_connect, totals
+    from bench.footprint import against_stock, per_connect, totals
     from bench.report import _footprint
 
     text = (
@@ -232,7 +232,7 @@ def test_what_a_connect_touches_is_counted_from_callgrind_totals() -> None:
         "last_level_misses": 40,
     }
     stock = {"instructions": 900_000.0, "first_level_misses": 250.0, "last_level_misses": 32.0}
-    row = compare(secure, stock)
+    row = against_stock(secure, stock)
     assert row["last_level_misses_diff"] == 8 and row["last_level_misses_ratio"] == 1.25
     with pytest.raises(ValueError):
         totals("events: Ir\n")  # a file cut short: no totals line
